@@ -1,0 +1,73 @@
+"""Configuration dataclasses: the model (GPTConfig), the optimizer and the training loop.
+
+Each stage owns its own config (stages/*.py subclass LoopConfig); train.py nests them and
+derives its command line from the fields, so `--model.n_layer=2` or `--pretrain.max_steps=200`
+need no hand-kept argparse copy."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work (raised at construction, with the reason)."""
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 6400     # the built vocabulary's size (<= 6400 characters incl. specials)
+    block_size: int = 256      # context length T
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    dropout: float = 0.1       # used in training only; eval/log-prob computations turn it off
+    bias: bool = True
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ConfigError(f"GPTConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"GPTConfig: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.vocab_size < 7:
+            raise ConfigError(f"GPTConfig.vocab_size ({self.vocab_size}) must hold the 6 special tokens and text")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+
+
+def get_mini_config(vocab_size: int = 6400) -> GPTConfig:
+    """The seed's mini model: 4 layers, 4 heads, 256 wide, context 256 (~3.7M params at a
+    2,000-character vocabulary)."""
+    return GPTConfig(vocab_size=vocab_size, block_size=256, n_layer=4, n_head=4, n_embd=256, dropout=0.1)
+
+
+def get_tiny_config(vocab_size: int = 6400) -> GPTConfig:
+    """A model for tests and quick demos: 2 layers, 2 heads, 64 wide, context 64."""
+    return GPTConfig(vocab_size=vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=64, dropout=0.0)
+
+
+@dataclass
+class LoopConfig:
+    """What the one training loop (loop.py) needs; every gradient-descent stage extends it."""
+    max_steps: int = 1000
+    batch_size: int = 16
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1      # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 8
+    log_every: int = 10
+    ckpt_every: int = 0            # 0: only at the end (and on interrupt)
+
+    def validate(self, name: str = "loop"):
+        if self.max_steps < 0 or self.batch_size <= 0:
+            raise ConfigError(f"{name}: max_steps must be >= 0 and batch_size > 0")
+        if self.lr <= 0:
+            raise ConfigError(f"{name}: lr must be positive, got {self.lr}")
+
+
+def config_fields(cfg) -> dict:
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg)}

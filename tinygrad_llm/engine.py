@@ -12,6 +12,7 @@ gradient checks). Binary ops refuse to mix float dtypes instead of silently prom
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from collections import defaultdict
@@ -863,7 +864,7 @@ def _attention_fwd(q, k, v):
 
     pass 1: att = q @ k^T (BLAS); pass 2: p = softmax(att / sqrt(hs)) with the causal mask,
     fused in one kernel; pass 3: y = p @ v (BLAS)."""
-    scale = 1.0 / np.sqrt(q.shape[-1])
+    scale = 1.0 / math.sqrt(q.shape[-1])
     att = q @ k.swapaxes(-1, -2)                            # (B, NH, T, T)
     p = K.attn_softmax_fwd(att, scale)                      # (B, NH, T, T), zero above diagonal
     return p @ v, p
@@ -871,7 +872,7 @@ def _attention_fwd(q, k, v):
 
 def _attention_bwd(dy, q, k, v, p):
     """Backward of _attention_fwd, passes in reverse order -> dq, dk, dv."""
-    scale = 1.0 / np.sqrt(q.shape[-1])
+    scale = 1.0 / math.sqrt(q.shape[-1])
     # backward pass 3: y = p @ v
     dp = dy @ v.swapaxes(-1, -2)                            # (B, NH, T, T)
     dv = p.swapaxes(-1, -2) @ dy                            # (B, NH, T, hs)

@@ -1,0 +1,144 @@
+"""Checkpoints: weights as .safetensors (loadable with `safetensors.numpy.load_file` alone),
+the model config, stage, step and a checksum in its metadata; optimizer + RNG state in a
+separate `<name>.state.safetensors` so `--resume` can continue a stage.
+
+Every write goes to a temporary file in the same directory, is flushed to disk, then
+renamed over the final name (os.replace is atomic on POSIX): a crash, Ctrl-C or SIGKILL
+never leaves a half-written file under a final name. No pickle anywhere: nothing in a
+checkpoint can execute code."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorsError
+from safetensors.numpy import load_file, save_file
+
+from .config import GPTConfig
+
+FORMAT = "tinygrad_llm/1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, truncated, tampered with or does not fit the model."""
+
+
+def weights_path(path) -> Path:
+    p = Path(path)
+    return p if p.suffix == ".safetensors" else p.with_name(p.name + ".safetensors")
+
+
+def state_path(path) -> Path:
+    p = weights_path(path)
+    return p.with_name(p.name[: -len(".safetensors")] + ".state.safetensors")
+
+
+def _digest(tensors: dict) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name])
+        h.update(name.encode())
+        h.update(str(a.dtype).encode() + str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _atomic_save(tensors: dict, path: Path, metadata: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_checkpoint(path, model, *, stage: str, step: int, vocab_sha: str = "", extra: dict | None = None) -> Path:
+    """Write the model's weights (+ config, stage, step, checksum) atomically; returns the path."""
+    path = weights_path(path)
+    tensors = model.state_dict()
+    for name, a in tensors.items():
+        if not np.all(np.isfinite(a)):
+            raise CheckpointError(f"refusing to save {path}: parameter '{name}' is not finite")
+    meta = {"format": FORMAT, "stage": stage, "step": str(step), "config": json.dumps(asdict(model.config)),
+            "sha256": _digest(tensors), "vocab_sha256": vocab_sha, "model_class": type(model).__name__,
+            "extra": json.dumps(extra or {})}
+    _atomic_save(tensors, path, meta)
+    return path
+
+
+def read_metadata(path) -> dict:
+    from safetensors import safe_open
+    path = weights_path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorsError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def load_weights(path, verify: bool = True) -> tuple[dict, dict]:
+    """-> (tensors, metadata). Validates the format, the checksum and the config."""
+    path = weights_path(path)
+    meta = read_metadata(path)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a tinygrad_llm checkpoint (format {meta.get('format')!r})")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorsError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read tensors (truncated or corrupt?): {e}") from None
+    if verify and _digest(tensors) != meta.get("sha256"):
+        raise CheckpointError(f"{path}: checksum mismatch: the file was modified or damaged")
+    return tensors, meta
+
+
+def config_from_meta(meta: dict, path="checkpoint") -> GPTConfig:
+    try:
+        return GPTConfig(**json.loads(meta["config"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad model config in metadata: {e}") from None
+
+
+def load_into(model, path, vocab_sha: str | None = None) -> dict:
+    """Load weights into an existing model after checking config and vocabulary; -> metadata."""
+    tensors, meta = load_weights(path)
+    cfg = config_from_meta(meta, path)
+    if asdict(cfg) | {"dropout": 0} != asdict(model.config) | {"dropout": 0}:
+        raise CheckpointError(f"{weights_path(path)}: model config {asdict(cfg)} does not match {asdict(model.config)}")
+    if vocab_sha and meta.get("vocab_sha256") and meta["vocab_sha256"] != vocab_sha:
+        raise CheckpointError(f"{weights_path(path)}: trained with a different vocabulary than the one given")
+    try:
+        model.load_state_dict(tensors, strict=True, source=str(weights_path(path)))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    return meta
+
+
+def save_state(path, arrays: dict, info: dict) -> Path:
+    """Optimizer arrays and a JSON blob (step, RNG states, ...) for --resume; atomic."""
+    p = state_path(path)
+    _atomic_save(arrays, p, {"format": FORMAT, "info": json.dumps(info), "sha256": _digest(arrays)})
+    return p
+
+
+def load_state(path) -> tuple[dict, dict]:
+    p = state_path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no resumable state found")
+    meta = read_metadata(p)
+    try:
+        arrays = load_file(str(p))
+    except (SafetensorsError, OSError, ValueError) as e:
+        raise CheckpointError(f"{p}: cannot read state (truncated or corrupt?): {e}") from None
+    if _digest(arrays) != meta.get("sha256"):
+        raise CheckpointError(f"{p}: checksum mismatch: the file was modified or damaged")
+    return arrays, json.loads(meta["info"])

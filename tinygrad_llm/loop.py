@@ -1,0 +1,180 @@
+"""The one training loop every gradient-descent stage uses (pretrain, SFT, reward model),
+plus the run logger. A stage supplies only `get_batch(rng)` and `loss_fn(model, batch)`.
+
+Reads like nanoGPT's train.py: for each step, evaluate if due, get the learning rate,
+forward, backward, check the numbers are finite, clip, AdamW step, log, checkpoint if due.
+Ctrl-C / SIGTERM are turned into a request to stop at the next step boundary, where a
+resumable checkpoint is written; a non-finite loss or gradient stops the stage before the
+bad update touches the weights."""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from . import engine as E
+from .config import LoopConfig
+from .optim import AdamW, clip_grad_norm, get_lr
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient became NaN/Inf; the stage stops, keeping the last good checkpoint."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C or SIGTERM: a resumable checkpoint was written (if the stage could save)."""
+
+
+class RunLogger:
+    """runs/<run-id>/metrics.jsonl (one JSON object per logged step) and summary.json."""
+
+    def __init__(self, run_dir):
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self.summary_path = self.dir / "summary.json"
+
+    def log(self, stage: str, step: int, **metrics) -> None:
+        row = {"stage": stage, "step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def summary(self) -> dict:
+        if self.summary_path.exists():
+            return json.loads(self.summary_path.read_text(encoding="utf-8"))
+        return {}
+
+    def update_summary(self, stage: str, **figures) -> None:
+        s = self.summary()
+        s.setdefault(stage, {}).update({k: _jsonable(v) for k, v in figures.items()})
+        tmp = self.summary_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(s, ensure_ascii=False, indent=1), encoding="utf-8")
+        tmp.replace(self.summary_path)
+
+    def read_metrics(self, stage: str | None = None) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        rows = [json.loads(l) for l in self.metrics_path.read_text(encoding="utf-8").splitlines() if l.strip()]
+        return [r for r in rows if stage is None or r["stage"] == stage]
+
+
+def _jsonable(v):
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return v
+
+
+@contextmanager
+def stop_on_signals():
+    """While training, SIGINT/SIGTERM set a flag instead of killing the process mid-update."""
+    flag = {"stop": None}
+
+    def handler(signum, frame):
+        if flag["stop"] is not None:       # a second Ctrl-C means "now"
+            raise KeyboardInterrupt
+        flag["stop"] = signal.Signals(signum).name
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def rng_state(rng: np.random.Generator) -> dict:
+    return rng.bit_generator.state
+
+
+def train(model, cfg: LoopConfig, get_batch, loss_fn, *, stage: str, logger: RunLogger | None = None,
+          evaluate=None, save=None, resume: dict | None = None, rng=None, params=None, show_progress=True):
+    """Run cfg.max_steps optimizer steps. Returns {"history": [...], "evals": [...]}.
+
+    get_batch(rng) -> batch; loss_fn(model, batch) -> (loss Tensor, {metric: float, "tokens": int});
+    evaluate(model) -> {name: float} (model in eval mode, no graph);
+    save(kind, step, optimizer, rng) writes a checkpoint (kind "periodic" | "interrupt" | "final");
+    resume: {"step", "optimizer", "rng", "engine_rng"} from a previous interrupted run."""
+    rng = rng if rng is not None else np.random.default_rng(0)
+    named = list(params if params is not None else model.named_parameters())
+    opt = AdamW(named, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    start = 0
+    if resume:
+        opt.load_state_dict(resume["optimizer"])
+        rng.bit_generator.state = resume["rng"]
+        E.set_rng_state(resume["engine_rng"])
+        start = int(resume["step"])
+    plist = [p for _, p in named]
+    history, evals = [], []
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    model.train()
+    bar = tqdm(range(start, cfg.max_steps), desc=stage, initial=start, total=cfg.max_steps,
+               disable=not show_progress, dynamic_ncols=True, leave=True)
+    t_last, tokens_since = time.perf_counter(), 0
+    with stop_on_signals() as flag:
+        for step in bar:
+            # 1) evaluate on held-out data every eval_every steps (and at the start)
+            if evaluate is not None and cfg.eval_every > 0 and step % cfg.eval_every == 0:
+                ev = _run_eval(model, evaluate)
+                evals.append({"step": step, **ev})
+                if logger:
+                    logger.log(stage, step, **{f"val_{k}": v for k, v in ev.items()})
+            # 2) one optimizer step
+            lr = get_lr(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, min_lr)
+            batch = get_batch(rng)
+            loss, metrics = loss_fn(model, batch)
+            loss.backward()
+            loss_val = float(loss.data)
+            norm = clip_grad_norm(plist, cfg.grad_clip)
+            if not (math.isfinite(loss_val) and math.isfinite(norm)):
+                opt.zero_grad()
+                raise NonFiniteError(f"{stage}: non-finite {'loss' if not math.isfinite(loss_val) else 'gradient norm'} "
+                                     f"at step {step} (loss {loss_val}, grad norm {norm}); "
+                                     "the weights were not updated and no checkpoint was written from this step")
+            opt.step(lr)
+            opt.zero_grad()
+            # 3) log
+            tokens_since += int(metrics.get("tokens", 0))
+            row = {"loss": loss_val, "lr": lr, "grad_norm": norm,
+                   **{k: v for k, v in metrics.items() if k != "tokens"}}
+            history.append({"step": step, **row})
+            if (step + 1) % cfg.log_every == 0 or step == cfg.max_steps - 1:
+                now = time.perf_counter()
+                row["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
+                t_last, tokens_since = now, 0
+                if logger:
+                    logger.log(stage, step + 1, **row)
+                bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            # 4) checkpoint / stop requests at a clean step boundary
+            done = step + 1
+            if flag["stop"]:
+                if save:
+                    save("interrupt", done, opt, rng)
+                raise TrainingInterrupted(f"{stage}: stopped by {flag['stop']} after step {done}")
+            if save and cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < cfg.max_steps:
+                save("periodic", done, opt, rng)
+    bar.close()
+    if evaluate is not None:
+        ev = _run_eval(model, evaluate)
+        evals.append({"step": cfg.max_steps, **ev})
+        if logger:
+            logger.log(stage, cfg.max_steps, **{f"val_{k}": v for k, v in ev.items()})
+    if save:
+        save("final", cfg.max_steps, opt, rng)
+    return {"history": history, "evals": evals, "optimizer": opt}
+
+
+def _run_eval(model, evaluate) -> dict:
+    model.eval()
+    try:
+        with E.no_grad():
+            return evaluate(model)
+    finally:
+        model.train()

@@ -1,0 +1,240 @@
+"""GPT (nanoGPT layout, pre-LayerNorm, tied lm_head), batched generation with a KV cache,
+and the scalar head used by the reward model and the PPO critic."""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import engine as E
+from . import kernels as K
+from . import nn
+from .config import GPTConfig
+from .engine import Tensor
+from .tokenizer import EOS_ID, IM_END_ID, PAD_ID
+
+
+class Block(nn.Module):
+    """x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)). x: (B, T, C) -> (B, T, C)."""
+
+    def __init__(self, cfg: GPTConfig, rng, dtype):
+        proj_std = 0.02 / np.sqrt(2 * cfg.n_layer)  # GPT-2: scale residual projections
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, dtype=dtype)
+        self.attn = nn.CausalSelfAttention(cfg.n_embd, cfg.n_head, cfg.dropout, proj_std, rng, dtype, cfg.bias)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, dtype=dtype)
+        self.mlp = nn.MLP(cfg.n_embd, cfg.dropout, proj_std, rng, dtype, cfg.bias)
+
+    def __call__(self, x, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    """Holds wte, wpe, h, ln_f so parameter names read `transformer.h.0.attn.c_attn.weight`."""
+
+    def __init__(self, cfg: GPTConfig, rng, dtype):
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd, rng=rng, dtype=dtype)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd, rng=rng, dtype=dtype)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.h = nn.ModuleList(Block(cfg, rng, dtype) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, dtype=dtype)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig, seed: int = 0, dtype=np.float32):
+        self.config = config
+        self.transformer = Transformer(config, np.random.default_rng(seed), dtype)
+        # lm_head is tied to wte: logits = h @ wte.T (no separate parameter, no key)
+
+    def hidden_states(self, idx, positions=None, cache=None) -> Tensor:
+        """idx int (B, T) -> final LayerNorm output (B, T, C)."""
+        idx = np.asarray(idx)
+        if idx.ndim != 2:
+            raise ValueError(f"idx must be (B, T) token ids, got shape {idx.shape}")
+        B, T = idx.shape
+        if positions is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+            positions = np.arange(T)
+        tr = self.transformer
+        x = tr.drop(tr.wte(idx) + tr.wpe(positions))                     # (B, T, C)
+        for i, block in enumerate(tr.h):
+            x = block(x, cache, i)
+        return tr.ln_f(x)
+
+    def __call__(self, idx, targets=None, loss_mask=None, positions=None, cache=None):
+        """-> (logits (B, T, V), loss or None). loss: mean cross-entropy over positions with
+        loss_mask > 0 (all positions when loss_mask is None)."""
+        x = self.hidden_states(idx, positions, cache)
+        logits = E.linear(x, self.transformer.wte.weight)                 # (B, T, V), tied head
+        loss = None
+        if targets is not None:
+            loss = E.cross_entropy(logits, targets, mask=loss_mask)
+        return logits, loss
+
+    forward = __call__
+
+    # -- generation ----------------------------------------------------------------------
+    def generate(self, prompts, max_new_tokens: int = 128, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, repetition_penalty: float = 1.0,
+                 stop_tokens=(IM_END_ID, EOS_ID), rng=None, return_logprobs: bool = False,
+                 stream=None) -> "Generation":
+        """Batched sampling with a KV cache.
+
+        prompts: list of token-id lists (lengths may differ: they are left-padded and the
+        padding is masked out of attention). temperature 0 = greedy. Log-probs, when asked,
+        are of the chosen token under softmax(logits / temperature) (greedy: T = 1), before
+        top-k / top-p / repetition penalty, i.e. the policy the RL stages optimise.
+        stream(step, tokens (B,)) is called after each step (for interactive chat)."""
+        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        prompts = [list(map(int, p)) for p in prompts]
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate needs at least one non-empty prompt")
+        cfg = self.config
+        max_new_tokens = int(min(max_new_tokens, cfg.block_size - 1))
+        keep = cfg.block_size - max_new_tokens
+        if any(len(p) > keep for p in prompts):
+            warnings.warn(f"prompt longer than the context allows ({keep} tokens with {max_new_tokens} new): "
+                          "cut from the left", stacklevel=2)
+            prompts = [p[-keep:] for p in prompts]
+        B, Tp = len(prompts), max(len(p) for p in prompts)
+        idx = np.full((B, Tp), PAD_ID, dtype=np.int64)
+        valid = np.zeros((B, Tp), dtype=bool)
+        for b, p in enumerate(prompts):                                    # left padding
+            idx[b, Tp - len(p):] = p
+            valid[b, Tp - len(p):] = True
+        cache = KVCache(cfg, B, Tp + max_new_tokens, self.dtype)
+
+        out_tokens = np.full((B, max_new_tokens), PAD_ID, dtype=np.int64)
+        logprobs = np.zeros((B, max_new_tokens), dtype=self.dtype)
+        mask = np.zeros((B, max_new_tokens), dtype=self.dtype)
+        finished = np.zeros(B, dtype=bool)
+        seen = np.zeros((B, cfg.vocab_size), dtype=bool)                   # for the repetition penalty
+        seen[np.arange(B)[:, None], idx] = valid
+        stop = np.array(sorted(stop_tokens), dtype=np.int64)
+        was_training = self.training
+        self.eval()
+        try:
+            with E.no_grad():
+                positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)    # first real token at 0
+                step_idx, n_real = idx, valid.sum(1)
+                for t in range(max_new_tokens):
+                    cache.add_valid(valid if t == 0 else np.ones((B, 1), bool))
+                    logits, _ = self(step_idx, positions=positions, cache=cache)
+                    cache.advance(step_idx.shape[1])
+                    last = logits.data[:, -1, :]                           # (B, V)
+                    tok, lp = _sample(last, temperature, top_k, top_p, repetition_penalty, seen, rng)
+                    tok = np.where(finished, PAD_ID, tok)
+                    out_tokens[:, t] = tok
+                    logprobs[:, t] = lp
+                    mask[:, t] = ~finished
+                    seen[np.arange(B), tok] = True
+                    finished |= np.isin(tok, stop)
+                    if stream is not None:
+                        stream(t, tok)
+                    if finished.all():
+                        break
+                    step_idx = tok[:, None]
+                    positions = n_real[:, None] + t
+        finally:
+            self.train(was_training)
+        n = t + 1
+        return Generation(out_tokens[:, :n], mask[:, :n], logprobs[:, :n] if return_logprobs else None,
+                          finished, prompts)
+
+
+@dataclass
+class Generation:
+    """tokens (B, N) int64 (PAD after the stop token); mask (B, N) 1 for generated tokens up
+    to and including the stop token; logprobs (B, N) or None; finished (B,) stop token seen."""
+    tokens: np.ndarray
+    mask: np.ndarray
+    logprobs: np.ndarray | None
+    finished: np.ndarray
+    prompts: list
+
+    def replies(self) -> list[list[int]]:
+        """Generated ids per row, stop token included."""
+        return [row[: int(m.sum())].tolist() for row, m in zip(self.tokens, self.mask)]
+
+
+def _sample(logits, temperature, top_k, top_p, repetition_penalty, seen, rng):
+    """logits (B, V) -> chosen token (B,), its log-prob under softmax(logits / T) (B,)."""
+    B, V = logits.shape
+    scaled = logits / temperature if temperature > 0 else logits
+    logp = scaled - scaled.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))            # policy log-probs (B, V)
+    z = scaled.copy()
+    if repetition_penalty != 1.0:                                          # CTRL-style penalty
+        z = np.where(seen, np.where(z > 0, z / repetition_penalty, z * repetition_penalty), z)
+    if temperature <= 0:
+        tok = z.argmax(-1)
+    else:
+        if top_k is not None and 0 < top_k < V:
+            kth = np.partition(z, V - top_k, axis=-1)[:, V - top_k][:, None]
+            z = np.where(z < kth, -np.inf, z)
+        p = K.softmax_fwd(np.ascontiguousarray(z))
+        if top_p is not None and 0.0 < top_p < 1.0:                       # nucleus: smallest set with mass >= top_p
+            order = np.argsort(-p, axis=-1)
+            ps = np.take_along_axis(p, order, -1)
+            cut = np.cumsum(ps, -1) - ps >= top_p                          # tokens after the mass is reached
+            ps[cut] = 0.0
+            p = np.zeros_like(p)
+            np.put_along_axis(p, order, ps, -1)
+            p /= p.sum(-1, keepdims=True)
+        u = rng.random((B, 1))
+        tok = np.minimum((np.cumsum(p, -1) < u).sum(-1), V - 1)           # inverse-CDF sampling
+    return tok.astype(np.int64), logp[np.arange(B), tok]
+
+
+class KVCache:
+    """Keys and values of every layer for generation: (L, B, NH, Tmax, hs) each, plus which
+    key positions are real tokens (left padding is masked out)."""
+
+    def __init__(self, cfg: GPTConfig, B: int, Tmax: int, dtype):
+        hs = cfg.n_embd // cfg.n_head
+        self.k = np.zeros((cfg.n_layer, B, cfg.n_head, Tmax, hs), dtype)
+        self.v = np.zeros_like(self.k)
+        self.key_valid = np.zeros((B, Tmax), dtype=bool)
+        self.length = 0                                    # positions filled so far
+
+    def add_valid(self, valid):
+        self.key_valid[:, self.length:self.length + valid.shape[1]] = valid
+
+    def advance(self, T: int):
+        self.length += T
+
+    def attend(self, layer: int, qkv: np.ndarray, n_head: int) -> np.ndarray:
+        """qkv (B, T, 3C) of the new tokens -> attention output (B, T, C) over cache + new."""
+        B, T, C3 = qkv.shape
+        C, L0 = C3 // 3, self.length
+        hs = C // n_head
+        heads = qkv.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)   # (3, B, NH, T, hs)
+        self.k[layer, :, :, L0:L0 + T] = heads[1]
+        self.v[layer, :, :, L0:L0 + T] = heads[2]
+        keys, vals = self.k[layer, :, :, :L0 + T], self.v[layer, :, :, :L0 + T]  # (B, NH, L, hs)
+        att = (heads[0] @ keys.swapaxes(-1, -2)) * (1.0 / math.sqrt(hs))      # (B, NH, T, L)
+        # query i (absolute position L0 + i) sees real keys j <= L0 + i; always itself, so a
+        # padding query never has an empty row
+        j = np.arange(L0 + T)
+        allowed = (j[None, :] <= L0 + np.arange(T)[:, None])[None] & self.key_valid[:, None, :L0 + T]
+        allowed |= (j[None, :] == L0 + np.arange(T)[:, None])[None]
+        att = np.where(allowed[:, None], att, -np.inf).astype(qkv.dtype, copy=False)
+        p = K.softmax_fwd(np.ascontiguousarray(att.reshape(-1, L0 + T))).reshape(att.shape)
+        y = p @ vals                                                          # (B, NH, T, hs)
+        return y.transpose(0, 2, 1, 3).reshape(B, T, C)
+
+
+class ScalarHead(nn.Module):
+    """A (1, C) linear read-out: reward_head / value_head. x (..., C) -> (...)."""
+
+    def __init__(self, n_embd: int, rng=None, dtype=np.float32):
+        rng = rng if rng is not None else np.random.default_rng(0)
+        self.weight = Tensor((rng.standard_normal((1, n_embd)) / np.sqrt(n_embd + 1)).astype(dtype), requires_grad=True)
+        self.bias = Tensor(np.zeros(1, dtype), requires_grad=True)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        y = E.linear(x, self.weight, self.bias)           # (..., 1)
+        return y.reshape(y.shape[:-1])

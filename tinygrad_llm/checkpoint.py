@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from .config import GPTConfig
@@ -82,7 +82,7 @@ def read_metadata(path) -> dict:
     try:
         with safe_open(str(path), framework="numpy") as f:
             return dict(f.metadata() or {})
-    except (SafetensorsError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
@@ -94,7 +94,7 @@ def load_weights(path, verify: bool = True) -> tuple[dict, dict]:
         raise CheckpointError(f"{path}: not a tinygrad_llm checkpoint (format {meta.get('format')!r})")
     try:
         tensors = load_file(str(path))
-    except (SafetensorsError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read tensors (truncated or corrupt?): {e}") from None
     if verify and _digest(tensors) != meta.get("sha256"):
         raise CheckpointError(f"{path}: checksum mismatch: the file was modified or damaged")
@@ -137,7 +137,7 @@ def load_state(path) -> tuple[dict, dict]:
     meta = read_metadata(p)
     try:
         arrays = load_file(str(p))
-    except (SafetensorsError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{p}: cannot read state (truncated or corrupt?): {e}") from None
     if _digest(arrays) != meta.get("sha256"):
         raise CheckpointError(f"{p}: checksum mismatch: the file was modified or damaged")

@@ -1,0 +1,87 @@
+"""What every stage receives (StageContext) and the checkpoint helpers they share."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import CheckpointError, load_into, save_checkpoint, weights_path
+from ..loop import RunLogger
+from ..model import GPT
+from ..tokenizer import MyLLMTokenizer
+
+# init_from of each stage (STYLE.md section 5): which checkpoint a stage starts from
+CKPT = {"pretrain": "pretrain_final", "sft": "sft_final", "reward": "reward_model",
+        "rlhf": "rlhf_final", "rlvf": "rlvf_final"}
+
+
+@dataclass
+class StageContext:
+    cfg: Any                    # the nested run config: cfg.model (GPTConfig), cfg.pretrain, cfg.sft, ...
+    tokenizer: MyLLMTokenizer
+    data_dir: Path
+    ckpt_dir: Path
+    logger: RunLogger
+    seed: int = 1337
+    resume: bool = False
+    show_progress: bool = True
+
+    @property
+    def vocab_sha(self) -> str:
+        return hashlib.sha256("\n".join(self.tokenizer.itos).encode()).hexdigest()
+
+    def ckpt(self, name: str) -> Path:
+        return weights_path(self.ckpt_dir / name)
+
+    def load_model(self, name: str, cls=GPT, **kwargs):
+        """A model of class `cls` with the weights of checkpoint `name` (clear error if absent)."""
+        path = self.ckpt(name)
+        if not path.exists():
+            raise CheckpointError(f"{path}: checkpoint not found (run the stage that writes it first)")
+        model = cls(self.cfg.model, **kwargs)
+        load_into(model, path, self.vocab_sha)
+        return model
+
+    def save_model(self, model, name: str, stage: str, step: int, extra: dict | None = None) -> Path:
+        return save_checkpoint(self.ckpt(name), model, stage=stage, step=step, vocab_sha=self.vocab_sha, extra=extra)
+
+
+# ----------------------------------------------------------------------------------------
+# resumable checkpoints for the loop: `<stage>_last` weights + `<stage>_last.state` (optimizer
+# moments, step, RNG states). Written on interrupt / every ckpt_every steps, removed when the
+# stage finishes and its final checkpoint is safely on disk.
+
+
+def make_saver(ctx: StageContext, model, stage: str, final_name: str, extra: dict | None = None):
+    """The `save(kind, step, optimizer, rng)` callback that loop.train calls."""
+    from .. import engine as E
+    from ..checkpoint import save_state, state_path
+
+    last = f"{stage}_last"
+
+    def save(kind, step, optimizer, rng):
+        if kind == "final":
+            ctx.save_model(model, final_name, stage, step, extra)
+            for p in (ctx.ckpt(last), state_path(ctx.ckpt(last))):
+                if p.exists():
+                    p.unlink()
+            return
+        ctx.save_model(model, last, stage, step, extra)
+        save_state(ctx.ckpt(last), optimizer.state_dict(),
+                   {"step": step, "rng": rng.bit_generator.state, "engine_rng": E.get_rng_state()})
+
+    return save
+
+
+def load_resume(ctx: StageContext, model, stage: str) -> dict | None:
+    """If ctx.resume and `<stage>_last` exists: load its weights into `model` and return the
+    loop's resume dict; otherwise None (the stage starts fresh)."""
+    from ..checkpoint import load_state
+
+    last = ctx.ckpt(f"{stage}_last")
+    if not (ctx.resume and last.exists()):
+        return None
+    load_into(model, last, ctx.vocab_sha)
+    arrays, info = load_state(last)
+    return {"step": info["step"], "optimizer": arrays, "rng": info["rng"], "engine_rng": info["engine_rng"]}

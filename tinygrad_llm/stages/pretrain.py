@@ -1,0 +1,78 @@
+"""Stage 1: pretraining — next-character prediction on the corpus.
+
+Batches are random windows of block_size + 1 characters from the token stream; the
+held-out figure is the loss on the validation text, also as bits per character."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import LoopConfig
+from ..data import load_split, pretrain_batch
+from ..loop import train
+from ..model import GPT
+from .common import load_resume, make_saver
+
+
+@dataclass
+class PretrainConfig(LoopConfig):
+    max_steps: int = 600
+    batch_size: int = 16
+    lr: float = 2e-3
+    warmup_steps: int = 60
+    eval_every: int = 150
+    eval_batches: int = 16
+
+
+STAGE_CONFIG = PretrainConfig
+TINY_OVERRIDES = {"max_steps": 60, "batch_size": 8, "eval_every": 30, "eval_batches": 4, "warmup_steps": 10}
+
+
+def val_loss(model, val_ids, cfg, block_size, seed=0) -> float:
+    """Mean loss over fixed held-out windows (the same windows at every evaluation)."""
+    rng = np.random.default_rng(seed)
+    T = min(block_size, len(val_ids) - 2)
+    losses = []
+    for _ in range(cfg.eval_batches):
+        x, y = pretrain_batch(val_ids, cfg.batch_size, T, rng)
+        losses.append(float(model(x, y)[1].data))
+    return float(np.mean(losses))
+
+
+def run(ctx) -> dict:
+    cfg, mcfg, tok = ctx.cfg.pretrain, ctx.cfg.model, ctx.tokenizer
+    cfg.validate("pretrain")
+    train_text, val_text = load_split(ctx.data_dir, "pretrain", seed=ctx.seed)
+    train_ids = np.array(tok.encode(train_text, allow_special=False), np.int64)
+    val_ids = np.array(tok.encode(val_text, allow_special=False), np.int64)
+    T = mcfg.block_size
+
+    model = GPT(mcfg, seed=ctx.seed)
+    resume = load_resume(ctx, model, "pretrain")
+
+    def get_batch(rng):
+        return pretrain_batch(train_ids, cfg.batch_size, T, rng)
+
+    def loss_fn(model, batch):
+        x, y = batch
+        return model(x, y)[1], {"tokens": x.size}
+
+    def evaluate(model):
+        loss = val_loss(model, val_ids, cfg, T)
+        return {"loss": loss, "bpc": loss / math.log(2)}
+
+    t0 = time.perf_counter()
+    out = train(model, cfg, get_batch, loss_fn, stage="pretrain", logger=ctx.logger, evaluate=evaluate,
+                save=make_saver(ctx, model, "pretrain", "pretrain_final"), resume=resume,
+                rng=np.random.default_rng(ctx.seed), show_progress=ctx.show_progress)
+    dt = time.perf_counter() - t0
+    first, last = out["evals"][0], out["evals"][-1]
+    steps_run = len(out["history"])
+    tok_s = steps_run * cfg.batch_size * T / dt if dt > 0 else 0.0
+    return {"headline": f"held-out loss {last['loss']:.3f} ({last['bpc']:.2f} bits/char)",
+            "val_loss": last["loss"], "val_bpc": last["bpc"], "val_loss_start": first["loss"],
+            "train_loss_end": out["history"][-1]["loss"] if out["history"] else None,
+            "params": model.num_parameters(), "train_chars": len(train_text), "tokens_per_s": tok_s}

@@ -1,0 +1,364 @@
+"""Stage 5, RLVF: reinforcement learning from verifiable rewards with GRPO.
+
+For every task the policy samples a *group* of G replies; a verifier (verifiers.py) marks
+each right or wrong, and each reply's advantage is its reward relative to its own group,
+A_i = (r_i - mean(r)) / (std(r) + eps), broadcast over the reply's tokens. No value model,
+no reward model (reference: DeepSeekMath, Shao et al. 2024, section 4.1 "GRPO"). The loss
+is PPO's clipped surrogate plus beta * KL to the frozen SFT model, with the KL measured by
+Schulman's k3 estimator (http://joschu.net/blog/kl-approx.html), averaged over all reply
+tokens of the batch. `dr_grpo=True` drops the std division, which biases updates toward
+groups with low reward variance (Dr. GRPO, Liu et al. 2025, "Understanding R1-Zero-Like
+Training"); our token-level average already removes GRPO's per-reply length normalisation.
+
+The seed's `samples_per_task=2` is raised to 8 by default: with 2 samples a group has
+signal only when exactly one of the two is right, and its advantages are always +-1 (0.7
+after the eps), so most sampling time is spent on groups that teach nothing.
+
+    trainer = RLVFTrainer(model, tokenizer, model_config, RLVFConfig())
+    history = trainer.train(tasks, batch_size=4)
+    print(trainer.evaluate(test_tasks)["accuracy"])
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from math import comb
+
+import numpy as np
+from tqdm import tqdm
+
+from .. import engine as E
+from ..data import load_split
+from ..engine import Tensor
+from ..loop import NonFiniteError, TrainingInterrupted, stop_on_signals
+from ..model import GPT
+from ..optim import AdamW, clip_grad_norm, get_lr
+from .rollout import build_batch, logprobs_no_grad, rollout, token_logprobs
+from .verifiers import LogicVerifier, MathVerifier, states_answer, verify_task
+
+__all__ = ["RLVFConfig", "RLVFTrainer", "MathVerifier", "LogicVerifier", "STAGE_CONFIG", "TINY_OVERRIDES",
+           "group_advantages", "grpo_loss", "pass_at_k", "task_rewards", "run"]
+
+PASS_KS = (1, 4)   # pass@k reported by evaluate()
+
+
+@dataclass
+class RLVFConfig:
+    # the seed's fields
+    correct_reward: float = 1.0
+    incorrect_reward: float = -0.5
+    num_iterations: int = 30
+    samples_per_task: int = 8        # group size G (seed: 2, too little signal, see module doc)
+    # sampling
+    tasks_per_iter: int = 8          # tasks (groups) per iteration; train(batch_size=...) overrides
+    temperature: float = 1.0         # sampling temperature; the loss optimises softmax(logits / T)
+    max_new_tokens: int = 40
+    # rewards
+    format_reward: float = 0.1       # bonus for closing with <|im_end|> and a parseable answer; 0 = off
+    # GRPO update
+    lr: float = 2e-5
+    warmup_iters: int = 3
+    min_lr_ratio: float = 1.0        # 1.0: constant after warmup (RL runs are too short to anneal)
+    weight_decay: float = 0.0        # decaying toward 0 would pull away from the SFT weights
+    grad_clip: float = 1.0
+    inner_epochs: int = 1            # gradient steps per batch of samples (GRPO's mu)
+    clip_eps: float = 0.2            # PPO ratio clip; inactive when inner_epochs == 1 (ratio is 1)
+    beta: float = 0.04               # KL coefficient (DeepSeekMath's value)
+    adv_eps: float = 1e-4            # eps in (r - mean) / (std + eps)
+    dr_grpo: bool = False            # True: advantages r - mean, no std division
+    # evaluation
+    eval_samples: int = 8            # sampled replies per task for pass@k (>= max(PASS_KS))
+    eval_temperature: float = 1.0
+    eval_batch: int = 128            # rows per generate() call during evaluation
+    n_show: int = 5                  # held-out tasks shown before/after in the summary
+    init_from: str = "auto"          # "auto": rlhf_final if it exists, else sft_final
+    seed: int | None = None          # None: the run's --seed
+
+    def validate(self):
+        from ..config import ConfigError
+        if self.samples_per_task < 2:
+            raise ConfigError("rlvf.samples_per_task must be >= 2: a group of one has no relative advantage")
+        if self.eval_samples and self.eval_samples < max(PASS_KS):
+            raise ConfigError(f"rlvf.eval_samples must be 0 or >= {max(PASS_KS)} for pass@{max(PASS_KS)}")
+        if self.tasks_per_iter <= 0 or self.num_iterations < 0 or self.inner_epochs <= 0 or self.lr <= 0:
+            raise ConfigError("rlvf: tasks_per_iter, inner_epochs and lr must be positive, num_iterations >= 0")
+        if self.init_from not in ("auto", "sft_final", "rlhf_final"):
+            raise ConfigError(f"rlvf.init_from must be auto, sft_final or rlhf_final, got {self.init_from!r}")
+
+
+STAGE_CONFIG = RLVFConfig
+# --config tiny: a handful of small iterations, seconds in all
+TINY_OVERRIDES = dict(num_iterations=3, samples_per_task=4, tasks_per_iter=2, max_new_tokens=12,
+                      eval_samples=4, n_show=2, warmup_iters=0)
+
+
+# ----------------------------------------------------------------------------------------
+# the pieces: rewards, advantages, loss, pass@k (pure functions, unit-tested)
+
+
+def task_rewards(tasks, texts, finished, cfg: RLVFConfig):
+    """One reward per reply: correct/incorrect from the verifier, plus cfg.format_reward when
+    the reply closed with <|im_end|> and stated its answer parseably. -> rewards (N,), correct (N,) bool."""
+    correct = np.array([verify_task(t, r) for t, r in zip(tasks, texts)], dtype=bool)
+    formatted = np.array([bool(f) and states_answer(t, r) for t, r, f in zip(tasks, texts, finished)], dtype=bool)
+    rewards = np.where(correct, cfg.correct_reward, cfg.incorrect_reward) + cfg.format_reward * formatted
+    return rewards.astype(np.float64), correct
+
+
+def group_advantages(rewards, group_size: int, eps: float = 1e-4, scale: bool = True):
+    """rewards (N * G,) in groups of G consecutive rows -> advantages (N * G,), zero_var (N,).
+
+    A = (r - mean_group) / (std_group + eps) (GRPO, DeepSeekMath eq. 3 with outcome
+    supervision; population std); scale=False gives Dr. GRPO's r - mean. A group whose
+    rewards are all equal gets A = 0 exactly: it carries no preference between its replies."""
+    r = np.asarray(rewards, dtype=np.float64).reshape(-1, group_size)       # (N, G)
+    centred = r - r.mean(1, keepdims=True)
+    zero_var = np.ptp(r, axis=1) == 0
+    adv = centred / (r.std(1, keepdims=True) + eps) if scale else centred
+    adv[zero_var] = 0.0                     # exact zeros, not eps-sized float noise
+    return adv.reshape(-1), zero_var
+
+
+def grpo_loss(logp: Tensor, old_logp, ref_logp, adv, mask, clip_eps: float = 0.2, beta: float = 0.04):
+    """Clipped policy-gradient loss + beta * k3 KL, averaged over all reply tokens.
+
+    logp: (B, L) Tensor, log pi_theta(y_t); old_logp, ref_logp: (B, L) arrays under the
+    sampling policy and the frozen reference; adv: (B,) per-reply advantage, broadcast over
+    its tokens; mask: (B, L) 1 on reply tokens. -> (scalar loss Tensor, stats dict).
+
+    per token: -min(rho A, clip(rho, 1 - eps, 1 + eps) A) + beta (exp(d) - d - 1),
+    rho = exp(logp - old_logp), d = ref_logp - logp. exp(d) - d - 1 >= 0 is Schulman's k3,
+    an unbiased, low-variance estimate of KL(pi_theta || pi_ref) from samples of pi_theta."""
+    dt = logp.dtype
+    m = np.asarray(mask, dtype=dt)
+    A = np.asarray(adv, dtype=dt)[:, None]                                  # (B, 1)
+    # differences are masked *before* exp: at padding they can be large and exp would overflow
+    ratio = ((logp - np.asarray(old_logp, dt)) * m).exp()                   # (B, L), 1 at padding
+    surr = E.minimum(ratio * A, ratio.clip(1.0 - clip_eps, 1.0 + clip_eps) * A)
+    d = (np.asarray(ref_logp, dt) - logp) * m
+    kl = d.exp() - d - 1.0                                                  # (B, L), 0 at padding
+    n = max(float(m.sum()), 1.0)
+    loss = ((kl * beta - surr) * m).sum() * (1.0 / n)                      # token-level average
+    r = ratio.data
+    stats = {"kl": float((kl.data * m).sum() / n), "pg": float((-surr.data * m).sum() / n),
+             "clip_frac": float((((r < 1 - clip_eps) | (r > 1 + clip_eps)) * m).sum() / n)}
+    return loss, stats
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)
+    (Chen et al. 2021, "Evaluating Large Language Models Trained on Code", eq. 1)."""
+    if n < k:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    return 1.0 if n - c < k else 1.0 - comb(n - c, k) / comb(n, k)
+
+
+# ----------------------------------------------------------------------------------------
+# the trainer
+
+
+class RLVFTrainer:
+    """GRPO on verifiable tasks. model: the policy (trained in place); ref_model: the frozen
+    reference for the KL term (default: a copy of `model` as passed in)."""
+
+    def __init__(self, model, tokenizer, config, rlvf_config: RLVFConfig | None = None, ref_model=None,
+                 logger=None, show_progress: bool = False, seed: int = 0):
+        self.cfg = rlvf_config or RLVFConfig()
+        self.cfg.validate()
+        self.policy, self.tok, self.model_config = model, tokenizer, config
+        if ref_model is None:                      # freeze a copy of the starting weights
+            ref_model = GPT(model.config, dtype=model.dtype)
+            ref_model.load_state_dict(model.state_dict())  # copies the arrays
+        self.ref = ref_model.eval()                # frozen: only ever run under no_grad()
+        self.logger, self.show_progress = logger, show_progress
+        seed = self.cfg.seed if self.cfg.seed is not None else seed
+        self.rng = np.random.default_rng(seed)
+        self.eval_seed = seed + 1                  # the same draws before and after training
+        self.opt = AdamW(list(model.named_parameters()), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.iteration = 0
+        self.interrupted = None
+
+    # -- training -----------------------------------------------------------------------
+    def train(self, tasks, batch_size: int | None = None) -> list[dict]:
+        """cfg.num_iterations GRPO iterations over `tasks`, batch_size tasks each (default
+        cfg.tasks_per_iter), cycling through a reshuffled order. -> one metrics dict per iteration.
+        Ctrl-C / SIGTERM stop at an iteration boundary (self.interrupted names the signal)."""
+        if not tasks:
+            raise ValueError("RLVF needs at least one training task")
+        bs = batch_size or self.cfg.tasks_per_iter
+        order, pos, history = [], 0, []
+        bar = tqdm(range(self.cfg.num_iterations), desc="rlvf", disable=not self.show_progress, dynamic_ncols=True)
+        with stop_on_signals() as flag:
+            for _ in bar:
+                batch = []
+                while len(batch) < bs:             # epochs without replacement
+                    if pos == len(order):
+                        order, pos = list(self.rng.permutation(len(tasks))), 0
+                    batch.append(tasks[order[pos]])
+                    pos += 1
+                row = self.step(batch)
+                history.append(row)
+                if self.logger:
+                    self.logger.log("rlvf", row["iter"], **{k: v for k, v in row.items() if k != "iter"})
+                bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", kl=f"{row['kl']:.3f}")
+                if flag["stop"]:
+                    self.interrupted = flag["stop"]
+                    break
+        bar.close()
+        return history
+
+    def step(self, tasks) -> dict:
+        """One GRPO iteration: sample a group per task, score, update. -> metrics."""
+        c, G, t0 = self.cfg, self.cfg.samples_per_task, time.perf_counter()
+        self.policy.eval()                         # dropout off: the sampler and the loss see one function
+        # 1) a group of G replies per task (rows task-major: task i owns rows i*G ... i*G+G-1)
+        ro = rollout(self.policy, self.tok, [t["prompt"] for t in tasks], samples=G, temperature=c.temperature,
+                     max_new_tokens=c.max_new_tokens, rng=self.rng)
+        row_tasks = [t for t in tasks for _ in range(G)]
+        rewards, correct = task_rewards(row_tasks, ro.texts, ro.finished, c)
+        adv, zero_var = group_advantages(rewards, G, c.adv_eps, scale=not c.dr_grpo)
+        lens = np.array([len(r) for r in ro.replies])
+        # entropy of the sampling policy, Monte-Carlo: E[-log pi(y)] over the sampled tokens
+        entropy = -float(sum(ro.logprobs[b, :n].sum() for b, n in enumerate(lens)) / lens.sum())
+        metrics = {"iter": self.iteration, "reward": float(rewards.mean()), "accuracy": float(correct.mean()),
+                   "zero_var_share": float(zero_var.mean()), "reply_len": float(lens.mean()), "entropy": entropy,
+                   "finished": float(ro.finished.mean())}
+        # 2) update on the groups that carry signal; the others would only add KL gradient
+        keep = np.flatnonzero(np.repeat(~zero_var, G))
+        upd = {"loss": 0.0, "kl": float("nan"), "pg": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}
+        lr = get_lr(self.iteration, c.lr, c.warmup_iters, c.num_iterations, c.lr * c.min_lr_ratio)
+        if len(keep):
+            upd = self._update(ro, keep, adv, lr)
+        self.iteration += 1
+        return {**metrics, **upd, "lr": lr, "time_s": time.perf_counter() - t0}
+
+    def _update(self, ro, keep, adv, lr) -> dict:
+        """inner_epochs AdamW steps on rows `keep` of rollout `ro` -> stats of the first epoch."""
+        c = self.cfg
+        x, y, mask = build_batch([ro.prompts[i] for i in keep], [ro.replies[i] for i in keep], self.policy.dtype)
+        ref_logp = logprobs_no_grad(self.ref, x, y, c.temperature)
+        params = self.policy.parameters()
+        old_logp, first = None, None
+        for epoch in range(c.inner_epochs):
+            logp = token_logprobs(self.policy, x, y, c.temperature)            # (B, L), with graph
+            if old_logp is None:                   # dropout is off: the first pass *is* pi_old
+                old_logp = logp.data.copy()
+            loss, st = grpo_loss(logp, old_logp, ref_logp, adv[keep], mask, c.clip_eps, c.beta)
+            loss.backward()
+            norm = clip_grad_norm(params, c.grad_clip)
+            if not (math.isfinite(float(loss.data)) and math.isfinite(norm)):
+                self.opt.zero_grad()
+                raise NonFiniteError(f"rlvf: non-finite loss or gradient at iteration {self.iteration} "
+                                     f"(loss {float(loss.data)}, grad norm {norm}); weights not updated")
+            self.opt.step(lr)
+            self.opt.zero_grad()
+            if first is None:
+                first = {"loss": float(loss.data), **st, "grad_norm": norm}
+        return first
+
+    # -- evaluation ---------------------------------------------------------------------
+    def evaluate(self, tasks, samples: int | None = None, model=None) -> dict:
+        """Greedy accuracy (overall and per type) and pass@k for k in PASS_KS from `samples`
+        sampled replies per task (default cfg.eval_samples; 0 = greedy only)."""
+        c, model = self.cfg, model or self.policy
+        n = c.eval_samples if samples is None else samples
+        greedy = self._generate(model, tasks, 1, 0.0, None)
+        ok = np.array([verify_task(t, r) for t, r in zip(tasks, greedy)], dtype=bool)
+        types = np.array([t["type"] for t in tasks])
+        out = {"accuracy": float(ok.mean()), "n": len(tasks), "replies": greedy}
+        for typ in ("math", "logic"):
+            if (types == typ).any():
+                out[f"{typ}_accuracy"] = float(ok[types == typ].mean())
+        if n:
+            texts = self._generate(model, tasks, n, c.eval_temperature, np.random.default_rng(self.eval_seed))
+            hits = np.array([verify_task(t, r) for t, r in zip([t for t in tasks for _ in range(n)], texts)])
+            counts = hits.reshape(len(tasks), n).sum(1)
+            for k in PASS_KS:
+                out[f"pass@{k}"] = float(np.mean([pass_at_k(n, int(cc), k) for cc in counts]))
+        return out
+
+    def _generate(self, model, tasks, samples, temperature, rng) -> list[str]:
+        """Decoded replies, `samples` per task (task-major), in chunks of cfg.eval_batch rows."""
+        per = max(1, self.cfg.eval_batch // samples)
+        texts = []
+        for i in range(0, len(tasks), per):
+            prompts = [t["prompt"] for t in tasks[i:i + per]]
+            texts += rollout(model, self.tok, prompts, samples=samples, temperature=temperature,
+                             max_new_tokens=self.cfg.max_new_tokens, rng=rng).texts
+        return texts
+
+
+# ----------------------------------------------------------------------------------------
+# the stage
+
+
+def plot_history(history: list[dict], path) -> str | None:
+    """Training curves as a PNG; returns None (and draws nothing) without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    keys = [("reward", "mean reward"), ("accuracy", "batch accuracy"), ("zero_var_share", "zero-variance groups"),
+            ("kl", "KL to SFT (k3)"), ("reply_len", "reply length (tokens)"), ("entropy", "entropy (nats/token)")]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6))
+    it = [h["iter"] for h in history]
+    for ax, (k, title) in zip(axes.ravel(), keys):
+        ax.plot(it, [h[k] for h in history])
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return str(path)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def run(ctx) -> dict:
+    """RLVF stage for train.py: load policy + reference, evaluate held-out tasks, train, evaluate,
+    save rlvf_final, plot. -> headline figures."""
+    c, t0 = ctx.cfg.rlvf, time.perf_counter()
+    init = c.init_from
+    if init == "auto":
+        init = "rlhf_final" if ctx.ckpt("rlhf_final").exists() else "sft_final"
+    policy, ref = ctx.load_model(init), ctx.load_model("sft_final")
+    train_tasks, val_tasks = load_split(ctx.data_dir, "rlvf", seed=ctx.seed)
+    trainer = RLVFTrainer(policy, ctx.tokenizer, ctx.cfg.model, c, ref_model=ref, logger=ctx.logger,
+                          show_progress=ctx.show_progress, seed=ctx.seed)
+    before = trainer.evaluate(val_tasks)
+    history = trainer.train(train_tasks)
+    if trainer.interrupted:
+        ctx.save_model(policy, "rlvf_final", "rlvf", trainer.iteration, extra={"interrupted": True})
+        raise TrainingInterrupted(f"rlvf: stopped by {trainer.interrupted} after iteration {trainer.iteration} "
+                                  "(weights so far saved as rlvf_final)")
+    after = trainer.evaluate(val_tasks)
+    ctx.save_model(policy, "rlvf_final", "rlvf", trainer.iteration, extra={"init_from": init})
+    ev = {f"val_{w}_{k}": v for w, e in (("before", before), ("after", after)) for k, v in e.items()
+          if isinstance(v, float)}
+    ctx.logger.log("rlvf", trainer.iteration, **ev)
+    plot = plot_history(history, ctx.logger.dir / "rlvf_curves.png") if history else None
+    k = max(1, min(3, len(history)))         # start/end reward: mean of the first/last k iterations
+    out = {"headline": f"held-out acc {_pct(before['accuracy'])} -> {_pct(after['accuracy'])}",
+           "init_from": init, "n_val": len(val_tasks), "iterations": len(history),
+           "acc_before": before["accuracy"], "acc_after": after["accuracy"]}
+    for typ in ("math", "logic"):
+        out[f"{typ}_before"] = before.get(f"{typ}_accuracy")
+        out[f"{typ}_after"] = after.get(f"{typ}_accuracy")
+    for kk in PASS_KS:
+        out[f"pass@{kk}_before"] = before.get(f"pass@{kk}")
+        out[f"pass@{kk}_after"] = after.get(f"pass@{kk}")
+    if history:
+        out.update(reward_start=float(np.mean([h["reward"] for h in history[:k]])),
+                   reward_end=float(np.mean([h["reward"] for h in history[-k:]])),
+                   zero_var_share=float(np.mean([h["zero_var_share"] for h in history])),
+                   kl_end=float(np.nanmean([h["kl"] for h in history[-k:]])))
+    out["plot"] = plot or "skipped (matplotlib not installed)"
+    out["time_s"] = time.perf_counter() - t0
+    out["samples"] = [{"prompt": t["prompt"], "expected": t["expected_answer"], "before": b, "after": a}
+                      for t, b, a in list(zip(val_tasks, before["replies"], after["replies"]))[:c.n_show]]
+    return out

@@ -1,0 +1,96 @@
+"""Stage 2: supervised fine-tuning on chat conversations.
+
+Starts from pretrain_final. Each conversation is laid out with the chat template; the loss
+is on assistant tokens only, including their closing <|im_end|> (so the model learns to
+stop), with system and user tokens masked. Held-out figures: assistant-token loss, and the
+share of replies to unseen prompts that close with <|im_end|>."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import LoopConfig
+from ..data import DataError, load_split, pad_batch, sft_examples
+from ..loop import train
+from ..model import GPT
+from ..tokenizer import IM_END_ID
+from .common import load_resume, make_saver
+from .rollout import chat_prompt
+
+
+@dataclass
+class SFTConfig(LoopConfig):
+    max_steps: int = 500
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 30
+    eval_every: int = 100
+    eval_prompts: int = 48          # held-out prompts answered (greedy) for the <|im_end|> rate
+    max_new_tokens: int = 96
+
+
+STAGE_CONFIG = SFTConfig
+TINY_OVERRIDES = {"max_steps": 40, "batch_size": 8, "eval_every": 20, "eval_prompts": 8, "max_new_tokens": 24,
+                  "warmup_steps": 5}
+
+
+def first_user_prompts(convs) -> list[str]:
+    return [next(m["content"] for m in c if m["role"] == "user") for c in convs if any(m["role"] == "user" for m in c)]
+
+
+def reply_eos_rate(model, tok, prompts: list[str], max_new_tokens: int, batch: int = 16):
+    """Greedy replies to `prompts` -> (share closed with <|im_end|>, reply texts)."""
+    closed, texts = 0, []
+    for i in range(0, len(prompts), batch):
+        chunk = [chat_prompt(tok, p) for p in prompts[i:i + batch]]
+        gen = model.generate(chunk, max_new_tokens=max_new_tokens, temperature=0.0, stop_tokens=(IM_END_ID,))
+        closed += int(gen.finished.sum())
+        texts += [tok.decode(r) for r in gen.replies()]
+    return closed / max(1, len(prompts)), texts
+
+
+def run(ctx) -> dict:
+    cfg, tok = ctx.cfg.sft, ctx.tokenizer
+    cfg.validate("sft")
+    T = ctx.cfg.model.block_size
+    train_convs, val_convs = load_split(ctx.data_dir, "sft", seed=ctx.seed)
+    train_ex = sft_examples(tok, train_convs, T)
+    val_ex = sft_examples(tok, val_convs, T)
+    if not train_ex or not val_ex:
+        raise DataError(f"{ctx.data_dir}: no SFT conversation with an assistant reply fits the context")
+    val_prompts = first_user_prompts(val_convs)[: cfg.eval_prompts]
+
+    model = ctx.load_model("pretrain_final", GPT)
+    resume = load_resume(ctx, model, "sft")
+    before_eos, before_texts = reply_eos_rate(model, tok, val_prompts[:5], cfg.max_new_tokens)
+
+    def get_batch(rng):
+        return pad_batch([train_ex[i] for i in rng.integers(0, len(train_ex), cfg.batch_size)])
+
+    def loss_fn(model, batch):
+        x, y, m = batch
+        return model(x, y, loss_mask=m)[1], {"tokens": x.size}
+
+    def evaluate(model):
+        # assistant-token loss over the whole held-out split, weighted by tokens
+        total, count = 0.0, 0.0
+        for i in range(0, len(val_ex), cfg.batch_size):
+            x, y, m = pad_batch(val_ex[i:i + cfg.batch_size])
+            total += float(model(x, y, loss_mask=m)[1].data) * m.sum()
+            count += m.sum()
+        return {"loss": total / count}
+
+    t0 = time.perf_counter()
+    out = train(model, cfg, get_batch, loss_fn, stage="sft", logger=ctx.logger, evaluate=evaluate,
+                save=make_saver(ctx, model, "sft", "sft_final"), resume=resume,
+                rng=np.random.default_rng(ctx.seed + 1), show_progress=ctx.show_progress)
+    train_time = time.perf_counter() - t0
+    eos_rate, texts = reply_eos_rate(model, tok, val_prompts, cfg.max_new_tokens)
+    samples = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(val_prompts[:5], before_texts, texts[:5])]
+    last = out["evals"][-1]
+    return {"headline": f"held-out loss {last['loss']:.3f}, {eos_rate:.0%} replies close with <|im_end|>",
+            "val_loss": last["loss"], "val_loss_start": out["evals"][0]["loss"], "eos_rate": eos_rate,
+            "eos_rate_before": before_eos, "train_time_s": train_time, "samples": samples,
+            "train_conversations": len(train_ex), "val_conversations": len(val_ex)}

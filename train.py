@@ -1,0 +1,227 @@
+"""Train MyLLM through its five stages: Pretrain -> SFT -> Reward Model -> RLHF (PPO) -> RLVF.
+
+    python train.py --stage all                    # everything, bundled data, mini config
+    python train.py --stage pretrain,sft --config tiny
+    python train.py --skip-pretrain --skip-sft     # only the later stages (needs sft_final)
+    python train.py --stage sft --sft.max_steps=200 --model.dropout=0.0
+    python train.py --stage all --resume           # continue an interrupted stage
+
+Every field of the config dataclasses can be overridden as --<section>.<field>=<value>;
+`python train.py --help-config` lists them with their defaults."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+STAGES = ("pretrain", "sft", "reward", "rlhf", "rlvf")
+# a stage needs these checkpoints, written by the stage named beside each
+NEEDS = {"sft": [("pretrain_final", "pretrain")], "reward": [("sft_final", "sft")],
+         "rlhf": [("sft_final", "sft"), ("reward_model", "reward")], "rlvf": [("sft_final", "sft")]}
+EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_INTERRUPTED = 2, 3, 130
+
+
+class UsageError(ValueError):
+    pass
+
+
+def stage_module(name):
+    module = {"reward": "reward_model"}.get(name, name)
+    return importlib.import_module(f"tinygrad_llm.stages.{module}")
+
+
+class RunConfig:
+    """The nested config: .model (GPTConfig) and one config per stage (.pretrain, .sft, ...)."""
+
+    def __init__(self, preset: str):
+        from tinygrad_llm.config import get_mini_config, get_tiny_config
+        self.model = {"tiny": get_tiny_config, "mini": get_mini_config}[preset]()
+        for s in STAGES:
+            try:
+                mod = stage_module(s)
+            except ModuleNotFoundError as e:   # a stage still being written: usable once it lands
+                if not e.name.startswith("tinygrad_llm.stages"):
+                    raise
+                setattr(self, s, None)
+                continue
+            cfg = mod.STAGE_CONFIG()
+            if preset == "tiny":
+                for k, v in getattr(mod, "TINY_OVERRIDES", {}).items():
+                    setattr(cfg, k, v)
+            setattr(self, s, cfg)
+
+    def sections(self):
+        return {"model": self.model, **{s: getattr(self, s) for s in STAGES if getattr(self, s) is not None}}
+
+
+def _parse_value(raw: str, current, name: str):
+    try:
+        if isinstance(current, bool):
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if isinstance(current, int):
+            return int(raw)
+        if isinstance(current, float):
+            return float(raw)
+        if current is None:
+            for conv in (int, float):
+                try:
+                    return conv(raw)
+                except ValueError:
+                    pass
+            return None if raw.lower() == "none" else raw
+        return type(current)(raw)
+    except ValueError:
+        raise UsageError(f"--{name}: cannot read {raw!r} as {type(current).__name__}") from None
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> None:
+    """--section.field=value for every dataclass field (minGPT's merge_from_args)."""
+    sections = cfg.sections()
+    for arg in overrides:
+        if not arg.startswith("--") or "=" not in arg or "." not in arg.split("=")[0]:
+            raise UsageError(f"unrecognised argument {arg!r} (overrides look like --model.n_layer=2)")
+        key, raw = arg[2:].split("=", 1)
+        section, field = key.split(".", 1)
+        if section not in sections:
+            raise UsageError(f"--{key}: unknown section {section!r}; known: {', '.join(sections)}")
+        obj = sections[section]
+        names = [f.name for f in fields(obj)]
+        if field not in names:
+            raise UsageError(f"--{key}: {section} has no field {field!r}; known: {', '.join(names)}")
+        setattr(obj, field, _parse_value(raw, getattr(obj, field), key))
+    # re-run the model config's validation after overrides
+    type(cfg.model).__post_init__(cfg.model)
+
+
+def select_stages(args) -> list[str]:
+    names = list(STAGES) if args.stage in ("all", None) else [s.strip() for s in args.stage.split(",") if s.strip()]
+    unknown = [s for s in names if s not in STAGES]
+    if unknown:
+        raise UsageError(f"--stage: unknown stage(s) {', '.join(unknown)}; choose from all, {', '.join(STAGES)}")
+    skipped = {s for s in STAGES if getattr(args, f"skip_{s}")}
+    return [s for s in STAGES if s in names and s not in skipped]
+
+
+def check_inputs(stages, ckpt_dir: Path) -> None:
+    """Fail before any work if a stage's input checkpoint neither exists nor will be written."""
+    from tinygrad_llm.checkpoint import weights_path
+    for i, s in enumerate(stages):
+        for ckpt, producer in NEEDS.get(s, []):
+            if producer not in stages[:i] and not weights_path(ckpt_dir / ckpt).exists():
+                raise UsageError(f"stage {s} needs {weights_path(ckpt_dir / ckpt)}, which does not exist "
+                                 f"(run --stage {producer} first)")
+    if stages and stages[0] != "pretrain" and not (ckpt_dir / "vocab.json").exists():
+        raise UsageError(f"{ckpt_dir / 'vocab.json'} not found: run the pretrain stage first")
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", default="all", help="all, or a comma list of: " + ", ".join(STAGES))
+    for s in STAGES:
+        ap.add_argument(f"--skip-{s}", action="store_true", help=f"skip the {s} stage")
+    ap.add_argument("--config", default="mini", choices=["tiny", "mini"], help="model + stage preset")
+    ap.add_argument("--data-dir", default=str(Path(__file__).parent / "data"))
+    ap.add_argument("--ckpt-dir", default="checkpoints")
+    ap.add_argument("--runs-dir", default="runs")
+    ap.add_argument("--run-id", default=None, help="default: a timestamp")
+    ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--resume", action="store_true", help="continue interrupted stages from <stage>_last")
+    ap.add_argument("--threads", type=int, default=None, help="BLAS + Numba threads (default: see README)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--help-config", action="store_true", help="list every --section.field and its default")
+    args, overrides = ap.parse_known_args(argv)
+    return args, overrides
+
+
+def build_tokenizer(stages, data_dir: Path, ckpt_dir: Path, vocab_size: int):
+    from tinygrad_llm.data import all_texts
+    from tinygrad_llm.tokenizer import MyLLMTokenizer
+    path = ckpt_dir / "vocab.json"
+    if "pretrain" in stages:  # a new model: a new vocabulary from the data
+        tok = MyLLMTokenizer(vocab_size).build_vocab(all_texts(data_dir))
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        tok.save(path)
+        return tok
+    return MyLLMTokenizer().load(path)
+
+
+def print_summary(rows) -> None:
+    w = max([len(r[3]) for r in rows] + [10])
+    print("\n" + f"{'stage':<10}{'time':>9}  {'headline':<{w}}  checkpoint")
+    for stage, secs, ckpt, headline in rows:
+        print(f"{stage:<10}{secs:>8.1f}s  {headline:<{w}}  {ckpt}")
+
+
+def main(argv=None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    from tinygrad_llm.checkpoint import CheckpointError
+    from tinygrad_llm.config import ConfigError
+    from tinygrad_llm.data import DataError
+    from tinygrad_llm.loop import NonFiniteError, RunLogger, TrainingInterrupted
+    from tinygrad_llm.stages.common import CKPT, StageContext
+    from tinygrad_llm.runtime import configure_threads
+
+    try:
+        cfg = RunConfig(args.config)
+        if args.help_config:
+            for name, sec in cfg.sections().items():
+                for f in fields(sec):
+                    print(f"--{name}.{f.name}={getattr(sec, f.name)}")
+            return 0
+        apply_overrides(cfg, overrides)
+        stages = select_stages(args)
+        if not stages:
+            raise UsageError("no stage left to run")
+        data_dir, ckpt_dir = Path(args.data_dir), Path(args.ckpt_dir)
+        if not data_dir.is_dir():
+            raise UsageError(f"--data-dir {data_dir}: not a directory")
+        check_inputs(stages, ckpt_dir)
+        configure_threads(args.threads)
+        tok = build_tokenizer(stages, data_dir, ckpt_dir, cfg.model.vocab_size)
+        cfg.model.vocab_size = len(tok)
+        run_id = args.run_id or time.strftime("%Y%m%d-%H%M%S")
+        logger = RunLogger(Path(args.runs_dir) / run_id)
+        ctx = StageContext(cfg, tok, data_dir, ckpt_dir, logger, seed=args.seed, resume=args.resume,
+                           show_progress=not args.no_progress)
+        print(f"run {run_id}: stages {' -> '.join(stages)}, config {args.config}, vocabulary {len(tok)}, "
+              f"logs in {logger.dir}")
+        rows = []
+        for s in stages:
+            print(f"\n=== {s} ===")
+            t0 = time.perf_counter()
+            figures = stage_module(s).run(ctx)
+            secs = time.perf_counter() - t0
+            figures["time_s"] = secs
+            logger.update_summary(s, **figures)
+            rows.append((s, secs, str(ctx.ckpt(CKPT[s])), figures.get("headline", "")))
+            print(f"{s}: {figures.get('headline', '')} ({secs:.1f}s)")
+        print_summary(rows)
+        try:
+            from tinygrad_llm.report import write_report
+            print(write_report(logger.dir))
+        except ImportError:
+            pass
+        return 0
+    except (UsageError, ConfigError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
+    except TrainingInterrupted as e:
+        cmd = " ".join(["python", "train.py", *(sys.argv[1:] if argv is None else argv)])
+        if "--resume" not in cmd:
+            cmd += " --resume"
+        print(f"\n{e}. A resumable checkpoint was saved; continue with:\n    {cmd}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""Tests for data/generate.py: determinism, formats, correct answers, held-out discipline, balance.
+
+The generator runs into temporary directories (well under a second per run) on whatever sources
+data/src/ holds; checks on the hand-written sources are skipped when a source is missing.
+"""
+import importlib.util
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = importlib.util.spec_from_file_location("data_generate", ROOT / "data" / "generate.py")
+gen = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(gen)
+
+JSON_FILES = ["sft_data.json", "sft_val.json", "reward_data.json", "reward_val.json", "rlvf_data.json", "rlvf_val.json"]
+FAMILY = {"word_add": "word", "word_sub": "word", "word_mul": "word"}   # kinds that share one val quota
+SYM = {"add": "+", "sub": "-", "mul": "×", "div": "÷", "word_add": "+", "word_sub": "-", "word_mul": "×"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Generate once with the default seed; returns (out_dir, result)."""
+    out = tmp_path_factory.mktemp("data")
+    return out, gen.generate_all(seed=gen.SEED, out_dir=out)
+
+
+def load(out, name):
+    """Parsed JSON list or pretrain lines."""
+    text = (out / name).read_text(encoding="utf-8")
+    return json.loads(text) if name.endswith(".json") else text.splitlines()
+
+
+def nums(text):
+    return [int(x) for x in re.findall(r"\d+", text)]
+
+
+# ----------------------------------------------------------------------------- independent solvers
+
+def parse_weekday(prompt):
+    """'今天是周X ... 明天/后天/昨天/前天' -> (day 0..6 with Monday 0, offset)."""
+    m = re.search(r"今天是(?:周|星期)(.)", prompt)
+    word = re.search(r"明天|后天|昨天|前天", prompt[m.end():])[0]
+    return (6 if m[1] in "日天" else "一二三四五六".index(m[1])), {"明天": 1, "后天": 2, "昨天": -1, "前天": -2}[word]
+
+
+def solve_syllogism(prompt):
+    """'是' iff the question's category is reachable from the name's stated categories via 所有X都是Y."""
+    edges = {}
+    for a, b in re.findall(r"所有([^，。？]+?)都是([^，。？]+)", prompt):
+        edges.setdefault(a, set()).add(b)
+    names = "|".join(gen.NAMES)
+    cats, target = set(), None
+    for clause in re.split(r"[，。？]", prompt):
+        clause = re.sub(r"^(已知|请问|那么)", "", clause)
+        m = re.fullmatch(rf"({names})(一定)?(不是|是)(.+?)(吗)?", clause)
+        if not m:
+            continue
+        if m[5]:
+            target = m[4]
+        elif m[3] == "是":
+            cats.add(m[4])
+    assert target is not None, prompt
+    frontier = set(cats)
+    while frontier:   # transitive closure of the stated categories
+        frontier = {b for a in frontier for b in edges.get(a, ())} - cats
+        cats |= frontier
+    return "是" if target in cats else "不是"
+
+
+def solve(kind, prompt):
+    """Expected answer recomputed from the prompt alone."""
+    n = nums(prompt)
+    if kind in ("add", "word_add"):
+        return str(n[0] + n[1])
+    if kind in ("sub", "word_sub"):
+        assert n[0] >= n[1]
+        return str(n[0] - n[1])
+    if kind in ("mul", "word_mul"):
+        assert n[0] <= 9 and n[1] <= 9
+        return str(n[0] * n[1])
+    if kind == "div":
+        assert n[0] % n[1] == 0 and n[0] // n[1] <= 9 and n[1] <= 9
+        return str(n[0] // n[1])
+    if kind == "weekday":
+        day, off = parse_weekday(prompt)
+        return "周" + "一二三四五六日"[(day + off) % 7]
+    if kind == "syllogism":
+        return solve_syllogism(prompt)
+    if kind == "compare":
+        if "哪个" in prompt:
+            return str(max(n[:2]) if re.search(r"哪个(?:数)?(?:更)?大", prompt) else min(n[:2]))
+        m = re.search(r"(\d+)(?:是不是)?比(\d+)(大|小)", prompt)
+        x, y = int(m[1]), int(m[2])
+        return "是" if (x > y) == (m[3] == "大") else "不是"
+    if kind == "parity":
+        p = "奇数" if n[0] % 2 else "偶数"
+        if "还是" in prompt:
+            return p
+        return "是" if re.search(r"奇数|偶数", prompt)[0] == p else "不是"
+    if kind == "neighbor":
+        return str(n[0] + 1 if "后一个" in prompt else n[0] - 1)
+    raise AssertionError(kind)
+
+
+def item_key(kind, prompt):
+    """Problem key of a generated item, parsed from its prompt (independent of generate.extract_keys)."""
+    n = nums(prompt)
+    op = kind.replace("word_", "")
+    if op in ("add", "mul", "compare"):
+        return (op, min(n[:2]), max(n[:2]))
+    if op in ("sub", "div"):
+        return (op, n[0], n[1])
+    if kind == "parity":
+        return ("parity", n[0])
+    if kind == "neighbor":
+        return ("neighbor", n[0] if "后一个" in prompt else n[0] - 1)
+    if kind == "weekday":
+        return ("weekday",) + parse_weekday(prompt)
+    if kind == "syllogism":
+        a, b = re.search(r"所有([^，。？]+?)都是([^，。？]+)", prompt).groups()
+        return ("syllogism", next(x for x in gen.NAMES if x in prompt), a, b)
+    raise AssertionError(kind)
+
+
+def generated(items):
+    """Generated (kinded) task or SFT items, as (kind, prompt, item)."""
+    return [(it["kind"], it.get("prompt", it.get("user")), it) for it in items
+            if it.get("kind") in gen.MAKERS and ("prompt" in it or "user" in it)]
+
+
+# ----------------------------------------------------------------------------- tests
+
+def test_chinese_numerals():
+    cases = {0: "零", 1: "一", 10: "十", 11: "十一", 15: "十五", 20: "二十", 42: "四十二", 56: "五十六",
+             90: "九十", 99: "九十九", 100: "一百"}
+    for n, s in cases.items():
+        assert gen.to_chinese(n) == s
+    assert all(gen.from_chinese(gen.to_chinese(n)) == n for n in range(101))
+    assert gen.from_chinese("两") == 2 and gen.from_chinese("三百") is None
+    with pytest.raises(ValueError):
+        gen.to_chinese(101)
+
+
+def test_extract_keys_reads_every_fact_form():
+    expect = {
+        "十五加二十七等于四十二。": ("add", 15, 27), "27+15=42。": ("add", 15, 27), "请算出 42 减 15 的结果。": ("sub", 42, 15),
+        "八乘以七等于五十六。": ("mul", 7, 8), "56÷8=7。": ("div", 56, 8), "周一的后一天是周二。": ("weekday", 0, 1),
+        "星期三的前两天是星期一。": ("weekday", 2, -2), "如果今天是周日，后天是周几？": ("weekday", 6, 2),
+        "7是奇数。": ("parity", 7), "8是不是奇数？": ("parity", 8), "42比17大。": ("compare", 17, 42),
+        "17和42哪个数更大？": ("compare", 17, 42), "6的前一个数是几？": ("neighbor", 5), "5的后一个数是6。": ("neighbor", 5),
+        "所有的猫都是动物，小花是猫，小花是动物吗？": ("syllogism", "小花", "猫", "动物"),
+    }
+    for text, key in expect.items():
+        assert key in gen.extract_keys(text), text
+    assert ("add", 5, 8) in gen.infer_arith_keys("小明有8个苹果，又买了5个，一共几个？", "13")
+    # Every fact-sentence form round-trips to its key.
+    rng = gen.random.Random(0)
+    spaces = gen.build_key_spaces()
+    for kind in gen.FACT_WEIGHTS:
+        for key in rng.sample(spaces[kind], 10):
+            for _ in range(5):
+                s = gen.fact_sentence(rng, kind, key)
+                assert key in gen.extract_keys(s), s
+
+
+def test_deterministic(run, tmp_path):
+    out, _ = run
+    gen.generate_all(seed=gen.SEED, out_dir=tmp_path / "again")
+    gen.generate_all(seed=gen.SEED + 1, out_dir=tmp_path / "other")
+    names = ["pretrain_data.txt", "pretrain_val.txt"] + JSON_FILES
+    assert all((out / n).read_bytes() == (tmp_path / "again" / n).read_bytes() for n in names)
+    assert any((out / n).read_bytes() != (tmp_path / "other" / n).read_bytes() for n in names)
+
+
+def test_missing_sources_are_skipped(tmp_path, capsys):
+    gen.generate_all(seed=gen.SEED, src_dir=tmp_path / "no_src", out_dir=tmp_path / "out")
+    assert "missing" in capsys.readouterr().err
+    assert len(load(tmp_path / "out", "rlvf_val.json")) == sum(gen.RLVF_PLAN["val"].values())
+
+
+def test_formats(run):
+    out, _ = run
+    for name in ("sft_data.json", "sft_val.json"):
+        for it in load(out, name):
+            if "messages" in it:
+                roles = [m["role"] for m in it["messages"]]
+                assert roles[::2] == ["user"] * len(roles[::2]) and roles[1::2] == ["assistant"] * len(roles[1::2])
+                assert all(isinstance(m["content"], str) and m["content"] for m in it["messages"])
+            else:
+                assert it["user"] and it["assistant"] and isinstance(it["category"], str)
+            assert not any(k.startswith("_") for k in it)
+    for name in ("reward_data.json", "reward_val.json"):
+        for it in load(out, name):
+            assert it["prompt"] and it["chosen"] and it["rejected"] and it["chosen"] != it["rejected"] and it["kind"]
+    for name in ("rlvf_data.json", "rlvf_val.json"):
+        for it in load(out, name):
+            assert it["type"] in ("math", "logic") and it["prompt"] and isinstance(it["expected_answer"], str)
+            assert all(isinstance(k, str) for k in it.get("keywords", []))
+            if it.get("kind") in gen.MAKERS and it["expected_answer"] in ("是", "不是"):
+                assert it["keywords"] == (gen.YES_KEYWORDS if it["expected_answer"] == "是" else gen.NO_KEYWORDS)
+    for name in ("pretrain_data.txt", "pretrain_val.txt"):
+        assert all(line.strip() for line in load(out, name))
+
+
+def test_sizes(run):
+    out, _ = run
+    n_generated = {name: len(generated(load(out, name))) for name in ("sft_data.json", "sft_val.json", "rlvf_data.json")}
+    assert n_generated["sft_data.json"] >= 1500 and 140 <= n_generated["sft_val.json"] <= 160
+    assert n_generated["rlvf_data.json"] >= 1950 and len(load(out, "rlvf_val.json")) == 240
+    assert 650 <= len(load(out, "reward_data.json")) and 140 <= len(load(out, "reward_val.json"))
+    assert sum(map(len, load(out, "pretrain_data.txt"))) > 40_000
+
+
+def test_prose_split(run):
+    """Every prose paragraph lands in exactly one pretrain file; every 20th (index 9, 29, ...) in val."""
+    out, _ = run
+    train, val = set(load(out, "pretrain_data.txt")), set(load(out, "pretrain_val.txt"))
+    assert not train & val
+    for path in sorted((ROOT / "data" / "src" / "prose").glob("*.txt")):
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        for i, line in enumerate(lines):
+            assert line in (val if i % gen.PROSE_VAL_EVERY == gen.PROSE_VAL_OFFSET else train), (path.name, i)
+
+
+def test_task_answers_are_correct(run):
+    out, _ = run
+    tasks = generated(load(out, "rlvf_data.json")) + generated(load(out, "rlvf_val.json"))
+    assert len(tasks) > 2000
+    for kind, prompt, it in tasks:
+        assert it["expected_answer"] == solve(kind, prompt), prompt
+        assert it["type"] == ("math" if kind in gen.MATH_KINDS else "logic")
+
+
+def test_sft_answers_are_correct(run):
+    out, _ = run
+    items = generated(load(out, "sft_data.json")) + generated(load(out, "sft_val.json"))
+    assert len(items) > 1600
+    for kind, prompt, it in items:
+        ans, reply = solve(kind, prompt), it["assistant"]
+        if ans in ("是", "不是"):
+            assert reply.startswith("是的，" if ans == "是" else "不是，"), (prompt, reply)
+        else:
+            assert reply.endswith(f"答案是{ans}。"), (prompt, reply)
+        if kind in SYM:
+            a, b = nums(prompt)[:2]
+            assert f"{a} {SYM[kind]} {b} = {ans}，" in reply, (prompt, reply)
+
+
+def test_held_out_discipline(run):
+    out, result = run
+    held = set().union(*result["held_out"].values())
+    spaces = gen.build_key_spaces()
+    for kind, keys in result["held_out"].items():   # ~15% of every key space (weekday: source-limited)
+        assert 0.10 * len(spaces[kind]) <= len(keys) <= 0.16 * len(spaces[kind]) + 1, kind
+    # Val keys, parsed from the prompts, are all held out.
+    val_keys = {item_key(k, p) for name in ("rlvf_val.json", "sft_val.json") for k, p, _ in generated(load(out, name))}
+    assert val_keys <= held and len({k[0] for k in val_keys}) == 9
+    # No training item is about a held-out key: generated items by their prompt's numbers ...
+    for name in ("rlvf_data.json", "sft_data.json"):
+        train_keys = {item_key(k, p) for k, p, _ in generated(load(out, name))}
+        assert not train_keys & held, name
+    # ... and every training text by the extractor (arithmetic, weekdays, parity, comparisons, neighbours, syllogisms).
+    texts = list(load(out, "pretrain_data.txt"))
+    for it in load(out, "sft_data.json"):
+        if "messages" in it:
+            texts.append("\n".join(m["content"] for m in it["messages"]))
+            for q, a in zip(it["messages"], it["messages"][1:]):
+                assert not gen.infer_arith_keys(q["content"], a["content"]) & held
+        else:
+            texts.append(it["user"] + "\n" + it["assistant"])
+            if "kind" not in it:
+                assert not gen.infer_arith_keys(it["user"], it["assistant"]) & held
+    texts += ["\n".join((it["prompt"], it["chosen"], it["rejected"])) for it in load(out, "reward_data.json")]
+    for it in load(out, "rlvf_data.json"):
+        texts.append(it["prompt"])
+        if "kind" not in it:   # a hand-written seed task (the heuristic over-reports on generated ones)
+            assert not gen.infer_arith_keys(it["prompt"], it["expected_answer"]) & held
+    for text in texts:
+        assert not gen.extract_keys(text) & held, text
+    # An extractor-independent scan of the digit equations in the pretrain text.
+    for a, op, b in re.findall(r"(\d+) ?([+\-×÷]) ?(\d+) ?=", "\n".join(load(out, "pretrain_data.txt"))):
+        a, b, kind = int(a), int(b), {"+": "add", "-": "sub", "×": "mul", "÷": "div"}[op]
+        assert ((kind, min(a, b), max(a, b)) if kind in ("add", "mul") else (kind, a, b)) not in held
+
+
+def hand_pairs():
+    """(prompt, chosen, rejected) of the hand-written reward pairs (empty if the source is missing)."""
+    path = ROOT / "data" / "src" / "reward_hand.json"
+    items = json.loads(path.read_text(encoding="utf-8")) if path.exists() else []
+    return {(p["prompt"], p["chosen"], p["rejected"]) for p in items}
+
+
+def test_reward_pairs_are_not_solved_by_length(run):
+    out, _ = run
+    hand = hand_pairs()
+    for name in ("reward_data.json", "reward_val.json"):
+        pairs = load(out, name)
+        share = sum(len(p["chosen"]) > len(p["rejected"]) for p in pairs) / len(pairs)
+        assert 0.35 <= share <= 0.65, (name, share)
+        assert all(Counter(p["kind"] for p in pairs)[k] > 0 for k in gen.REWARD_MIX)
+        for p in pairs:
+            if (p["prompt"], p["chosen"], p["rejected"]) in hand:
+                continue
+            if p["kind"] in ("repetitive", "rude"):
+                assert len(p["rejected"]) > len(p["chosen"]), p
+            if p["kind"] == "short_dismissive":
+                assert len(p["rejected"]) <= 0.5 * len(p["chosen"]) + 2, p
+            if p["kind"] == "wrong_math":   # same format and length, different number
+                assert len(p["rejected"]) == len(p["chosen"]) and re.sub(r"\d", "0", p["rejected"]) == re.sub(r"\d", "0", p["chosen"]), p
+
+
+def test_reward_pairs_come_from_the_same_split(run):
+    out, _ = run
+    hand = hand_pairs()
+    for reward, sft in (("reward_data.json", "sft_data.json"), ("reward_val.json", "sft_val.json")):
+        replies = {(it["user"], it["assistant"]) for it in load(out, sft) if "user" in it}
+        for p in load(out, reward):
+            assert (p["prompt"], p["chosen"], p["rejected"]) in hand or (p["prompt"], p["chosen"]) in replies, p
+
+
+def test_rlvf_val_is_balanced(run):
+    out, _ = run
+    tasks = load(out, "rlvf_val.json")
+    types = Counter(t["type"] for t in tasks)
+    assert types["math"] == types["logic"] == 120
+    families = Counter(FAMILY.get(t["kind"], t["kind"]) for t in tasks)
+    assert len(families) == 10 and max(families.values()) == min(families.values())
+    yes_no = [t["expected_answer"] for t in tasks if t["expected_answer"] in ("是", "不是")]
+    assert len(yes_no) >= 40 and 0.4 <= yes_no.count("不是") / len(yes_no) <= 0.6
+    seed = json.loads((ROOT / "data" / "src" / "rlvf_seed.json").read_text(encoding="utf-8")) \
+        if (ROOT / "data" / "src" / "rlvf_seed.json").exists() else []
+    train = load(out, "rlvf_data.json")
+    assert all(task in train for task in seed)
+    assert len({t.get("kind") for t in train[:100]}) >= 8   # shuffled, not grouped by kind

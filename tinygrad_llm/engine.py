@@ -11,6 +11,7 @@ gradient checks). Binary ops refuse to mix float dtypes instead of silently prom
 """
 from __future__ import annotations
 
+import builtins
 import contextlib
 import math
 import os
@@ -78,7 +79,7 @@ class Profiler:
 
     def table(self, top: int | None = None) -> str:
         rows = self.rows()[:top]
-        total = sum(r[2] + r[3] for r in self.rows()) or 1.0
+        total = builtins.sum(r[2] + r[3] for r in self.rows()) or 1.0
         lines = [f"{'op':<22}{'calls':>8}{'fwd ms':>11}{'bwd ms':>11}{'share':>8}"]
         for op, n, f, b in rows:
             lines.append(f"{op:<22}{n:>8}{f * 1e3:>11.1f}{b * 1e3:>11.1f}{(f + b) / total:>8.1%}")
@@ -133,7 +134,9 @@ class Tensor:
     def __init__(self, data, requires_grad: bool = False):
         if isinstance(data, Tensor):
             raise TypeError("Tensor(Tensor) is ambiguous: use t.detach() or Tensor(t.data)")
-        if not isinstance(data, np.ndarray):
+        if isinstance(data, np.generic):            # NumPy scalar: keep its dtype
+            data = np.asarray(data)
+        elif not isinstance(data, np.ndarray):
             # Python scalars / lists: floats become float32 (the training dtype), like torch.
             data = np.asarray(data)
             if data.dtype == np.float64:
@@ -283,7 +286,7 @@ def _const(x, like: Tensor) -> Tensor:
 
 def _make(data: np.ndarray, parents: tuple, op: str) -> Tensor:
     """Output tensor of an op; it joins the graph only if grad mode is on and a parent needs grad."""
-    out = Tensor(data)
+    out = Tensor(np.asarray(data))                 # 0-d results arrive as NumPy scalars
     if _grad_enabled and any(p.requires_grad for p in parents):
         out.requires_grad = True
         out._parents = parents

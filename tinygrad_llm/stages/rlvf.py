@@ -115,7 +115,8 @@ def group_advantages(rewards, group_size: int, eps: float = 1e-4, scale: bool = 
     r = np.asarray(rewards, dtype=np.float64).reshape(-1, group_size)       # (N, G)
     centred = r - r.mean(1, keepdims=True)
     zero_var = np.ptp(r, axis=1) == 0
-    adv = centred / (r.std(1, keepdims=True) + eps) if scale else centred
+    with np.errstate(invalid="ignore", divide="ignore"):     # eps = 0 on a zero-variance group
+        adv = centred / (r.std(1, keepdims=True) + eps) if scale else centred
     adv[zero_var] = 0.0                     # exact zeros, not eps-sized float noise
     return adv.reshape(-1), zero_var
 
@@ -139,7 +140,9 @@ def grpo_loss(logp: Tensor, old_logp, ref_logp, adv, mask, clip_eps: float = 0.2
     d = (np.asarray(ref_logp, dt) - logp) * m
     kl = d.exp() - d - 1.0                                                  # (B, L), 0 at padding
     n = max(float(m.sum()), 1.0)
-    loss = ((kl * beta - surr) * m).sum() * (1.0 / n)                      # token-level average
+    # token-level average; 1/n is folded into the weights because a 0-d Tensor times a Python
+    # float comes back float32 from the engine (numpy returns a scalar, not a 0-d array)
+    loss = ((kl * beta - surr) * (m / n)).sum()
     r = ratio.data
     stats = {"kl": float((kl.data * m).sum() / n), "pg": float((-surr.data * m).sum() / n),
              "clip_frac": float((((r < 1 - clip_eps) | (r > 1 + clip_eps)) * m).sum() / n)}

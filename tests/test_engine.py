@@ -1,0 +1,182 @@
+"""Engine: every op's gradient against central finite differences (float64, random upstream
+gradient), shapes and broadcasting drawn by hypothesis, and the autograd properties."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from tinygrad_llm import engine as E
+from tinygrad_llm import gradcheck as G
+from tinygrad_llm.engine import Tensor
+
+SETTINGS = settings(max_examples=25, deadline=None)
+
+
+@pytest.mark.parametrize("name", list(G.OPS))
+def test_op_gradient_matches_finite_differences(name):
+    for r in G.check_op(name):
+        assert r.ok, f"{name}.{r.name}: max abs {r.max_abs:.2e}, max rel {r.max_rel:.2e}"
+
+
+def test_module_gradients_match_finite_differences():
+    for r in G.check_modules():
+        assert r.ok, f"{r.name}: max rel {r.max_rel:.2e}"
+
+
+def test_gradcheck_catches_a_wrong_backward():
+    # a deliberately wrong backward must FAIL: the checker is not vacuous
+    def bad_square(a):
+        out = E._make(a.data ** 2, (a,), "bad")
+        out._backward = lambda d: a._accumulate(d * a.data)      # should be 2 * a
+        return out
+    res = G.check(bad_square, [Tensor(np.random.default_rng(0).standard_normal(5), requires_grad=True)])
+    assert not res[0].ok
+
+
+# -- broadcasting, drawn by hypothesis ------------------------------------------------------
+
+@st.composite
+def broadcast_pair(draw):
+    nd = draw(st.integers(1, 4))
+    shape = draw(st.lists(st.integers(1, 4), min_size=nd, max_size=nd))
+    other = [1 if draw(st.booleans()) else s for s in shape]
+    drop = draw(st.integers(0, nd - 1))
+    return tuple(shape), tuple(other[drop:])
+
+
+@SETTINGS
+@given(broadcast_pair(), st.sampled_from(["add", "sub", "mul", "div"]), st.booleans())
+def test_binary_broadcasting_gradients(shapes, op, swap):
+    a_shape, b_shape = shapes if not swap else shapes[::-1]
+    rng = np.random.default_rng(1)
+    a = Tensor(rng.standard_normal(a_shape), requires_grad=True)
+    b = Tensor(np.abs(rng.standard_normal(b_shape)) + 0.5, requires_grad=True)
+    fn = {"add": lambda x, y: x + y, "sub": lambda x, y: x - y, "mul": lambda x, y: x * y, "div": lambda x, y: x / y}[op]
+    for r in G.check(fn, [a, b]):
+        assert r.ok, (op, a_shape, b_shape, r)
+    assert a.grad.shape == a_shape and b.grad.shape == b_shape
+
+
+@SETTINGS
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 4), st.integers(1, 4), st.integers(1, 4), st.booleans())
+def test_batched_matmul_gradients(b1, b2, n, k, m, broadcast_b):
+    rng = np.random.default_rng(2)
+    a = Tensor(rng.standard_normal((b1, b2, n, k)), requires_grad=True)
+    b = Tensor(rng.standard_normal((k, m) if broadcast_b else (b1, b2, k, m)), requires_grad=True)
+    for r in G.check(lambda x, y: x @ y, [a, b]):
+        assert r.ok
+
+
+@SETTINGS
+@given(st.lists(st.integers(1, 4), min_size=1, max_size=4), st.data())
+def test_reductions_gradients(shape, data):
+    axis = data.draw(st.one_of(st.none(), st.integers(-len(shape), len(shape) - 1)))
+    keep = data.draw(st.booleans())
+    rng = np.random.default_rng(3)
+    x = Tensor(rng.permutation(np.arange(np.prod(shape), dtype=np.float64)).reshape(shape) * 0.1, requires_grad=True)
+    for fn in (lambda t: t.sum(axis, keep), lambda t: t.mean(axis, keep), lambda t: t.max(axis, keep)):
+        assert all(r.ok for r in G.check(fn, [x]))
+
+
+# -- properties --------------------------------------------------------------------------------
+
+@SETTINGS
+@given(st.integers(1, 5), st.integers(1, 40), st.sampled_from([np.float32, np.float64]))
+def test_softmax_rows_sum_to_one(n, d, dtype):
+    x = Tensor((np.random.default_rng(4).standard_normal((n, d)) * 30).astype(dtype))
+    y = E.softmax(x, -1).data
+    assert y.dtype == dtype
+    np.testing.assert_allclose(y.sum(-1), 1.0, rtol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+@SETTINGS
+@given(st.integers(1, 2), st.integers(1, 3), st.integers(2, 9), st.sampled_from([2, 4, 8]), st.data())
+def test_attention_is_causal(B, NH, T, hs, data):
+    t = data.draw(st.integers(0, T - 2))
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((B, NH, T, hs)).astype(np.float32) for _ in range(3))
+    y1 = E.scaled_dot_product_attention(Tensor(q), Tensor(k), Tensor(v)).data
+    k2, v2 = k.copy(), v.copy()
+    k2[:, :, t + 1:] += 5.0
+    v2[:, :, t + 1:] -= 3.0
+    y2 = E.scaled_dot_product_attention(Tensor(q), Tensor(k2), Tensor(v2)).data
+    np.testing.assert_array_equal(y1[:, :, :t + 1], y2[:, :, :t + 1])   # bit-identical
+    assert not np.array_equal(y1[:, :, t + 1:], y2[:, :, t + 1:])
+
+
+@SETTINGS
+@given(st.integers(1, 6), st.integers(2, 64))
+def test_layer_norm_normalises_rows(n, c):
+    x = Tensor(np.random.default_rng(6).standard_normal((n, c)) * 7 + 3)
+    y = E.layer_norm(x, Tensor(np.ones(c)), Tensor(np.zeros(c))).data
+    np.testing.assert_allclose(y.mean(-1), 0, atol=1e-10)
+    np.testing.assert_allclose(y.var(-1), 1, rtol=1e-4)   # eps 1e-5 against variance ~49
+
+
+def test_reused_tensor_accumulates_both_gradients():
+    rng = np.random.default_rng(7)
+    w = Tensor(rng.standard_normal((4, 3)), requires_grad=True)
+    x = Tensor(rng.standard_normal((2, 3)))
+    (E.linear(x, w).sum() + (w * w).sum()).backward()
+    together = w.grad.copy()
+    w.grad = None
+    E.linear(x, w).sum().backward()
+    g1, w.grad = w.grad.copy(), None
+    (w * w).sum().backward()
+    np.testing.assert_allclose(together, g1 + w.grad, rtol=1e-12)
+
+
+def test_tied_weight_gets_both_contributions():
+    rng = np.random.default_rng(8)
+    wte = Tensor(rng.standard_normal((5, 3)), requires_grad=True)
+    h = E.embedding(wte, np.array([[1, 2, 2]]))
+    E.cross_entropy(E.linear(h, wte), np.array([[2, 0, 1]])).backward()
+    assert np.abs(wte.grad[[0, 3, 4]]).sum() > 0      # rows only used as output classes
+
+
+def test_dtype_is_kept_and_never_mixed():
+    x32 = Tensor(np.ones((2, 2), np.float32), requires_grad=True)
+    y = (x32 * 2.5 + 1).exp().sum()
+    assert y.dtype == np.float32
+    y.backward()
+    assert x32.grad.dtype == np.float32
+    with pytest.raises(TypeError, match="dtype mismatch"):
+        x32 + Tensor(np.ones((2, 2), np.float64))
+
+
+def test_no_grad_builds_no_graph_and_retain_grad_keeps_intermediates():
+    x = Tensor(np.ones(3), requires_grad=True)
+    with E.no_grad():
+        assert not (x * 2).requires_grad
+    h = (x * 3).retain_grad()
+    (h * h).sum().backward()
+    np.testing.assert_allclose(h.grad, 6 * np.ones(3))
+    np.testing.assert_allclose(x.grad, 18 * np.ones(3))
+
+
+def test_dropout_train_and_eval():
+    E.manual_seed(0)
+    x = Tensor(np.ones((100, 100), np.float32))
+    y = E.dropout(x, 0.5, training=True).data
+    assert set(np.unique(y)) == {0.0, 2.0}
+    assert E.dropout(x, 0.5, training=False) is x
+
+
+def test_profiler_counts_ops():
+    x = Tensor(np.ones((4, 4), np.float32), requires_grad=True)
+    with E.profile() as prof:
+        E.gelu(x @ x).sum().backward()
+    names = {r[0] for r in prof.rows()}
+    assert {"matmul", "gelu", "sum"} <= names
+    assert "gelu" in prof.table()
+
+
+@pytest.mark.parametrize("fn, match", [
+    (lambda: Tensor(np.ones((2, 3))) @ Tensor(np.ones((4, 5))), "matmul shape mismatch"),
+    (lambda: Tensor(np.ones((2, 3))) + Tensor(np.ones((4, 5))), "cannot be broadcast"),
+    (lambda: Tensor(np.ones((2, 3)), requires_grad=True).exp().backward(), "non-scalar"),
+    (lambda: Tensor(np.ones(3)).reshape(2, 2), "cannot reshape"),
+    (lambda: E.embedding(Tensor(np.ones((3, 2))), np.array([5])), "out of range"),
+])
+def test_bad_input_gives_a_clear_error(fn, match):
+    with pytest.raises((ValueError, RuntimeError, IndexError, TypeError), match=match):
+        fn()

@@ -1,0 +1,280 @@
+"""Stage 3: the reward model — a GPT trunk (initialised from sft_final) with a scalar
+`reward_head` read at the last token of the reply, the closing <|im_end|>.
+
+Trained on preference pairs with the Bradley-Terry loss -log sigma(r_chosen - r_rejected - margin)
+(InstructGPT, Ouyang et al. 2022, eq. 1; the optional margin is Llama 2's, Touvron et al.
+2023, eq. 2). Dropout is off: the score must be a deterministic function of the text, and
+PPO reads it as a reward (TRL and "The N+ Implementation Details of RLHF with PPO",
+Huang et al. 2024, disable dropout in every model). After training the head's bias is
+shifted so that the SFT data's replies score 0 on average ("we normalize the RM using a
+bias so that the labeler demonstrations achieve a mean score of 0 before doing RL",
+InstructGPT appendix C.2); the bias is a weight, so the shift is stored with the model.
+
+    rm = RewardModel.from_pretrained(sft_model, config)
+    RewardModelTrainer(rm, tokenizer, RewardConfig()).train(reward_data, epochs=3)
+    rm.score(["什么是机器学习？"], ["机器学习是……"])      # -> array([1.7], dtype=float32)
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .. import engine as E
+from ..config import GPTConfig, LoopConfig
+from ..data import DataError, load_split
+from ..engine import Tensor
+from ..loop import train
+from ..model import GPT, ScalarHead
+from ..tokenizer import IM_END_ID, PAD_ID
+from .common import load_resume, make_saver
+from .rollout import chat_prompt
+
+__all__ = ["RewardConfig", "RewardModel", "RewardModelTrainer", "STAGE_CONFIG", "TINY_OVERRIDES",
+           "encode_reply", "pad_right", "pairwise_loss", "run"]
+
+
+@dataclass
+class RewardConfig(LoopConfig):
+    max_steps: int = 120            # ~2 min on 2 cores at the mini size; ~2.5 epochs of the bundled pairs
+    batch_size: int = 16            # pairs per step (32 sequences: chosen and rejected in one forward)
+    lr: float = 1e-4                # fine-tuning from SFT: an order of magnitude below SFT's lr
+    warmup_steps: int = 10
+    weight_decay: float = 0.0       # decay would pull the SFT trunk toward 0, not toward anything useful
+    eval_every: int = 40
+    log_every: int = 5
+    margin: float = 0.0             # Bradley-Terry margin (Llama 2); 0 = InstructGPT's loss
+    eval_train_pairs: int = 256     # training pairs scored at the end for the train accuracy
+    center_samples: int = 512       # SFT replies scored to centre the reward at 0 (0 = no centring)
+
+
+STAGE_CONFIG = RewardConfig
+TINY_OVERRIDES = {"max_steps": 6, "batch_size": 4, "warmup_steps": 2, "eval_every": 3, "log_every": 2,
+                  "eval_train_pairs": 16, "center_samples": 16}
+
+
+# ----------------------------------------------------------------------------------------
+# the model
+
+
+class RewardModel(GPT):
+    """GPT trunk + reward_head (1, C). Parameter names: transformer.* (as GPT) and
+    reward_head.{weight (1, C), bias (1,)}. The LM head (tied to wte) is never used."""
+
+    def __init__(self, config: GPTConfig, seed: int = 0, dtype=np.float32):
+        super().__init__(replace(config, dropout=0.0), seed, dtype)   # dropout off (module doc)
+        # N(0, 1/(C+1)) weight, zero bias (model.ScalarHead; the scale of Stiennon et al. 2020's head)
+        self.reward_head = ScalarHead(config.n_embd, np.random.default_rng(seed + 1), dtype)
+        self.tokenizer = None          # set by the trainer / stage so score() can take strings
+
+    @classmethod
+    def from_pretrained(cls, base_model: GPT, config: GPTConfig | None = None, seed: int = 0) -> "RewardModel":
+        """A reward model whose trunk is a copy of `base_model`'s weights and whose head is fresh."""
+        rm = cls(config or base_model.config, seed=seed, dtype=base_model.dtype)
+        state = {k: v.copy() for k, v in base_model.state_dict().items()}
+        # strict load: every trunk weight must be present; the head keeps its own init
+        rm.load_state_dict({**state, **{f"reward_head.{k}": v for k, v in rm.reward_head.state_dict().items()}},
+                           source=f"{type(base_model).__name__} weights")
+        rm.tokenizer = getattr(base_model, "tokenizer", None)
+        return rm
+
+    def rewards(self, idx, last_index) -> Tensor:
+        """idx int (B, L) right-padded, last_index (B,) position of each row's last real token
+        -> scores (B,). Causal attention: padding after last_index cannot change the score."""
+        h = self.hidden_states(idx)                                   # (B, L, C)
+        B = h.shape[0]
+        return self.reward_head(h[np.arange(B), np.asarray(last_index)])   # (B, C) -> (B,)
+
+    def score_ids(self, seqs, batch_size: int = 32) -> np.ndarray:
+        """Token-id sequences (prompt + reply, ending at the reply's last token) -> scores (N,),
+        dropout off, no graph. Batches rows of similar length together."""
+        order = np.argsort([len(s) for s in seqs], kind="stable")
+        out = np.zeros(len(seqs), self.dtype)
+        was = self.training
+        self.eval()
+        try:
+            with E.no_grad():
+                for i in range(0, len(seqs), batch_size):
+                    rows = order[i:i + batch_size]
+                    idx, last = pad_right([seqs[j] for j in rows], self.config.block_size)
+                    out[rows] = self.rewards(idx, last).data
+        finally:
+            self.train(was)
+        return out
+
+    def score(self, prompts, replies, tokenizer=None, batch_size: int = 32) -> np.ndarray:
+        """User prompts and assistant replies (strings) -> scores (N,). The reply is closed
+        with <|im_end|> as in training; higher is better, about 0 for an average SFT reply."""
+        tok = tokenizer or self.tokenizer
+        if tok is None:
+            raise ValueError("RewardModel.score needs a tokenizer (pass tokenizer= or set rm.tokenizer)")
+        if isinstance(prompts, str):
+            prompts, replies = [prompts], [replies]
+        if len(prompts) != len(replies):
+            raise ValueError(f"score: {len(prompts)} prompts but {len(replies)} replies")
+        return self.score_ids([encode_reply(tok, p, r) for p, r in zip(prompts, replies)], batch_size)
+
+
+def encode_reply(tok, prompt: str, reply: str) -> list[int]:
+    """Chat template of one user turn + the assistant reply, ending with its closing <|im_end|>."""
+    return chat_prompt(tok, prompt) + tok.encode(reply, allow_special=False) + [IM_END_ID]
+
+
+def pad_right(seqs, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> idx (B, L) right-padded with <PAD>, last_index (B,). A sequence longer
+    than block_size is cut from the left: the reply's end is what the head reads."""
+    seqs = [list(s)[-block_size:] for s in seqs]
+    L = max(len(s) for s in seqs)
+    idx = np.full((len(seqs), L), PAD_ID, np.int64)
+    for b, s in enumerate(seqs):
+        idx[b, :len(s)] = s
+    return idx, np.array([len(s) - 1 for s in seqs])
+
+
+def pairwise_loss(r_chosen: Tensor, r_rejected: Tensor, margin: float = 0.0) -> Tensor:
+    """Bradley-Terry: mean of -log sigma(r_c - r_r - margin) over pairs (B,) -> scalar."""
+    return -((r_chosen - r_rejected - margin).logsigmoid()).mean()
+
+
+# ----------------------------------------------------------------------------------------
+# training
+
+
+class RewardModelTrainer:
+    """Fits a RewardModel to {"prompt", "chosen", "rejected"} pairs with the one training loop."""
+
+    def __init__(self, reward_model: RewardModel, tokenizer, config=None, logger=None,
+                 show_progress: bool = False, seed: int = 0):
+        # the seed passes the model config here; a RewardConfig sets the training knobs
+        self.cfg = config if isinstance(config, RewardConfig) else RewardConfig()
+        self.rm, self.tok = reward_model, tokenizer
+        self.rm.tokenizer = tokenizer
+        self.logger, self.show_progress, self.seed = logger, show_progress, seed
+
+    def encode(self, pairs) -> list[tuple[list[int], list[int]]]:
+        return [(encode_reply(self.tok, p["prompt"], p["chosen"]), encode_reply(self.tok, p["prompt"], p["rejected"]))
+                for p in pairs]
+
+    def batch(self, encoded) -> tuple[np.ndarray, np.ndarray, int]:
+        """Pairs -> idx (2B, L) [chosen rows, then rejected rows], last_index (2B,), B."""
+        idx, last = pad_right([c for c, _ in encoded] + [r for _, r in encoded], self.rm.config.block_size)
+        return idx, last, len(encoded)
+
+    def loss_fn(self, model, batch):
+        idx, last, B = batch
+        r = model.rewards(idx, last)                                   # (2B,)
+        rc, rr = r[:B], r[B:]
+        loss = pairwise_loss(rc, rr, self.cfg.margin)
+        diff = rc.data - rr.data
+        return loss, {"accuracy": float((diff > 0).mean()), "margin": float(diff.mean()),
+                      "tokens": int((idx != PAD_ID).sum())}
+
+    def pair_stats(self, encoded, batch_size: int | None = None) -> dict:
+        """Accuracy (r_c > r_r), mean margin r_c - r_r and loss over pairs, no graph."""
+        if not encoded:
+            return {"accuracy": float("nan"), "margin": float("nan"), "loss": float("nan")}
+        seqs = [c for c, _ in encoded] + [r for _, r in encoded]
+        s = self.rm.score_ids(seqs, 2 * (batch_size or self.cfg.batch_size)).astype(np.float64)
+        diff = s[:len(encoded)] - s[len(encoded):]
+        loss = float(np.mean(np.logaddexp(0.0, -(diff - self.cfg.margin))))      # -log sigma(d - m)
+        return {"accuracy": float((diff > 0).mean()), "margin": float(diff.mean()), "loss": loss, "diff": diff}
+
+    def train(self, reward_data, epochs: float | None = None, val_data=None, center_replies=None,
+              save=None, resume=None) -> dict:
+        """Train on `reward_data` (pairs); `epochs` (seed API) overrides cfg.max_steps.
+        val_data: held-out pairs for the accuracy curve; center_replies: [(prompt, reply)] whose
+        mean score is moved to 0 afterwards. -> figures (accuracies, margins, bias shift, time)."""
+        cfg = self.cfg
+        if epochs is not None:
+            cfg = replace(cfg, max_steps=max(1, math.ceil(epochs * len(reward_data) / cfg.batch_size)))
+        cfg.validate("reward")
+        if not reward_data:
+            raise DataError("reward model: no preference pairs to train on")
+        train_enc = self.encode(reward_data)
+        val_enc = self.encode(val_data) if val_data else []
+
+        def get_batch(rng):
+            pick = rng.choice(len(train_enc), min(cfg.batch_size, len(train_enc)), replace=False)
+            return self.batch([train_enc[i] for i in pick])
+
+        def evaluate(model):
+            st = self.pair_stats(val_enc)
+            return {k: v for k, v in st.items() if k != "diff"}
+
+        t0 = time.perf_counter()
+        out = train(self.rm, cfg, get_batch, self.loss_fn, stage="reward", logger=self.logger,
+                    evaluate=evaluate if val_enc else None, save=save, resume=resume,
+                    rng=np.random.default_rng(self.seed), show_progress=self.show_progress)
+        train_time = time.perf_counter() - t0
+        figures = {"steps": cfg.max_steps, "train_time_s": train_time}
+        # train accuracy on a fixed sample of the training pairs (the whole set costs too much time)
+        sample = np.random.default_rng(self.seed + 2).permutation(len(train_enc))[:cfg.eval_train_pairs]
+        tr = self.pair_stats([train_enc[i] for i in sample])
+        figures.update(train_accuracy=tr["accuracy"], train_margin=tr["margin"], train_loss=tr["loss"])
+        if val_enc:
+            va = self.pair_stats(val_enc)
+            figures.update(val_accuracy=va["accuracy"], val_margin=va["margin"], val_loss=va["loss"],
+                           val_accuracy_start=out["evals"][0]["accuracy"] if out["evals"] else None)
+            kinds = [p.get("kind", "?") for p in val_data]
+            figures["val_accuracy_by_kind"] = {k: float((va["diff"][[i for i, q in enumerate(kinds) if q == k]] > 0).mean())
+                                               for k in sorted(set(kinds))}
+        if center_replies:
+            figures["bias_shift"] = self.center(center_replies)
+        return figures
+
+    def center(self, pairs) -> float:
+        """Shift reward_head.bias so the mean score of (prompt, reply) pairs is 0; -> the shift."""
+        mean = float(self.rm.score([p for p, _ in pairs], [r for _, r in pairs], self.tok).astype(np.float64).mean())
+        self.rm.reward_head.bias.data = (self.rm.reward_head.bias.data - mean).astype(self.rm.dtype)
+        return -mean
+
+
+def sft_replies(convs) -> list[tuple[str, str]]:
+    """(first user turn, the assistant reply to it) of each SFT conversation."""
+    out = []
+    for conv in convs:
+        for i in range(len(conv) - 1):
+            if conv[i]["role"] == "user" and conv[i + 1]["role"] == "assistant":
+                out.append((conv[i]["content"], conv[i + 1]["content"]))
+                break
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# the stage
+
+
+def run(ctx) -> dict:
+    """Reward model stage for train.py: sft_final -> reward_model. -> headline figures."""
+    cfg, tok = ctx.cfg.reward, ctx.tokenizer
+    cfg.validate("reward")
+    t0 = time.perf_counter()
+    train_pairs, val_pairs = load_split(ctx.data_dir, "reward", seed=ctx.seed)
+    rm = RewardModel.from_pretrained(ctx.load_model("sft_final", GPT), ctx.cfg.model, seed=ctx.seed)
+    resume = load_resume(ctx, rm, "reward")
+    center = []
+    if cfg.center_samples:
+        try:
+            sft_train, _ = load_split(ctx.data_dir, "sft", seed=ctx.seed)
+        except DataError:
+            sft_train = []     # no SFT data beside the pairs: leave the reward uncentred
+        center = sft_replies(sft_train)
+        pick = np.random.default_rng(ctx.seed).permutation(len(center))[:cfg.center_samples]
+        center = [center[i] for i in pick]
+
+    trainer = RewardModelTrainer(rm, tok, cfg, logger=ctx.logger, show_progress=ctx.show_progress, seed=ctx.seed)
+    saver = make_saver(ctx, rm, "reward", "reward_model")
+
+    def save(kind, step, opt, rng):
+        # the loop's periodic / interrupt checkpoints go through; the final one is written
+        # below, after centring, so the stored bias is the centred one
+        if kind != "final":
+            saver(kind, step, opt, rng)
+
+    figures = trainer.train(train_pairs, val_data=val_pairs, center_replies=center, save=save, resume=resume)
+    saver("final", figures["steps"], None, None)
+    figures.update(headline=f"held-out pairwise acc {figures['val_accuracy']:.1%}, margin {figures['val_margin']:.2f}",
+                   train_pairs=len(train_pairs), val_pairs=len(val_pairs), time_s=time.perf_counter() - t0)
+    return figures

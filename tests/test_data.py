@@ -1,0 +1,90 @@
+"""Data loaders: every bad file gets one clear error naming the file and the item."""
+import json
+
+import numpy as np
+import pytest
+
+from tinygrad_llm.data import (DataError, encode_chat, load_pretrain_text, load_reward, load_rlvf, load_sft,
+                               load_split, pad_batch, pretrain_batch)
+from tinygrad_llm.tokenizer import IM_END_ID, MyLLMTokenizer
+
+
+def write(tmp_path, name, obj):
+    p = tmp_path / name
+    p.write_text(obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False), encoding="utf-8")
+    return p
+
+
+def test_malformed_json_names_file_line_and_column(tmp_path):
+    p = write(tmp_path, "sft_data.json", '[\n {"user": "你好",\n  "assistant": }\n]')
+    with pytest.raises(DataError, match=r"sft_data.json:3:\d+: malformed JSON"):
+        load_sft(p)
+
+
+@pytest.mark.parametrize("items, match", [
+    ([{"user": "你好"}], "item 0: missing field 'assistant'"),
+    ([{"user": "a", "assistant": "b"}, {"user": 3, "assistant": "b"}], "item 1: field 'user' must be a string"),
+    ([{"messages": [{"role": "robot", "content": "x"}]}], "unknown role"),
+    ([{"messages": [{"role": "user", "content": "x"}]}], "no assistant message"),
+    ([], "empty"),
+    ({"user": "a"}, "expected a JSON list"),
+])
+def test_sft_field_errors(tmp_path, items, match):
+    with pytest.raises(DataError, match=match):
+        load_sft(write(tmp_path, "sft.json", items))
+
+
+def test_reward_and_rlvf_validation(tmp_path):
+    with pytest.raises(DataError, match="item 0: missing field 'rejected'"):
+        load_reward(write(tmp_path, "r.json", [{"prompt": "p", "chosen": "c"}]))
+    ok = load_reward(write(tmp_path, "r2.json", [{"prompt": "p", "chosen": "c", "rejected": "r", "kind": "rude"}]))
+    assert ok[0]["kind"] == "rude"                                      # extra fields kept, ignored
+    with pytest.raises(DataError, match="type must be 'math' or 'logic'"):
+        load_rlvf(write(tmp_path, "t.json", [{"type": "poem", "prompt": "p", "expected_answer": "1"}]))
+    tasks = load_rlvf(write(tmp_path, "t2.json", [{"type": "math", "prompt": "1+1=?", "expected_answer": 2}]))
+    assert tasks[0]["expected_answer"] == "2"
+
+
+def test_pretrain_formats_and_bad_text(tmp_path):
+    assert load_pretrain_text(write(tmp_path, "a.txt", "你好世界")) == "你好世界"
+    jl = write(tmp_path, "c.jsonl", '{"text": "第一行"}\n\n{"text": "第二行"}\n')
+    assert load_pretrain_text(jl) == "第一行\n第二行"
+    d = tmp_path / "dir"
+    d.mkdir()
+    (d / "1.txt").write_text("甲", encoding="utf-8")
+    (d / "2.txt").write_text("乙", encoding="utf-8")
+    assert load_pretrain_text(d) == "甲\n乙"
+    (tmp_path / "latin.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(DataError, match="latin.txt: not UTF-8"):
+        load_pretrain_text(tmp_path / "latin.txt")
+    with pytest.raises(DataError, match="empty"):
+        load_pretrain_text(write(tmp_path, "e.txt", "  \n"))
+    with pytest.raises(DataError, match="c2.jsonl:2"):
+        load_pretrain_text(write(tmp_path, "c2.jsonl", '{"text": "a"}\n{oops}\n'))
+
+
+def test_split_uses_val_file_or_holds_out(tmp_path):
+    items = [{"user": f"问{i}", "assistant": f"答{i}"} for i in range(20)]
+    write(tmp_path, "sft_data.json", items)
+    train, val = load_split(tmp_path, "sft", seed=0)
+    assert len(val) == 2 and len(train) == 18
+    write(tmp_path, "sft_val.json", items[:3])
+    train, val = load_split(tmp_path, "sft")
+    assert len(val) == 3 and len(train) == 20
+
+
+def test_sft_mask_covers_assistant_tokens_and_im_end_only():
+    tok = MyLLMTokenizer().build_vocab("你好！我是助手。")
+    msgs = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "我是助手"}]
+    ids, mask = encode_chat(tok, msgs, 256)
+    learned = [i for i, m in zip(ids, mask) if m]
+    assert tok.decode(learned) == "我是助手" and learned[-1] == IM_END_ID
+    x, y, m = pad_batch([(np.array(ids), np.array(mask, np.float32)), (np.array(ids[:8]), np.array(mask[:8], np.float32))])
+    assert x.shape == y.shape == m.shape == (2, len(ids) - 1)
+    assert m[1].sum() == 0                                      # truncated example: no assistant tokens left
+
+
+def test_pretrain_batch_windows():
+    ids = np.arange(100)
+    x, y = pretrain_batch(ids, 4, 10, np.random.default_rng(0))
+    assert x.shape == (4, 10) and np.array_equal(y, x + 1)

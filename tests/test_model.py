@@ -1,0 +1,106 @@
+"""GPT: KV-cache generation equals full recomputation, sampling options, every parameter's
+gradient, and the llm.c smoke test (a tiny model overfits one batch)."""
+import numpy as np
+import pytest
+
+from tinygrad_llm import engine as E
+from tinygrad_llm import gradcheck as G
+from tinygrad_llm.config import get_tiny_config
+from tinygrad_llm.model import GPT
+from tinygrad_llm.optim import AdamW
+
+
+@pytest.fixture(scope="module")
+def model():
+    return GPT(get_tiny_config(vocab_size=60), seed=3)
+
+
+def _full_recompute_greedy(model, prompt, n):
+    seq, logits_seen = list(prompt), []
+    for _ in range(n):
+        with E.no_grad():
+            logits = model(np.array([seq]))[0].data[0, -1]
+        logits_seen.append(logits)
+        seq.append(int(logits.argmax()))
+    return seq[len(prompt):], logits_seen
+
+
+def test_kv_cache_greedy_equals_full_recompute(model):
+    prompts = [[7, 8, 9, 10, 11, 12], [13, 14], [20, 21, 22, 23]]           # ragged: left padding
+    g = model.generate(prompts, max_new_tokens=12, temperature=0.0, stop_tokens=(), return_logprobs=True)
+    for b, p in enumerate(prompts):
+        toks, logits = _full_recompute_greedy(model, p, 12)
+        assert g.tokens[b].tolist() == toks
+        for t, lg in enumerate(logits):
+            lp = lg - lg.max() - np.log(np.exp(lg - lg.max()).sum())
+            assert abs(lp[toks[t]] - g.logprobs[b, t]) < 1e-4          # float32 precision
+
+
+def test_cached_logits_equal_full_forward(model):
+    from tinygrad_llm.model import KVCache
+    seq = np.array([[5, 6, 7, 8, 9, 10]])
+    with E.no_grad():
+        full = model(seq)[0].data
+        cache = KVCache(model.config, 1, 6, np.float32)
+        cache.add_valid(np.ones((1, 3), bool))
+        a = model(seq[:, :3], positions=np.arange(3)[None], cache=cache)[0].data
+        cache.advance(3)
+        outs = [a]
+        for t in range(3, 6):
+            cache.add_valid(np.ones((1, 1), bool))
+            outs.append(model(seq[:, t:t + 1], positions=np.array([[t]]), cache=cache)[0].data)
+            cache.advance(1)
+    np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=2e-5)
+
+
+def test_sampling_is_seeded_and_options_behave(model):
+    p = [[3, 4, 5]]
+    a = model.generate(p, 10, temperature=1.0, rng=1, stop_tokens=())
+    b = model.generate(p, 10, temperature=1.0, rng=1, stop_tokens=())
+    assert np.array_equal(a.tokens, b.tokens)
+    greedy = model.generate(p, 10, temperature=0.0, stop_tokens=())
+    topk1 = model.generate(p, 10, temperature=0.7, top_k=1, rng=2, stop_tokens=())
+    assert np.array_equal(greedy.tokens, topk1.tokens)
+    nucleus = model.generate(p, 10, temperature=0.7, top_p=1e-6, rng=3, stop_tokens=())
+    assert np.array_equal(greedy.tokens, nucleus.tokens)
+    rep = model.generate(p, 10, temperature=0.0, repetition_penalty=50.0, stop_tokens=())
+    assert len(set(rep.tokens[0].tolist())) > len(set(greedy.tokens[0].tolist())) or len(set(greedy.tokens[0].tolist())) == 10
+
+
+def test_stop_tokens_end_a_row_and_mask_what_follows(model):
+    g0 = model.generate([[3, 4, 5], [6, 7]], 8, temperature=0.0, stop_tokens=())
+    stop = int(g0.tokens[0, 2])                      # make row 0's third token a stop token
+    g = model.generate([[3, 4, 5], [6, 7]], 8, temperature=0.0, stop_tokens=(stop,))
+    assert g.finished[0] and g.mask[0].sum() == list(g0.tokens[0]).index(stop) + 1
+    assert (g.tokens[0, int(g.mask[0].sum()):] == 0).all()
+
+
+def test_long_prompts_are_cut_from_the_left_with_a_warning(model):
+    T = model.config.block_size
+    with pytest.warns(UserWarning, match="cut from the left"):
+        g = model.generate([list(range(1, 50)) * 3], max_new_tokens=5, temperature=0.0)
+    assert len(g.prompts[0]) == T - 5
+
+
+def test_every_gpt_parameter_passes_gradcheck():
+    results = G.check_tiny_gpt(max_elems=6)
+    assert len(results) == 2 + 12 * get_tiny_config().n_layer + 2      # wte, wpe, blocks, ln_f
+    bad = [r for r in results if not r.ok]
+    assert not bad, bad
+
+
+def test_tiny_model_overfits_a_single_batch():
+    cfg = get_tiny_config(vocab_size=40)
+    m = GPT(cfg, seed=0)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 40, (4, 16))
+    y = np.roll(x, -1, 1)
+    opt = AdamW(m.named_parameters(), lr=3e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(150):
+        _, loss = m(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.data))
+    assert losses[0] > 3.0 and losses[-1] < 0.1, (losses[0], losses[-1])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from contextlib import contextmanager
@@ -78,8 +79,9 @@ def stop_on_signals():
     flag = {"stop": None}
 
     def handler(signum, frame):
-        if flag["stop"] is not None:       # a second Ctrl-C means "now"
-            raise KeyboardInterrupt
+        if flag["stop"] is not None:       # a second Ctrl-C means "now": die by the signal
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
         flag["stop"] = signal.Signals(signum).name
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}

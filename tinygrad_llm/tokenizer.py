@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -34,6 +35,11 @@ class MyLLMTokenizer:
 
     # ids of the special tokens, by name
     pad_id, unk_id, bos_id, eos_id, im_start_id, im_end_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID, IM_START_ID, IM_END_ID
+
+    def fingerprint(self) -> str:
+        """sha256 of the vocabulary: checkpoints record it so a model is never paired with
+        a different vocabulary."""
+        return hashlib.sha256("\n".join(self.itos).encode("utf-8")).hexdigest()
 
     @property
     def vocab_size(self) -> int:

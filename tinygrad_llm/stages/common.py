@@ -1,7 +1,6 @@
 """What every stage receives (StageContext) and the checkpoint helpers they share."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ class StageContext:
 
     @property
     def vocab_sha(self) -> str:
-        return hashlib.sha256("\n".join(self.tokenizer.itos).encode()).hexdigest()
+        return self.tokenizer.fingerprint()
 
     def ckpt(self, name: str) -> Path:
         return weights_path(self.ckpt_dir / name)

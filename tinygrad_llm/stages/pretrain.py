@@ -19,11 +19,11 @@ from .common import load_resume, make_saver
 
 @dataclass
 class PretrainConfig(LoopConfig):
-    max_steps: int = 600
+    max_steps: int = 400
     batch_size: int = 16
     lr: float = 2e-3
     warmup_steps: int = 60
-    eval_every: int = 150
+    eval_every: int = 100
     eval_batches: int = 16
 
 

@@ -1,0 +1,145 @@
+"""Talk to a trained MyLLM checkpoint.
+
+    python inference.py --prompt "你好，请介绍一下你自己。"     # one answer
+    python inference.py                                        # interactive chat (/reset, /exit)
+    python inference.py --raw --prompt "人工智能" --checkpoint checkpoints/pretrain_final.safetensors
+    echo "3 + 5 等于多少？" | python inference.py               # piped stdin: one turn per line
+
+--checkpoint defaults to the latest stage that exists: rlvf_final, rlhf_final, sft_final,
+pretrain_final (in --ckpt-dir)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+LATEST = ("rlvf_final", "rlhf_final", "sft_final", "pretrain_final")
+EXIT_BAD_INPUT = 2
+
+
+def find_checkpoint(ckpt_dir: Path) -> Path:
+    for name in LATEST:
+        p = ckpt_dir / f"{name}.safetensors"
+        if p.exists():
+            return p
+    raise FileNotFoundError(f"no checkpoint in {ckpt_dir} (looked for {', '.join(LATEST)}); "
+                            "train one with: python train.py --stage all")
+
+
+def load_chat_model(path: Path, vocab_path: Path):
+    """-> (GPT, tokenizer) with the config stored in the checkpoint."""
+    from tinygrad_llm.checkpoint import CheckpointError, config_from_meta, load_into, read_metadata
+    from tinygrad_llm.model import GPT
+    from tinygrad_llm.tokenizer import MyLLMTokenizer
+
+    meta = read_metadata(path)
+    if meta.get("model_class", "GPT") != "GPT":
+        raise CheckpointError(f"{path}: a {meta.get('model_class')} checkpoint scores replies; it does not chat. "
+                              "Use sft_final, rlhf_final or rlvf_final")
+    tok = MyLLMTokenizer().load(vocab_path)
+    model = GPT(config_from_meta(meta, path))
+    load_into(model, path, tok.fingerprint())
+    return model.eval(), tok
+
+
+def answer(model, tok, ids, args, stream: bool) -> str:
+    from tinygrad_llm.tokenizer import EOS_ID, IM_END_ID
+
+    stops = (EOS_ID,) if args.raw else (IM_END_ID, EOS_ID)
+
+    def on_token(step, tokens):
+        t = int(tokens[0])
+        if t not in stops:
+            print(tok.decode([t]), end="", flush=True)
+
+    gen = model.generate([ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k or None, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                         stop_tokens=stops, rng=args.seed, stream=on_token if stream else None)
+    text = tok.decode(gen.replies()[0])
+    if stream:
+        print(flush=True)
+    return text
+
+
+def encode_turn(tok, messages, raw_text, args):
+    if args.raw:
+        return tok.encode(raw_text, allow_special=False)
+    return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+
+
+def chat(model, tok, args) -> int:
+    """Interactive when stdin is a terminal; otherwise each input line is one user turn."""
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("MyLLM chat — /reset clears the conversation, /exit quits.")
+    messages = []
+    while True:
+        try:
+            line = input("你: " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            if interactive:
+                print()
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            messages = []
+            print("(conversation cleared)")
+            continue
+        messages.append({"role": "user", "content": line})
+        if interactive:
+            print("MyLLM: ", end="", flush=True)
+        reply = answer(model, tok, encode_turn(tok, messages, line, args), args, stream=True)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompt", help="answer this once and exit")
+    ap.add_argument("--checkpoint", help="a .safetensors checkpoint (default: latest stage in --ckpt-dir)")
+    ap.add_argument("--ckpt-dir", default="checkpoints")
+    ap.add_argument("--vocab", help="vocabulary JSON (default: vocab.json beside the checkpoint)")
+    ap.add_argument("--raw", action="store_true", help="continue plain text, no chat template (pretrained model)")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    ap.add_argument("--top-k", type=int, default=20)
+    ap.add_argument("--top-p", type=float, default=0.9)
+    ap.add_argument("--repetition-penalty", type=float, default=1.1)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+
+    from tinygrad_llm.checkpoint import CheckpointError
+    from tinygrad_llm.runtime import configure_threads
+
+    try:
+        if args.max_new_tokens <= 0:
+            raise ValueError("--max-new-tokens must be positive")
+        if args.temperature < 0:
+            raise ValueError("--temperature must be >= 0")
+        path = Path(args.checkpoint) if args.checkpoint else find_checkpoint(Path(args.ckpt_dir))
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: checkpoint not found")
+        vocab = Path(args.vocab) if args.vocab else path.parent / "vocab.json"
+        configure_threads(args.threads)
+        model, tok = load_chat_model(path, vocab)
+        if args.prompt is not None:
+            if not args.prompt.strip():
+                raise ValueError("--prompt is empty: give some text, or leave --prompt out to chat")
+            ids = encode_turn(tok, [{"role": "user", "content": args.prompt}], args.prompt, args)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")
+                answer(model, tok, ids, args, stream=True)
+            return 0
+        return chat(model, tok, args)
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

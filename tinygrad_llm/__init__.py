@@ -1,1 +1,25 @@
-"""tinygrad_llm: MyLLM from scratch on a NumPy autograd engine with Numba kernels."""
+"""tinygrad_llm: MyLLM from scratch on a NumPy autograd engine with Numba kernels.
+
+The seed's public names are importable from here (lazily, so `import tinygrad_llm` stays cheap):
+MyLLMTokenizer, GPT, GPTConfig, get_mini_config, get_tiny_config, RewardModel,
+RewardModelTrainer, PPOTrainer, RLHFConfig, RLVFTrainer, RLVFConfig, MathVerifier, LogicVerifier.
+"""
+import importlib
+
+_EXPORTS = {
+    "Tensor": "engine", "no_grad": "engine",
+    "MyLLMTokenizer": "tokenizer",
+    "GPT": "model",
+    "GPTConfig": "config", "get_mini_config": "config", "get_tiny_config": "config",
+    "RewardModel": "stages.reward_model", "RewardModelTrainer": "stages.reward_model",
+    "PPOTrainer": "stages.rlhf", "RLHFConfig": "stages.rlhf",
+    "RLVFTrainer": "stages.rlvf", "RLVFConfig": "stages.rlvf",
+    "MathVerifier": "stages.verifiers", "LogicVerifier": "stages.verifiers",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'tinygrad_llm' has no attribute {name!r}")

@@ -201,7 +201,16 @@ class KVCache:
         self.length = 0                                    # positions filled so far
 
     def add_valid(self, valid):
-        self.key_valid[:, self.length:self.length + valid.shape[1]] = valid
+        """Start a step of valid.shape[1] new positions: record which are real tokens and build,
+        once for all layers, which keys each new query may see."""
+        L0, T = self.length, valid.shape[1]
+        self.key_valid[:, L0:L0 + T] = valid
+        # query i (absolute position L0 + i) sees real keys j <= L0 + i, and always itself,
+        # so a padding query never has an empty row
+        j, i = np.arange(L0 + T), L0 + np.arange(T)
+        allowed = (j[None, :] <= i[:, None])[None] & self.key_valid[:, None, :L0 + T]
+        allowed |= (j[None, :] == i[:, None])[None]
+        self.allowed = allowed[:, None]                      # (B, 1, T, L0 + T)
 
     def advance(self, T: int):
         self.length += T
@@ -215,13 +224,8 @@ class KVCache:
         self.k[layer, :, :, L0:L0 + T] = heads[1]
         self.v[layer, :, :, L0:L0 + T] = heads[2]
         keys, vals = self.k[layer, :, :, :L0 + T], self.v[layer, :, :, :L0 + T]  # (B, NH, L, hs)
-        att = (heads[0] @ keys.swapaxes(-1, -2)) * (1.0 / math.sqrt(hs))      # (B, NH, T, L)
-        # query i (absolute position L0 + i) sees real keys j <= L0 + i; always itself, so a
-        # padding query never has an empty row
-        j = np.arange(L0 + T)
-        allowed = (j[None, :] <= L0 + np.arange(T)[:, None])[None] & self.key_valid[:, None, :L0 + T]
-        allowed |= (j[None, :] == L0 + np.arange(T)[:, None])[None]
-        att = np.where(allowed[:, None], att, -np.inf).astype(qkv.dtype, copy=False)
+        att = (heads[0] @ keys.swapaxes(-1, -2)) * (1.0 / math.sqrt(hs))    # (B, NH, T, L)
+        att = np.where(self.allowed, att, -np.inf).astype(qkv.dtype, copy=False)
         p = K.softmax_fwd(np.ascontiguousarray(att.reshape(-1, L0 + T))).reshape(att.shape)
         y = p @ vals                                                          # (B, NH, T, hs)
         return y.transpose(0, 2, 1, 3).reshape(B, T, C)

@@ -14,21 +14,34 @@ whose kernel does not beat its reference stays on "numpy" (STYLE.md: a kernel ea
 
 Dtypes: float32 or float64 in, the same dtype out, never upcast. Row sums inside kernels use
 float64 accumulators (more accurate than a float32 running sum, and cheap); everything else is
-computed in the input dtype. All arrays are C-contiguous. Numba rules: fastmath stays off, so
-sums are written as 16 interleaved partial sums, a fixed (deterministic) reassociation that LLVM
-can map onto SIMD registers; exp in float32 kernels is a vectorizable polynomial (`_exp_neg`).
+computed in the input dtype. All arrays are C-contiguous. Numba settings: fastmath stays off, so
+results are reproducible and LLVM may not reorder a sum; we write sums with 8 accumulators
+ourselves (a fixed order). error_model="numpy" makes x / 0 give inf like NumPy instead of raising,
+which removes a branch per division and lets elementwise loops vectorize. libm's expf cannot be
+vectorized, so float32 kernels use their own polynomial exp (`_exp_neg`, within 1 ulp).
 """
 import math
 import os
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
+
+# Numba's OpenMP layer (libgomp) busy-waits at every barrier by default. On 2 cores shared with
+# any other busy thread (another process, or OpenBLAS's own workers), a waiting thread then spins
+# through a whole scheduler slice: measured 4.8 ms mean per parallel call under load vs 25 us
+# with GOMP_SPINCOUNT=0 (cost on a quiet machine: ~10 us instead of ~2 us per call), and a
+# matmul -> GELU -> matmul -> LayerNorm sequence ran 1.7x faster. libgomp reads this when it loads,
+# at the first parallel kernel call (not at import), so this is in time. It reaches any libgomp
+# loaded later in the process too (e.g. PyTorch's in bench/); set it explicitly to override.
+os.environ.setdefault("GOMP_SPINCOUNT", "0")
 
 KERNELS = ("softmax", "attn_softmax", "ce", "layernorm", "gelu", "adamw", "attn_decode")
 BACKENDS = ("numba", "numpy")
 
-# filled from bench/kernels.py (runs/bench/kernels.json) at the mini shapes, 2 threads
+# Filled from bench/kernels.py at the mini shapes (runs/bench/kernels*.json). attn_decode stays
+# on NumPy: at B=16 its batched matmul (BLAS per head) beats our scalar dot products.
 DEFAULT_BACKEND = {
     "softmax": "numba",
     "attn_softmax": "numba",
@@ -36,7 +49,7 @@ DEFAULT_BACKEND = {
     "layernorm": "numba",
     "gelu": "numba",
     "adamw": "numba",
-    "attn_decode": "numba",
+    "attn_decode": "numpy",
 }
 
 # ----------------------------------------------------------------------------------------------
@@ -87,6 +100,18 @@ def _exp_neg(t):
     return math.exp(t)
 
 
+@intrinsic
+def _f32_from_bits(typingctx, bits):
+    """int32 -> the float32 with those bits (NumPy's .view(np.float32) for one scalar)."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())  # no instruction: same register, new type
+
+    return types.float32(types.int32), codegen
+
+
 @overload(_exp_neg)
 def _exp_neg_overload(t):
     if t != types.float32:
@@ -94,10 +119,10 @@ def _exp_neg_overload(t):
 
     # float32: libm expf is a scalar call LLVM cannot vectorize, which made every softmax slower
     # than NumPy's SIMD exp. This is Cephes expf (reference: Cephes expf.c): t = n*ln2 + r with
-    # |r| <= ln2/2, exp(r) by a degree-7 polynomial, 2^n built exactly from integer shifts.
-    # Within 1 ulp of exp on [-87, 0]; 0 below -87 (exp < 1.7e-38), positive t clamp to 0.
+    # |r| <= ln2/2, exp(r) by a degree-7 polynomial, times 2^n written straight into the exponent
+    # bits. Within 1 ulp of exp on [-87, 0]; 0 below -87 (exp < 1.7e-38); t > 0 is clamped to 0.
     def expf_neg(t):
-        lo = np.float32(-87.0)
+        lo = np.float32(-87.0)  # keeps n >= -126, the smallest normal exponent
         tc = lo if t < lo else (np.float32(0.0) if t > np.float32(0.0) else t)  # keeps NaN
         nf = np.floor(tc * np.float32(1.44269504088896341) + np.float32(0.5))  # round(t/ln2)
         # r = t - n*ln2 with ln2 split in two so n*C1 is exact (Cody-Waite)
@@ -108,79 +133,110 @@ def _exp_neg_overload(t):
         p = p * r + np.float32(1.6666665459e-1)
         p = p * r + np.float32(5.0000001201e-1)
         p = p * (r * r) + r + np.float32(1.0)
-        # 2^n for n in [-126, 0] as two exact factors 2^n1 * 2^n2, each (1 << (k+62)) * 2^-62
-        n = np.int64(nf)
-        n1 = n >> 1
-        n2 = n - n1
-        s1 = np.float32(np.int64(1) << (n1 + 62)) * np.float32(2.0**-62)
-        s2 = np.float32(np.int64(1) << (n2 + 62)) * np.float32(2.0**-62)
-        return np.float32(0.0) if t < lo else p * s1 * s2
+        two_n = _f32_from_bits(np.int32((np.int64(nf) + 127) << 23))  # 2^n: biased exponent n+127
+        return np.float32(0.0) if t < lo else p * two_n
 
     return expf_neg
 
 
-@njit(cache=True, fastmath=False)
+# Reductions keep 8 independent accumulators: one running sum is a chain of dependent adds (4
+# cycles each); 8 chains overlap in the pipeline. Without fastmath LLVM will not do this for us.
+# (It does not turn them into SIMD either; the elementwise loops are where SIMD happens.)
+
+
+@njit(cache=True, fastmath=False, error_model="numpy")
 def _row_max(x, n):
-    """x: (>= n,) -> max(x[:n]), n >= 1; NaNs are skipped here and propagate through exp later."""
+    """x: (>= n,) -> max(x[:n]), n >= 1. NaNs are skipped here; they propagate through exp."""
     m = x[0]
-    nb = n // 16 * 16
-    if nb >= 32:
-        acc = x[:16].copy()  # 16 running maxima, one per SIMD lane
-        for j in range(16, nb, 16):
-            for k in range(16):
-                if x[j + k] > acc[k]:
-                    acc[k] = x[j + k]
-        for k in range(16):
-            if acc[k] > m:
-                m = acc[k]
+    nb = n // 8 * 8
+    if nb >= 16:
+        m0, m1, m2, m3, m4, m5, m6, m7 = x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7]
+        for j in range(8, nb, 8):
+            m0 = x[j] if x[j] > m0 else m0
+            m1 = x[j + 1] if x[j + 1] > m1 else m1
+            m2 = x[j + 2] if x[j + 2] > m2 else m2
+            m3 = x[j + 3] if x[j + 3] > m3 else m3
+            m4 = x[j + 4] if x[j + 4] > m4 else m4
+            m5 = x[j + 5] if x[j + 5] > m5 else m5
+            m6 = x[j + 6] if x[j + 6] > m6 else m6
+            m7 = x[j + 7] if x[j + 7] > m7 else m7
+        m = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
     else:
         nb = 1
-    for j in range(nb, n):
+    for j in range(nb, n):  # the tail (or a short row)
         if x[j] > m:
             m = x[j]
     return m
 
 
-@njit(cache=True, fastmath=False)
+@njit(cache=True, fastmath=False, error_model="numpy")
 def _row_sum(x, n):
-    """x: (>= n,) -> float64 sum(x[:n]) through 16 interleaved float64 partial sums."""
-    acc = np.zeros(16, np.float64)
-    nb = n // 16 * 16
-    for j in range(0, nb, 16):
-        for k in range(16):
-            acc[k] += x[j + k]
-    s = 0.0
+    """x: (>= n,) -> float64 sum(x[:n])."""
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    nb = n // 8 * 8
+    for j in range(0, nb, 8):
+        s0 += x[j]
+        s1 += x[j + 1]
+        s2 += x[j + 2]
+        s3 += x[j + 3]
+        s4 += x[j + 4]
+        s5 += x[j + 5]
+        s6 += x[j + 6]
+        s7 += x[j + 7]
+    s = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
     for j in range(nb, n):
         s += x[j]
-    return s + acc.sum()
+    return s
 
 
-@njit(cache=True, fastmath=False)
+@njit(cache=True, fastmath=False, error_model="numpy")
 def _row_dot(a, b, n):
-    """a, b: (>= n,) -> float64 sum(a[:n] * b[:n]); products in the input dtype."""
-    acc = np.zeros(16, np.float64)
-    nb = n // 16 * 16
-    for j in range(0, nb, 16):
-        for k in range(16):
-            acc[k] += a[j + k] * b[j + k]
-    s = 0.0
+    """a, b: (>= n,) -> float64 sum(a[:n] * b[:n]); the products are rounded in the input dtype."""
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    nb = n // 8 * 8
+    for j in range(0, nb, 8):
+        s0 += a[j] * b[j]
+        s1 += a[j + 1] * b[j + 1]
+        s2 += a[j + 2] * b[j + 2]
+        s3 += a[j + 3] * b[j + 3]
+        s4 += a[j + 4] * b[j + 4]
+        s5 += a[j + 5] * b[j + 5]
+        s6 += a[j + 6] * b[j + 6]
+        s7 += a[j + 7] * b[j + 7]
+    s = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
     for j in range(nb, n):
         s += a[j] * b[j]
-    return s + acc.sum()
+    return s
 
 
-@njit(cache=True, fastmath=False)
-def _row_exp_sum(x, m, n):
-    """x: (>= n,), m its row max -> float64 sum(exp(x[:n] - m)), the exps never stored."""
-    acc = np.zeros(16, np.float64)
-    nb = n // 16 * 16
-    for j in range(0, nb, 16):
-        for k in range(16):
-            acc[k] += _exp_neg(x[j + k] - m)
-    s = 0.0
-    for j in range(nb, n):
-        s += _exp_neg(x[j] - m)
-    return s + acc.sum()
+# Row work lives in small @njit functions taking 1-D rows, called from the prange loops: LLVM
+# vectorizes those loops reliably (measured ~1.6x faster than the same loops written inline).
+# The public `_nb` functions allocate outputs with NumPy, which asks the kernel for huge pages;
+# Numba's own allocator faults in 4 KB pages, +16 ms per (2048, 6400) float32 array on this VM.
+# Outputs are always C-contiguous, so the reshapes below are views the kernels write through.
+
+
+@njit(cache=True, fastmath=False, error_model="numpy")
+def _softmax_row(x, y, n, sc):
+    """x, y: (D,) -> y[:n] = softmax(sc * x[:n]), y[n:] = 0 (masked keys); sc > 0."""
+    m = sc * _row_max(x, n)  # = max(sc * x) exactly, since sc > 0
+    for j in range(n):  # pass 1: unnormalized exps
+        y[j] = _exp_neg(sc * x[j] - m)
+    inv = x.dtype.type(1.0 / _row_sum(y, n))  # pass 2: the normalizer
+    for j in range(n):  # pass 3: normalize
+        y[j] *= inv
+    for j in range(n, y.shape[0]):  # masked entries: exactly zero, no exp computed
+        y[j] = 0
+
+
+@njit(cache=True, fastmath=False, error_model="numpy")
+def _softmax_bwd_row(y, dy, dx, n, sc):
+    """y, dy, dx: (D,) -> dx[:n] = sc * y * (dy - sum(y * dy)) over the first n, dx[n:] = 0."""
+    d = y.dtype.type(_row_dot(y, dy, n))
+    for j in range(n):
+        dx[j] = sc * y[j] * (dy[j] - d)
+    for j in range(n, dx.shape[0]):
+        dx[j] = 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,19 +251,16 @@ def softmax_fwd_ref(x):
     return y
 
 
-@njit(cache=True, fastmath=False, parallel=True)
+@njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
+def _softmax_fwd_kernel(x, y):
+    for r in prange(x.shape[0]):  # rows are independent: one thread per block of rows
+        _softmax_row(x[r], y[r], x.shape[1], x.dtype.type(1))  # sc = 1 is exact
+
+
 def softmax_fwd_nb(x):
-    """x: (N, D) -> y (N, D); prange over rows, 3 sweeps of a row that stays in L1/L2."""
-    N, D = x.shape
-    y = np.empty_like(x)
-    for r in prange(N):
-        xr, yr = x[r], y[r]
-        m = _row_max(xr, D)
-        for j in range(D):  # pass 1: unnormalized exps (SIMD)
-            yr[j] = _exp_neg(xr[j] - m)
-        inv = x.dtype.type(1.0 / _row_sum(yr, D))  # pass 2: the normalizer
-        for j in range(D):  # pass 3: normalize
-            yr[j] *= inv
+    """x: (N, D) -> y (N, D); fused max / exp / normalize per row, prange over rows."""
+    y = np.empty(x.shape, x.dtype)
+    _softmax_fwd_kernel(x, y)
     return y
 
 
@@ -216,20 +269,21 @@ def softmax_bwd_ref(y, dy):
     return y * (dy - (y * dy).sum(-1, keepdims=True))
 
 
-@njit(cache=True, fastmath=False, parallel=True)
+@njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
+def _softmax_bwd_kernel(y, dy, dx):
+    for r in prange(y.shape[0]):
+        _softmax_bwd_row(y[r], dy[r], dx[r], y.shape[1], y.dtype.type(1))
+
+
 def softmax_bwd_nb(y, dy):
     """y, dy: (N, D) -> dx (N, D); one dot and one elementwise sweep per row."""
-    N, D = y.shape
-    dx = np.empty_like(y)
-    for r in prange(N):
-        d = y.dtype.type(_row_dot(y[r], dy[r], D))
-        for j in range(D):
-            dx[r, j] = y[r, j] * (dy[r, j] - d)
+    dx = np.empty(y.shape, y.dtype)
+    _softmax_bwd_kernel(y, dy, dx)
     return dx
 
 
 # ----------------------------------------------------------------------------------------------
-# causal attention softmax: p = softmax(scale * att) with key j > query i masked to exactly 0
+# causal attention softmax: p = softmax(scale * att), key j > query i masked to exactly 0
 
 
 def attn_softmax_fwd_ref(att, scale):
@@ -237,33 +291,29 @@ def attn_softmax_fwd_ref(att, scale):
     T = att.shape[-1]
     causal = np.tri(T, dtype=bool)  # (T, T), True where key j <= query i
     s = np.where(causal, att * att.dtype.type(scale), att.dtype.type(-np.inf))
-    s -= s.max(-1, keepdims=True)  # the diagonal is always valid, so the max is finite
+    s -= s.max(-1, keepdims=True)  # the diagonal is always valid, so every max is finite
     np.exp(s, out=s)  # exp(-inf) = 0 exactly for the masked keys
     s /= s.sum(-1, keepdims=True)
     return s
 
 
-@njit(cache=True, fastmath=False, parallel=True)
-def attn_softmax_fwd_nb(att, scale):
-    """att: (B, NH, T, T) -> p (B, NH, T, T); row i only touches its i+1 valid keys."""
-    B, NH, T, _ = att.shape
-    if not scale > 0:
-        raise ValueError("attn_softmax_fwd_nb: scale must be positive")
+@njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
+def _attn_softmax_fwd_kernel(att, p, scale):
+    T = att.shape[1]  # att, p: (B*NH*T, T) views, rows (b, h, i)
     sc = att.dtype.type(scale)
-    a = att.reshape(B * NH * T, T)  # rows (b, h, i), a view
-    p = np.empty_like(a)
-    for r in prange(B * NH * T):
-        i = r % T  # query position of this row
-        ar, pr = a[r], p[r]
-        m = sc * _row_max(ar, i + 1)  # = max(sc * ar[:i+1]) exactly, because sc > 0
-        for j in range(i + 1):
-            pr[j] = _exp_neg(sc * ar[j] - m)
-        inv = att.dtype.type(1.0 / _row_sum(pr, i + 1))
-        for j in range(i + 1):
-            pr[j] *= inv
-        for j in range(i + 1, T):  # masked: exactly zero, never computed
-            pr[j] = 0
-    return p.reshape(B, NH, T, T)
+    for r in prange(att.shape[0]):
+        i = r % T  # query position: keys 0..i are visible
+        _softmax_row(att[r], p[r], i + 1, sc)
+
+
+def attn_softmax_fwd_nb(att, scale):
+    """att: (B, NH, T, T) -> p (B, NH, T, T); row i only touches its i + 1 visible keys."""
+    if not scale > 0:
+        raise ValueError(f"attn_softmax_fwd_nb needs scale > 0, got {scale}")
+    p = np.empty(att.shape, att.dtype)
+    T = att.shape[-1]
+    _attn_softmax_fwd_kernel(att.reshape(-1, T), p.reshape(-1, T), scale)
+    return p
 
 
 def attn_softmax_bwd_ref(p, dp, scale):
@@ -272,25 +322,24 @@ def attn_softmax_bwd_ref(p, dp, scale):
     return p.dtype.type(scale) * p * (dp - (p * dp).sum(-1, keepdims=True))
 
 
-@njit(cache=True, fastmath=False, parallel=True)
-def attn_softmax_bwd_nb(p, dp, scale):
-    """p, dp: (B, NH, T, T) -> datt (B, NH, T, T); zeros above the diagonal written directly."""
-    B, NH, T, _ = p.shape
+@njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
+def _attn_softmax_bwd_kernel(p, dp, datt, scale):
+    T = p.shape[1]  # (B*NH*T, T) views
     sc = p.dtype.type(scale)
-    p2, dp2 = p.reshape(B * NH * T, T), dp.reshape(B * NH * T, T)
-    datt = np.empty_like(p2)
-    for r in prange(B * NH * T):
-        i = r % T
-        d = p.dtype.type(_row_dot(p2[r], dp2[r], i + 1))
-        for j in range(i + 1):
-            datt[r, j] = sc * p2[r, j] * (dp2[r, j] - d)
-        for j in range(i + 1, T):
-            datt[r, j] = 0
-    return datt.reshape(B, NH, T, T)
+    for r in prange(p.shape[0]):
+        _softmax_bwd_row(p[r], dp[r], datt[r], r % T + 1, sc)
+
+
+def attn_softmax_bwd_nb(p, dp, scale):
+    """p, dp: (B, NH, T, T) -> datt (B, NH, T, T); masked entries written as 0 directly."""
+    datt = np.empty(p.shape, p.dtype)
+    T = p.shape[-1]
+    _attn_softmax_bwd_kernel(p.reshape(-1, T), dp.reshape(-1, T), datt.reshape(-1, T), scale)
+    return datt
 
 
 # ----------------------------------------------------------------------------------------------
-# cross-entropy over the vocabulary, weighted per row by a mask (0 = ignore the row)
+# cross-entropy over the vocabulary, each row weighted by a mask (0 = the row does not count)
 
 
 def _check_targets(targets, V):
@@ -302,62 +351,76 @@ def ce_fwd_ref(logits, targets, mask):
     """logits (N, V), targets (N,) int64, mask (N,) -> losses (N,), lse (N,) logsumexp."""
     _check_targets(targets, logits.shape[1])
     m = logits.max(-1)  # (N,)
-    e = np.exp(logits - m[:, None])  # (N, V)
-    lse = m + np.log(e.sum(-1))
+    lse = m + np.log(np.exp(logits - m[:, None]).sum(-1))
     losses = mask * (lse - logits[np.arange(len(targets)), targets])
     return losses, lse
 
 
-@njit(cache=True, fastmath=False, parallel=True)
+@njit(cache=True, fastmath=False, error_model="numpy")
+def _logsumexp_row(x, buf, n):
+    """x, buf: (>= n,) -> float64 logsumexp(x[:n]); buf is scratch for the exps."""
+    m = _row_max(x, n)
+    for j in range(n):  # stored, not summed on the fly: a running sum would block SIMD
+        buf[j] = _exp_neg(x[j] - m)
+    return m + math.log(_row_sum(buf, n))
+
+
+@njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
+def _ce_fwd_kernel(logits, targets, mask, losses, lse, buf):
+    N, V = logits.shape
+    nblk = buf.shape[0]  # row blocks, each with its own scratch row
+    for blk in prange(nblk):
+        for n in range(blk * N // nblk, (blk + 1) * N // nblk):
+            lse[n] = _logsumexp_row(logits[n], buf[blk], V)
+            losses[n] = mask[n] * (lse[n] - logits[n, targets[n]])  # same order as the ref
+
+
 def ce_fwd_nb(logits, targets, mask):
     """logits (N, V), targets (N,), mask (N,) -> losses (N,), lse (N,); 2 sweeps per row."""
-    N, V = logits.shape
-    for n in range(N):
-        if targets[n] < 0 or targets[n] >= V:
-            raise ValueError("cross-entropy targets must lie in [0, V)")
-    losses = np.empty(N, logits.dtype)
-    lse = np.empty(N, logits.dtype)
-    for n in prange(N):
-        xr = logits[n]
-        m = _row_max(xr, V)  # pass 1: max
-        lse[n] = m + math.log(_row_exp_sum(xr, m, V))  # pass 2: sum of exps, in float64
-        losses[n] = mask[n] * (lse[n] - xr[targets[n]])
+    _check_targets(targets, logits.shape[1])
+    losses, lse = np.empty(len(logits), logits.dtype), np.empty(len(logits), logits.dtype)
+    buf = np.empty((min(len(logits), 64), logits.shape[1]), logits.dtype)  # exps scratch
+    _ce_fwd_kernel(logits, targets, mask, losses, lse, buf)
     return losses, lse
 
 
 def ce_bwd_ref(logits, targets, mask, lse, dlosses):
     """... lse (N,), dlosses (N,) -> dlogits (N, V) = c * (softmax - onehot), c = dlosses*mask."""
     _check_targets(targets, logits.shape[1])
-    c = (dlosses * mask)[:, None]  # (N, 1) per-row weight
-    dlogits = np.exp(logits - lse[:, None])  # softmax from the saved logsumexp
+    dlogits = np.exp(logits - lse[:, None])  # softmax, from the saved logsumexp
     dlogits[np.arange(len(targets)), targets] -= 1
-    dlogits *= c
+    dlogits *= (dlosses * mask)[:, None]
     return dlogits
 
 
-@njit(cache=True, fastmath=False, parallel=True)
+@njit(cache=True, fastmath=False, error_model="numpy")
+def _ce_bwd_row(x, lse, c, t, dx):
+    """x, dx: (V,) -> dx = c * (exp(x - lse) - onehot(t))."""
+    if c == 0:  # masked rows (prompt tokens, padding): no exps to compute
+        dx[:] = 0
+        return
+    # lse >= max(x) even after rounding, so every exp argument is <= 0
+    for j in range(x.shape[0]):
+        dx[j] = _exp_neg(x[j] - lse) * c
+    dx[t] = (_exp_neg(x[t] - lse) - x.dtype.type(1)) * c  # same operations as the ref
+
+
+@njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
+def _ce_bwd_kernel(logits, targets, mask, lse, dlosses, dlogits):
+    for n in prange(logits.shape[0]):
+        _ce_bwd_row(logits[n], lse[n], dlosses[n] * mask[n], targets[n], dlogits[n])
+
+
 def ce_bwd_nb(logits, targets, mask, lse, dlosses):
-    """Same contract as ce_bwd_ref; one sweep per row, rows with weight 0 just zeroed."""
-    N, V = logits.shape
-    for n in range(N):
-        if targets[n] < 0 or targets[n] >= V:
-            raise ValueError("cross-entropy targets must lie in [0, V)")
-    dlogits = np.empty_like(logits)
-    for n in prange(N):
-        c = dlosses[n] * mask[n]
-        if c == 0:  # masked row (prompt tokens, padding): skip the exps
-            dlogits[n, :] = 0
-            continue
-        # lse >= max(logits[n]) even after rounding, so every exp argument is <= 0
-        for j in range(V):
-            dlogits[n, j] = _exp_neg(logits[n, j] - lse[n]) * c
-        t = targets[n]
-        dlogits[n, t] = (_exp_neg(logits[n, t] - lse[n]) - 1) * c  # same order as the ref
+    """Same contract as ce_bwd_ref; one sweep per row."""
+    _check_targets(targets, logits.shape[1])
+    dlogits = np.empty(logits.shape, logits.dtype)
+    _ce_bwd_kernel(logits, targets, mask, lse, dlosses, dlogits)
     return dlogits
 
 
 # ----------------------------------------------------------------------------------------------
-# LayerNorm over the last axis (biased variance, like PyTorch); llm.c's layernorm pair
+# LayerNorm over the last axis, biased variance like PyTorch; llm.c's layernorm pair
 
 
 def layernorm_fwd_ref(x, w, b, eps):
@@ -371,30 +434,38 @@ def layernorm_fwd_ref(x, w, b, eps):
     return y, mean, rstd
 
 
-@njit(cache=True, fastmath=False, parallel=True)
+@njit(cache=True, fastmath=False, error_model="numpy")
+def _layernorm_row(x, w, b, y, eps):
+    """x, w, b, y: (C,) -> y = (x - mean) * rstd * w + b; returns (mean, rstd)."""
+    dt, C = x.dtype.type, x.shape[0]
+    mu = dt(_row_sum(x, C) / C)  # pass 1: mean
+    s0 = s1 = s2 = s3 = 0.0  # pass 2: squared deviations, 4 float64 accumulators
+    cb = C // 4 * 4
+    for j in range(0, cb, 4):
+        d0, d1, d2, d3 = x[j] - mu, x[j + 1] - mu, x[j + 2] - mu, x[j + 3] - mu
+        s0 += d0 * d0
+        s1 += d1 * d1
+        s2 += d2 * d2
+        s3 += d3 * d3
+    var = (s0 + s1) + (s2 + s3)
+    for j in range(cb, C):
+        var += (x[j] - mu) * (x[j] - mu)
+    rs = dt(1.0 / math.sqrt(var / C + eps))
+    for j in range(C):  # pass 3: normalize, scale, shift
+        y[j] = (x[j] - mu) * rs * w[j] + b[j]
+    return mu, rs
+
+
+@njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
+def _layernorm_fwd_kernel(x, w, b, eps, y, mean, rstd):
+    for r in prange(x.shape[0]):
+        mean[r], rstd[r] = _layernorm_row(x[r], w, b, y[r], eps)
+
+
 def layernorm_fwd_nb(x, w, b, eps):
-    """x (N, C), w (C,), b (C,) -> y, mean, rstd; prange over rows, two-pass variance."""
-    N, C = x.shape
-    dt = x.dtype.type
-    y = np.empty_like(x)
-    mean = np.empty(N, x.dtype)
-    rstd = np.empty(N, x.dtype)
-    for r in prange(N):
-        xr = x[r]
-        mu = dt(_row_sum(xr, C) / C)  # pass 1: mean
-        acc = np.zeros(16, np.float64)  # pass 2: sum of squared deviations, 16 lanes
-        cb = C // 16 * 16
-        for j in range(0, cb, 16):
-            for k in range(16):
-                d = xr[j + k] - mu
-                acc[k] += d * d
-        var = acc.sum()
-        for j in range(cb, C):
-            var += (xr[j] - mu) * (xr[j] - mu)
-        rs = dt(1.0 / math.sqrt(var / C + eps))
-        mean[r], rstd[r] = mu, rs
-        for j in range(C):  # pass 3: normalize, scale, shift
-            y[r, j] = (xr[j] - mu) * rs * w[j] + b[j]
+    """x (N, C), w, b (C,) -> y, mean, rstd; prange over rows, two-pass variance."""
+    y, mean, rstd = np.empty(x.shape, x.dtype), np.empty(len(x), x.dtype), np.empty(len(x), x.dtype)
+    _layernorm_fwd_kernel(x, w, b, eps, y, mean, rstd)
     return y, mean, rstd
 
 
@@ -408,40 +479,47 @@ def layernorm_bwd_ref(dy, x, w, mean, rstd):
     return dx, (dy * norm).sum(0), dy.sum(0)
 
 
-@njit(cache=True, fastmath=False, parallel=True)
-def layernorm_bwd_nb(dy, x, w, mean, rstd):
-    """Same contract as layernorm_bwd_ref; prange over 16 row blocks, dw/db summed per block."""
-    N, C = x.shape
-    dt = x.dtype.type
-    dx = np.empty_like(x)
-    nblk = min(N, 16)  # fixed block count: the result does not depend on the thread count
-    dwp = np.zeros((nblk, C), np.float64)  # per-block partial dw, db: no two threads share a row
-    dbp = np.zeros((nblk, C), np.float64)
-    for blk in prange(nblk):
+@njit(cache=True, fastmath=False, error_model="numpy")
+def _layernorm_bwd_row(dy, x, w, mu, rs, dx, dw, db):
+    """dy, x, w, dx: (C,); dw, db: (C,) float64 partial sums this row adds into."""
+    dt, C = x.dtype.type, x.shape[0]
+    # pass 1: the two row means of the backward, mean(dnorm) and mean(dnorm * norm)
+    g1 = dt(_row_dot(dy, w, C) / C)
+    s0 = s1 = s2 = s3 = 0.0
+    cb = C // 4 * 4
+    for j in range(0, cb, 4):
+        s0 += dy[j] * w[j] * ((x[j] - mu) * rs)
+        s1 += dy[j + 1] * w[j + 1] * ((x[j + 1] - mu) * rs)
+        s2 += dy[j + 2] * w[j + 2] * ((x[j + 2] - mu) * rs)
+        s3 += dy[j + 3] * w[j + 3] * ((x[j + 3] - mu) * rs)
+    s = (s0 + s1) + (s2 + s3)
+    for j in range(cb, C):
+        s += dy[j] * w[j] * ((x[j] - mu) * rs)
+    g2 = dt(s / C)
+    # pass 2: dx, and this row's share of dw and db
+    for j in range(C):
+        norm = (x[j] - mu) * rs
+        dx[j] = (dy[j] * w[j] - g1 - norm * g2) * rs
+        dw[j] += dy[j] * norm
+        db[j] += dy[j]
+
+
+@njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
+def _layernorm_bwd_kernel(dy, x, w, mean, rstd, dx, dwp, dbp):
+    N, nblk = x.shape[0], dwp.shape[0]
+    for blk in prange(nblk):  # block blk owns rows [lo, hi) and row blk of dwp, dbp
         for r in range(blk * N // nblk, (blk + 1) * N // nblk):
-            mu, rs = mean[r], rstd[r]
-            # pass 1: the two row means of backward, mean(dnorm) and mean(dnorm * norm)
-            g1 = dt(_row_dot(dy[r], w, C) / C)
-            acc = np.zeros(16, np.float64)
-            cb = C // 16 * 16
-            for j in range(0, cb, 16):
-                for k in range(16):
-                    acc[k] += dy[r, j + k] * w[j + k] * ((x[r, j + k] - mu) * rs)
-            s2 = acc.sum()
-            for j in range(cb, C):
-                s2 += dy[r, j] * w[j] * ((x[r, j] - mu) * rs)
-            g2 = dt(s2 / C)
-            # pass 2: dx, and this block's share of dw, db
-            for j in range(C):
-                norm = (x[r, j] - mu) * rs
-                dx[r, j] = (dy[r, j] * w[j] - g1 - norm * g2) * rs
-                dwp[blk, j] += dy[r, j] * norm
-                dbp[blk, j] += dy[r, j]
-    dw = np.empty(C, x.dtype)
-    db = np.empty(C, x.dtype)
-    for j in range(C):  # reduce the blocks in a fixed order
-        dw[j], db[j] = dwp[:, j].sum(), dbp[:, j].sum()
-    return dx, dw, db
+            _layernorm_bwd_row(dy[r], x[r], w, mean[r], rstd[r], dx[r], dwp[blk], dbp[blk])
+
+
+def layernorm_bwd_nb(dy, x, w, mean, rstd):
+    """Same contract as layernorm_bwd_ref; prange over 16 row blocks, dw/db reduced after."""
+    dx = np.empty(x.shape, x.dtype)
+    # a fixed block count, so the result does not depend on the thread count; float64 partials
+    dwp = np.zeros((min(len(x), 16), x.shape[1]))
+    dbp = np.zeros_like(dwp)
+    _layernorm_bwd_kernel(dy, x, w, mean, rstd, dx, dwp, dbp)
+    return dx, dwp.sum(0).astype(x.dtype), dbp.sum(0).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,7 +530,7 @@ GELU_A = 0.044715
 
 
 def gelu_fwd_ref(x):
-    """x: any shape -> y, same shape; GPT-2's formula computed with in-place temporaries."""
+    """x: any shape -> y, same shape; GPT-2's formula, in place on one temporary."""
     u = x * x
     u *= GELU_A
     u += 1
@@ -466,52 +544,87 @@ def gelu_fwd_ref(x):
 
 
 def gelu_bwd_ref(x, dy):
-    """x, dy: any shape -> dx = dy * (0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 a x^2))."""
+    """x, dy: any shape -> dx = dy * 0.5 (1 + t + x (1 - t^2) du/dx), t = tanh(u)."""
     x2 = x * x
-    t = np.tanh(GELU_K * x * (1 + GELU_A * x2))
-    du = GELU_K * (1 + 3 * GELU_A * x2)  # du/dx
-    return dy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * du)
+    t = x2 * GELU_A
+    t += 1
+    t *= x
+    t *= GELU_K
+    np.tanh(t, out=t)  # t = tanh(k (x + a x^3))
+    du = x2  # reuse: du/dx = k (1 + 3 a x^2)
+    du *= 3 * GELU_A
+    du += 1
+    du *= GELU_K
+    dx = t * t
+    np.subtract(1, dx, out=dx)  # 1 - t^2
+    dx *= du
+    dx *= x
+    dx += t
+    dx += 1
+    dx *= 0.5
+    dx *= dy
+    return dx
 
 
-# the kernels use 0.5 (1 + tanh(u)) = sigmoid(2u), written with exp(-2|u|) <= 1 so it never
-# overflows and keeps full relative precision in the left tail, where 1 + tanh(u) cancels
+# The kernels use 0.5 (1 + tanh(u)) = sigmoid(2u), written with e = exp(-2|u|) <= 1: one exp
+# instead of a tanh, no overflow, and full precision in the left tail where 1 + tanh(u) cancels.
 
 
-@njit(cache=True, fastmath=False, parallel=True)
+@njit(cache=True, fastmath=False, error_model="numpy")
+def _gelu_fwd_span(x, y):
+    """x, y: (n,) -> y = x * sigmoid(2u)."""
+    dt = x.dtype.type
+    k, a = dt(0.7978845608028654), dt(0.044715)  # GELU_K, GELU_A (no globals in kernels)
+    zero, one, two = dt(0), dt(1), dt(2)
+    for i in range(x.shape[0]):
+        u = k * (x[i] + a * x[i] * x[i] * x[i])
+        e = _exp_neg(-two * abs(u))
+        y[i] = x[i] * (one / (one + e) if u >= zero else e / (one + e))
+
+
+@njit(cache=True, fastmath=False, error_model="numpy")
+def _gelu_bwd_span(x, dy, dx):
+    """x, dy, dx: (n,) -> dx = dy * (s + 2 x s (1 - s) du/dx), s = sigmoid(2u)."""
+    dt = x.dtype.type
+    k, a = dt(0.7978845608028654), dt(0.044715)  # GELU_K, GELU_A
+    zero, one, two, three = dt(0), dt(1), dt(2), dt(3)
+    for i in range(x.shape[0]):
+        x2 = x[i] * x[i]
+        u = k * (x[i] + a * x2 * x[i])
+        e = _exp_neg(-two * abs(u))
+        s = one / (one + e) if u >= zero else e / (one + e)
+        ss = e / ((one + e) * (one + e))  # s (1 - s), the same for u and -u
+        dx[i] = dy[i] * (s + two * x[i] * ss * (k * (one + three * a * x2)))
+
+
+@njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
+def _gelu_fwd_kernel(x, y):
+    n = x.shape[0]  # flat views, cut into 16K-element spans
+    for blk in prange((n + 16383) // 16384):
+        lo, hi = blk * 16384, min((blk + 1) * 16384, n)
+        _gelu_fwd_span(x[lo:hi], y[lo:hi])
+
+
+@njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
+def _gelu_bwd_kernel(x, dy, dx):
+    n = x.shape[0]
+    for blk in prange((n + 16383) // 16384):
+        lo, hi = blk * 16384, min((blk + 1) * 16384, n)
+        _gelu_bwd_span(x[lo:hi], dy[lo:hi], dx[lo:hi])
+
+
 def gelu_fwd_nb(x):
-    """x: any shape -> y, same shape; flat view, prange over 16K-element blocks."""
-    dt = x.dtype.type
-    k, a, zero, one, two = dt(0.7978845608028654), dt(0.044715), dt(0.0), dt(1.0), dt(2.0)
-    xf = x.reshape(x.size)
-    y = np.empty_like(xf)
-    nblk = (x.size + 16383) // 16384
-    for blk in prange(nblk):
-        for i in range(blk * 16384, min((blk + 1) * 16384, x.size)):
-            u = k * (xf[i] + a * xf[i] * xf[i] * xf[i])
-            e = _exp_neg(-two * abs(u))
-            s = one / (one + e) if u >= zero else e / (one + e)  # sigmoid(2u)
-            y[i] = xf[i] * s
-    return y.reshape(x.shape)
+    """x: any shape -> y, same shape."""
+    y = np.empty(x.shape, x.dtype)
+    _gelu_fwd_kernel(x.reshape(-1), y.reshape(-1))
+    return y
 
 
-@njit(cache=True, fastmath=False, parallel=True)
 def gelu_bwd_nb(x, dy):
-    """x, dy: any shape -> dx = dy * (s + 2 x s (1 - s) du/dx), s = sigmoid(2u)."""
-    dt = x.dtype.type
-    k, a, zero, one, two = dt(0.7978845608028654), dt(0.044715), dt(0.0), dt(1.0), dt(2.0)
-    three = dt(3.0)
-    xf, dyf = x.reshape(x.size), dy.reshape(dy.size)
-    dx = np.empty_like(xf)
-    nblk = (x.size + 16383) // 16384
-    for blk in prange(nblk):
-        for i in range(blk * 16384, min((blk + 1) * 16384, x.size)):
-            x2 = xf[i] * xf[i]
-            u = k * (xf[i] + a * x2 * xf[i])
-            e = _exp_neg(-two * abs(u))
-            s = one / (one + e) if u >= zero else e / (one + e)
-            ss = e / ((one + e) * (one + e))  # s (1 - s), symmetric in u
-            dx[i] = dyf[i] * (s + two * xf[i] * ss * (k * (one + three * a * x2)))
-    return dx.reshape(x.shape)
+    """x, dy: any shape -> dx, same shape."""
+    dx = np.empty(x.shape, x.dtype)
+    _gelu_bwd_kernel(x.reshape(-1), dy.reshape(-1), dx.reshape(-1))
+    return dx
 
 
 # ----------------------------------------------------------------------------------------------
@@ -519,7 +632,7 @@ def gelu_bwd_nb(x, dy):
 
 
 def adamw_update_ref(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
-    """p, g, m, v: same shape, updated in place (p, m, v); step counts from 1."""
+    """p, g, m, v: one shape; p, m, v updated in place; step counts from 1."""
     dt = p.dtype.type
     step_size = dt(lr / (1 - beta1**step))  # lr / bias_correction1
     bc2_sqrt = dt(math.sqrt(1 - beta2**step))
@@ -528,7 +641,7 @@ def adamw_update_ref(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
     m += dt(1 - beta1) * g
     v *= dt(beta2)
     v += dt(1 - beta2) * g * g
-    denom = np.sqrt(v)  # sqrt(vhat) + eps = sqrt(v) / sqrt(bc2) + eps
+    denom = np.sqrt(v)  # sqrt(vhat) + eps = sqrt(v) / sqrt(bias_correction2) + eps
     denom /= bc2_sqrt
     denom += dt(eps)
     np.divide(m, denom, out=denom)
@@ -536,32 +649,48 @@ def adamw_update_ref(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
     p -= denom
 
 
-@njit(cache=True, fastmath=False, parallel=True)
-def adamw_update_nb(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
-    """Same contract as adamw_update_ref; one fused sweep over flat views, prange over blocks."""
-    dt = p.dtype.type
+@njit(cache=True, fastmath=False, error_model="numpy")
+def _adamw_span(p, g, m, v, decay, b1, c1, b2, c2, eps, bc2_sqrt, step_size):
+    """p, g, m, v: (n,); constants already in the arrays' dtype."""
+    for i in range(p.shape[0]):
+        m[i] = b1 * m[i] + c1 * g[i]
+        v[i] = b2 * v[i] + c2 * g[i] * g[i]
+        p[i] = p[i] * decay - m[i] / (math.sqrt(v[i]) / bc2_sqrt + eps) * step_size
+
+
+@njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
+def _adamw_kernel(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
+    dt = p.dtype.type  # the same constants, rounded the same way, as adamw_update_ref
     step_size = dt(lr / (1 - beta1**step))
     bc2_sqrt = dt(math.sqrt(1 - beta2**step))
-    decay, b1, c1 = dt(1 - lr * weight_decay), dt(beta1), dt(1 - beta1)
-    b2, c2, ep = dt(beta2), dt(1 - beta2), dt(eps)
-    pf, gf, mf, vf = p.reshape(p.size), g.reshape(g.size), m.reshape(m.size), v.reshape(v.size)
-    nblk = (p.size + 16383) // 16384
-    for blk in prange(nblk):
-        for i in range(blk * 16384, min((blk + 1) * 16384, p.size)):
-            mi = b1 * mf[i] + c1 * gf[i]
-            vi = b2 * vf[i] + c2 * gf[i] * gf[i]
-            mf[i], vf[i] = mi, vi
-            pf[i] = pf[i] * decay - mi / (math.sqrt(vi) / bc2_sqrt + ep) * step_size
+    decay, b1, c1, b2, c2 = dt(1 - lr * weight_decay), dt(beta1), dt(1 - beta1), dt(beta2), dt(1 - beta2)
+    n = p.shape[0]
+    for blk in prange((n + 16383) // 16384):
+        lo, hi = blk * 16384, min((blk + 1) * 16384, n)
+        _adamw_span(p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi],
+                    decay, b1, c1, b2, c2, dt(eps), bc2_sqrt, step_size)
+
+
+def adamw_update_nb(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
+    """Same contract as adamw_update_ref; one fused sweep over flat views."""
+    if not all(a.flags.c_contiguous for a in (p, g, m, v)):  # else reshape copies, updates get lost
+        raise ValueError("adamw_update_nb needs C-contiguous p, g, m, v")
+    _adamw_kernel(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1),
+                  lr, beta1, beta2, eps, weight_decay, step)
 
 
 # ----------------------------------------------------------------------------------------------
-# attention for one new token against a KV cache (generation)
+# attention of one new token against a KV cache (generation)
+
+
+def _check_n_valid(n_valid, Tmax):
+    if not 1 <= n_valid <= Tmax:
+        raise ValueError(f"n_valid={n_valid} outside [1, {Tmax}]")
 
 
 def attn_decode_fwd_ref(q, k_cache, v_cache, n_valid, scale):
     """q (B, NH, 1, hs), k/v_cache (B, NH, Tmax, hs) -> y (B, NH, 1, hs) over n_valid keys."""
-    if not 1 <= n_valid <= k_cache.shape[2]:
-        raise ValueError(f"n_valid={n_valid} outside [1, {k_cache.shape[2]}]")
+    _check_n_valid(n_valid, k_cache.shape[2])
     k, v = k_cache[:, :, :n_valid], v_cache[:, :, :n_valid]  # (B, NH, n, hs) views
     att = (q @ k.swapaxes(-1, -2)) * q.dtype.type(scale)  # (B, NH, 1, n)
     att -= att.max(-1, keepdims=True)
@@ -570,31 +699,38 @@ def attn_decode_fwd_ref(q, k_cache, v_cache, n_valid, scale):
     return att @ v  # (B, NH, 1, hs)
 
 
-@njit(cache=True, fastmath=False, parallel=True)
+@njit(cache=True, fastmath=False, error_model="numpy")
+def _attn_decode_head(q, k, v, y, n, sc):
+    """q, y: (hs,); k, v: (Tmax, hs) -> y = softmax(sc * k[:n] @ q) @ v[:n]."""
+    s = np.empty(n, q.dtype)  # scores of the valid keys
+    for t in range(n):
+        s[t] = q.dtype.type(_row_dot(q, k[t], q.shape[0])) * sc
+    m = _row_max(s, n)
+    for t in range(n):
+        s[t] = _exp_neg(s[t] - m)
+    acc = np.zeros(q.shape[0], np.float64)  # unnormalized p @ v, normalized once at the end
+    for t in range(n):
+        for d in range(q.shape[0]):
+            acc[d] += s[t] * v[t, d]
+    inv = 1.0 / _row_sum(s, n)
+    for d in range(q.shape[0]):
+        y[d] = acc[d] * inv
+
+
+@njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
+def _attn_decode_kernel(q, k_cache, v_cache, n_valid, scale, y):
+    B, NH = q.shape[0], q.shape[1]
+    sc = q.dtype.type(scale)
+    for bh in prange(B * NH):  # one (sequence, head) per iteration
+        b, h = bh // NH, bh % NH
+        _attn_decode_head(q[b, h, 0], k_cache[b, h], v_cache[b, h], y[b, h, 0], n_valid, sc)
+
+
 def attn_decode_fwd_nb(q, k_cache, v_cache, n_valid, scale):
     """Same contract as attn_decode_fwd_ref; prange over (b, h), softmax and p @ v fused."""
-    B, NH, Tmax, hs = k_cache.shape
-    if not 1 <= n_valid <= Tmax:
-        raise ValueError("attn_decode_fwd_nb: n_valid outside [1, Tmax]")
-    dt = q.dtype.type
-    sc = dt(scale)
-    y = np.empty_like(q)
-    for bh in prange(B * NH):
-        b, h = bh // NH, bh % NH
-        qv, kc, vc = q[b, h, 0], k_cache[b, h], v_cache[b, h]
-        s = np.empty(n_valid, q.dtype)  # scores of the valid keys
-        for t in range(n_valid):
-            s[t] = dt(_row_dot(qv, kc[t], hs)) * sc
-        m = _row_max(s, n_valid)
-        for t in range(n_valid):
-            s[t] = _exp_neg(s[t] - m)
-        acc = np.zeros(hs, np.float64)  # unnormalized p @ v, normalized once at the end
-        for t in range(n_valid):
-            for d in range(hs):
-                acc[d] += s[t] * vc[t, d]
-        inv = 1.0 / _row_sum(s, n_valid)
-        for d in range(hs):
-            y[b, h, 0, d] = acc[d] * inv
+    _check_n_valid(n_valid, k_cache.shape[2])
+    y = np.empty(q.shape, q.dtype)
+    _attn_decode_kernel(q, k_cache, v_cache, n_valid, scale, y)
     return y
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
 import time
 from dataclasses import fields
@@ -149,7 +150,10 @@ def build_tokenizer(stages, data_dir: Path, ckpt_dir: Path, vocab_size: int):
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         tok.save(path)
         return tok
-    return MyLLMTokenizer().load(path)
+    try:
+        return MyLLMTokenizer().load(path)
+    except (OSError, ValueError) as e:     # unreadable or not a vocabulary: one line, exit 2
+        raise UsageError(str(e)) from None
 
 
 def print_summary(rows) -> None:
@@ -216,9 +220,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NONFINITE
     except TrainingInterrupted as e:
-        cmd = " ".join(["python", "train.py", *(sys.argv[1:] if argv is None else argv)])
-        if "--resume" not in cmd:
-            cmd += " --resume"
+        again = list(sys.argv[1:] if argv is None else argv)
+        if "--resume" not in again:
+            again.append("--resume")
+        cmd = shlex.join(["python", "train.py", *again])   # quoted: paths may hold spaces
         print(f"\n{e}. A resumable checkpoint was saved; continue with:\n    {cmd}", file=sys.stderr)
         return EXIT_INTERRUPTED
 

@@ -51,7 +51,9 @@ def _atomic_save(tensors: dict, path: Path, metadata: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        # np.require, not np.ascontiguousarray: the latter turns a 0-d array (the optimizer's
+        # step count) into shape (1,), which then no longer loads back as a scalar
+        save_file({k: np.require(v, requirements="C") for k, v in tensors.items()}, str(tmp), metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -8,6 +8,7 @@ without one, a seeded 10% of the training file is held out instead."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -39,11 +40,36 @@ def read_text(path) -> str:
 
 
 def read_json(path):
+    """The parsed file; every failure is one DataError line. Syntax errors give file:line:col;
+    json also raises RecursionError (nesting too deep) and a plain ValueError (an integer of
+    more than 4300 digits), which would otherwise escape as tracebacks."""
     text = read_text(path)
     try:
-        return json.loads(text)
+        obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply") from None
+    except ValueError as e:
+        raise DataError(f"{path}: unreadable JSON value: {(str(e).splitlines() or ['?'])[0]}") from None
+    return _refuse_lone_surrogates(obj, text, path)
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _refuse_lone_surrogates(obj, text: str, where):
+    """JSON escapes like \\ud800 decode to lone UTF-16 surrogates: strings that are not text,
+    that no UTF-8 file can hold (saving the vocabulary would crash). Valid UTF-8 input can only
+    produce them through such escapes, so the check runs only when one is present."""
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"{where}: holds a lone surrogate escape (\\ud800-\\udfff), which is not a character") from None
+        except RecursionError:
+            raise DataError(f"{where}: JSON nested too deeply") from None
+    return obj
 
 
 def _json_list(path) -> list:
@@ -85,6 +111,9 @@ def load_pretrain_text(path) -> str:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}:{e.colno}: malformed JSON line: {e.msg}") from None
+            except (RecursionError, ValueError):   # see read_json
+                raise DataError(f"{path}:{n}: unreadable JSON line (nested too deeply or a huge number)") from None
+            obj = _refuse_lone_surrogates(obj, line, f"{path}:{n}")
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{n}: expected an object with a 'text' field")
             parts.append(_str_field(path, f"on line {n}", obj, "text", allow_empty=True))

@@ -96,10 +96,12 @@ class MyLLMTokenizer:
         """<|im_start|>{role}\\n{content}<|im_end|>\\n per message, then (optionally) the
         assistant header. tokenize=True returns ids, encoding message content without
         special-token parsing."""
+        if not isinstance(messages, (list, tuple)):
+            raise ValueError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
         ids, text = [], []
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f"message {i} must be a dict with 'role' and 'content'")
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"message {i} must be a dict with string 'role' and 'content'")
             text.append(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n")
             ids += [IM_START_ID] + self.encode(f"{m['role']}\n", False) + self.encode(m["content"], False) \
                 + [IM_END_ID] + self.encode("\n", False)
@@ -122,8 +124,8 @@ class MyLLMTokenizer:
                 obj = json.load(f)
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: vocabulary file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not a valid vocabulary JSON file ({e})") from None
+        except (ValueError, RecursionError) as e:   # bad JSON or UTF-8, a huge number, deep nesting
+            raise ValueError(f"{path}: not a valid vocabulary JSON file ({(str(e).splitlines() or ['?'])[0]})") from None
         itos = obj.get("itos") if isinstance(obj, dict) else None
         if not isinstance(itos, list) or itos[: len(SPECIAL_TOKENS)] != SPECIAL_TOKENS \
                 or not all(isinstance(c, str) for c in itos) or len(set(itos)) != len(itos):

@@ -3,7 +3,8 @@
 The model is taught to answer "…，答案是42。" (or to lead with "是的，"/"不是，" for yes/no
 questions), so both verifiers first look for that *designated* answer and fall back to
 simpler heuristics only when it is missing. Every function accepts arbitrary text and never
-raises, except `verify_task` / `states_answer` on a task of unknown type.
+raises, except `verify_task` / `states_answer` on a task of unknown type (and `verify_task`
+on keywords that are not a list): ValueError.
 """
 from __future__ import annotations
 
@@ -37,9 +38,9 @@ def _designated(text: str) -> str | None:
     """The clause after the LAST answer marker ("答案是…"), or None when there is none.
     Empty clauses are skipped, so a reply cut off right after "答案是" falls back to the rest."""
     for marker in reversed(list(_MARKER.finditer(text))):
-        rest = text[marker.end():]
-        end = _CLAUSE_END.search(rest)
-        clause = rest[:end.start()] if end else rest
+        # search from the marker instead of slicing off the rest: no O(len) copy per marker
+        end = _CLAUSE_END.search(text, marker.end())
+        clause = text[marker.end():end.start() if end else len(text)]
         if clause.strip(_TRIM):
             return clause
     return None
@@ -167,10 +168,13 @@ def _polarity(clause: str) -> bool | None:
 
 def _negated(text: str, start: int) -> bool:
     """Whether the match at `start` is preceded, within its clause, by a negation."""
-    prefix = text[:start]
+    # Only the last _NEGATION_WINDOW chars can matter, and _CLAUSE_END looks only forward, so
+    # scanning that tail finds the same clause ends as scanning all of text[:start] would;
+    # it keeps a long reply with many matches linear instead of quadratic.
+    prefix = text[max(0, start - _NEGATION_WINDOW):start]
     ends = list(_CLAUSE_END.finditer(prefix))
     prefix = prefix[ends[-1].end():] if ends else prefix
-    return bool(_NEGATION_BEFORE.search(prefix[-_NEGATION_WINDOW:]))
+    return bool(_NEGATION_BEFORE.search(prefix))
 
 
 def _bounded(word: str) -> re.Pattern:
@@ -236,9 +240,13 @@ def _task_type(task: dict) -> str:
 
 def verify_task(task: dict, response: str) -> bool:
     """Dispatch one RLVF task {"type", "expected_answer", "keywords"?} to its verifier."""
-    if _task_type(task) == "math":
+    kind = _task_type(task)
+    keywords = task.get("keywords")
+    if keywords is not None and not isinstance(keywords, (list, tuple)):
+        raise ValueError(f"RLVF task 'keywords' must be a list of strings, got {type(keywords).__name__}")
+    if kind == "math":
         return MathVerifier().verify(response, task.get("expected_answer", ""))
-    return LogicVerifier().verify(response, task.get("expected_answer", ""), task.get("keywords"))
+    return LogicVerifier().verify(response, task.get("expected_answer", ""), keywords)
 
 
 def states_answer(task: dict, response: str) -> bool:

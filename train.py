@@ -145,11 +145,8 @@ def build_tokenizer(stages, data_dir: Path, ckpt_dir: Path, vocab_size: int):
     from tinygrad_llm.data import all_texts
     from tinygrad_llm.tokenizer import MyLLMTokenizer
     path = ckpt_dir / "vocab.json"
-    if "pretrain" in stages:  # a new model: a new vocabulary from the data
-        tok = MyLLMTokenizer(vocab_size).build_vocab(all_texts(data_dir))
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        tok.save(path)
-        return tok
+    if "pretrain" in stages:  # a new model: a new vocabulary (saved once pretraining succeeds)
+        return MyLLMTokenizer(vocab_size).build_vocab(all_texts(data_dir))
     try:
         return MyLLMTokenizer().load(path)
     except (OSError, ValueError) as e:     # unreadable or not a vocabulary: one line, exit 2
@@ -170,7 +167,9 @@ def main(argv=None) -> int:
     from tinygrad_llm.data import DataError
     from tinygrad_llm.loop import NonFiniteError, RunLogger, TrainingInterrupted
     from tinygrad_llm.stages.common import CKPT, StageContext
+    from tinygrad_llm.report import write_report
     from tinygrad_llm.runtime import configure_threads
+    from tinygrad_llm import engine
 
     try:
         cfg = RunConfig(args.config)
@@ -192,6 +191,7 @@ def main(argv=None) -> int:
         cfg.model.vocab_size = len(tok)
         run_id = args.run_id or time.strftime("%Y%m%d-%H%M%S")
         logger = RunLogger(Path(args.runs_dir) / run_id)
+        engine.manual_seed(args.seed)                 # dropout masks follow --seed too
         ctx = StageContext(cfg, tok, data_dir, ckpt_dir, logger, seed=args.seed, resume=args.resume,
                            show_progress=not args.no_progress)
         print(f"run {run_id}: stages {' -> '.join(stages)}, config {args.config}, vocabulary {len(tok)}, "
@@ -202,16 +202,14 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             figures = stage_module(s).run(ctx)
             secs = time.perf_counter() - t0
+            if s == "pretrain":   # only now: a failed pretrain leaves the old vocabulary with its checkpoints
+                tok.save(ckpt_dir / "vocab.json")
             figures["time_s"] = secs
             logger.update_summary(s, **figures)
             rows.append((s, secs, str(ctx.ckpt(CKPT[s])), figures.get("headline", "")))
             print(f"{s}: {figures.get('headline', '')} ({secs:.1f}s)")
         print_summary(rows)
-        try:
-            from tinygrad_llm.report import write_report
-            print(write_report(logger.dir))
-        except ImportError:
-            pass
+        print(write_report(logger.dir))
         return 0
     except (UsageError, ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

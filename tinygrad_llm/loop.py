@@ -131,10 +131,11 @@ def train(model, cfg: LoopConfig, get_batch, loss_fn, *, stage: str, logger: Run
             # 2) one optimizer step
             lr = get_lr(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, min_lr)
             batch = get_batch(rng)
-            loss, metrics = loss_fn(model, batch)
-            loss.backward()
+            with np.errstate(over="ignore", invalid="ignore"):   # a NaN/Inf is reported below, once
+                loss, metrics = loss_fn(model, batch)
+                loss.backward()
+                norm = clip_grad_norm(plist, cfg.grad_clip)
             loss_val = float(loss.data)
-            norm = clip_grad_norm(plist, cfg.grad_clip)
             if not (math.isfinite(loss_val) and math.isfinite(norm)):
                 opt.zero_grad()
                 raise NonFiniteError(f"{stage}: non-finite {'loss' if not math.isfinite(loss_val) else 'gradient norm'} "

@@ -1,0 +1,291 @@
+"""Our engine vs PyTorch eager on the same model, weights, batch and thread count.
+
+    python bench/compare_torch.py               # 2 threads, train step at 8x256, generation B=1, 16
+    python bench/compare_torch.py --threads 1
+    python bench/compare_torch.py --quick       # 3 repeats, 32 new tokens
+
+PyTorch is not a dependency: `pip install torch==2.13.0` (the CPU build these machines hold;
+never install torch without that pin). Without it the script says so and exits 0.
+
+1. Numerics (dropout off): logits, loss and every parameter gradient of one forward/backward,
+   max abs difference ours vs PyTorch, in float32 and then in float64.
+2. Speed (dropout as configured): a full train step (forward, backward, clip 1.0, AdamW) and
+   greedy generation (prompt 32) at batch 1 and 16, ours and PyTorch interleaved, medians.
+   PyTorch generates with a simple KV-cache loop (preallocated per-layer K/V, SDPA), ours with
+   model.generate (also a KV cache). The ratio is ours / PyTorch tokens/s.
+
+The PyTorch model is nanoGPT's: pre-LN blocks, fused c_attn (3C, C) with q, k, v in that
+order, GELU tanh approximation, LayerNorm eps 1e-5, lm_head tied to wte, and the same parameter
+names, so our state_dict() loads 1:1. Like ours it has no dropout on the attention weights
+(dropout after the embeddings, after attn.c_proj and after mlp.c_proj).
+Writes runs/bench/compare_torch-t<threads>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import common as C
+
+INSTALL_HINT = ("PyTorch is not installed; it is an optional yardstick only. Install the CPU build these "
+                "machines hold with:\n    pip install torch==2.13.0\n(never without the pin: any other spec "
+                "downloads gigabytes)")
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=8, help="train-step batch size")
+    ap.add_argument("--seq", type=int, default=256, help="train-step sequence length")
+    ap.add_argument("--gen-batches", default="1,16")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--quick", action="store_true", help="3 repeats, 32 new tokens")
+    args = ap.parse_args()
+    args.gen_batches = [int(b) for b in args.gen_batches.split(",")]
+    if args.quick:
+        args.repeats, args.new_tokens = 3, 32
+    return args
+
+
+# ----------------------------------------------------------------------------------------
+# nanoGPT in PyTorch, with a KV cache for generation
+
+def build_torch_gpt(torch, cfg):
+    nn, F = torch.nn, torch.nn.functional
+
+    class CausalSelfAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+            self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+            self.resid_dropout = nn.Dropout(cfg.dropout)
+
+        def forward(self, x, cache=None, layer=0, pos=0):
+            B, T, Cn = x.shape
+            nh = cfg.n_head
+            q, k, v = self.c_attn(x).split(Cn, dim=2)
+            q, k, v = (t.view(B, T, nh, Cn // nh).transpose(1, 2) for t in (q, k, v))   # (B, nh, T, hs)
+            if cache is not None:                       # write the new keys/values, attend to all so far
+                cache[0][layer][:, :, pos:pos + T] = k
+                cache[1][layer][:, :, pos:pos + T] = v
+                k, v = cache[0][layer][:, :, :pos + T], cache[1][layer][:, :, :pos + T]
+            # prefill (T == keys) is causal; one new query may see every cached key
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, Cn)))
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+            self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+            self.dropout = nn.Dropout(cfg.dropout)
+
+        def forward(self, x):
+            return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=1e-5, bias=cfg.bias)
+            self.attn = CausalSelfAttention()
+            self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=1e-5, bias=cfg.bias)
+            self.mlp = MLP()
+
+        def forward(self, x, cache=None, layer=0, pos=0):
+            x = x + self.attn(self.ln_1(x), cache, layer, pos)
+            return x + self.mlp(self.ln_2(x))
+
+    class GPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.transformer = nn.ModuleDict(dict(
+                wte=nn.Embedding(cfg.vocab_size, cfg.n_embd), wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+                drop=nn.Dropout(cfg.dropout), h=nn.ModuleList(Block() for _ in range(cfg.n_layer)),
+                ln_f=nn.LayerNorm(cfg.n_embd, eps=1e-5, bias=cfg.bias)))
+            self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+            self.lm_head.weight = self.transformer.wte.weight          # tied
+
+        def forward(self, idx, targets=None, cache=None, pos=0):
+            B, T = idx.shape
+            tr = self.transformer
+            x = tr.drop(tr.wte(idx) + tr.wpe(torch.arange(pos, pos + T)))
+            for i, block in enumerate(tr.h):
+                x = block(x, cache, i, pos)
+            logits = self.lm_head(tr.ln_f(x))
+            loss = None
+            if targets is not None:
+                loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+            return logits, loss
+
+        @torch.no_grad()
+        def generate(self, idx, n_new):
+            """Greedy, KV cache: prefill the prompt, then one token per step. idx (B, Tp) -> (B, n_new)."""
+            B, Tp = idx.shape
+            hs = cfg.n_embd // cfg.n_head
+            shape = (cfg.n_layer, B, cfg.n_head, Tp + n_new, hs)
+            dt = self.transformer.wte.weight.dtype
+            cache = (torch.zeros(shape, dtype=dt), torch.zeros(shape, dtype=dt))
+            out, pos, step = [], 0, idx
+            for _ in range(n_new):
+                logits, _ = self(step, cache=cache, pos=pos)
+                pos += step.shape[1]
+                step = logits[:, -1].argmax(-1, keepdim=True)
+                out.append(step)
+            return torch.cat(out, 1)
+
+    return GPT()
+
+
+def load_ours_into_torch(torch, tmodel, ours):
+    """Copy our state_dict into the torch model by name (1:1; lm_head is tied, so it has no key)."""
+    state = ours.state_dict()
+    tparams = dict(tmodel.named_parameters())
+    if set(state) != set(tparams):
+        raise RuntimeError(f"parameter names differ: {sorted(set(state) ^ set(tparams))[:6]}")
+    with torch.no_grad():
+        for name, p in tparams.items():
+            p.copy_(torch.from_numpy(state[name]))
+
+
+# ----------------------------------------------------------------------------------------
+# 1. numerics
+
+def numerics(torch, cfg, dtype, B=4, T=64, seed=0):
+    """-> dict of max abs differences (dropout off)."""
+    import dataclasses
+    import numpy as np
+    from tinygrad_llm.model import GPT
+    cfg = dataclasses.replace(cfg, dropout=0.0)
+    ours = GPT(cfg, seed=seed, dtype=dtype)
+    tm = build_torch_gpt(torch, cfg).to(torch.float64 if dtype == np.float64 else torch.float32)
+    load_ours_into_torch(torch, tm, ours)
+    rng = np.random.default_rng(seed)
+    xy = rng.integers(0, cfg.vocab_size, (B, T + 1))
+    x, y = np.ascontiguousarray(xy[:, :-1]), np.ascontiguousarray(xy[:, 1:])
+    logits, loss = ours(x, y)
+    loss.backward()
+    tlogits, tloss = tm(torch.from_numpy(x), torch.from_numpy(y))
+    tloss.backward()
+    tgrads = {n: p.grad.numpy() for n, p in tm.named_parameters()}
+    grad_diff = {n: float(np.abs(p.grad - tgrads[n]).max()) for n, p in ours.named_parameters()}
+    worst = max(grad_diff, key=grad_diff.get)
+    return dict(dtype=np.dtype(dtype).name, B=B, T=T,
+                logits=float(np.abs(logits.data - tlogits.detach().numpy()).max()),
+                logits_scale=float(np.abs(logits.data).max()),
+                loss=abs(float(loss.data) - tloss.item()), loss_value=float(loss.data),
+                grad_max=grad_diff[worst], grad_worst=worst,
+                grad_scale=float(max(np.abs(g).max() for g in tgrads.values())), grads=grad_diff)
+
+
+# ----------------------------------------------------------------------------------------
+# 2. speed
+
+def main():
+    args = parse_args()
+    try:
+        import torch
+    except ImportError:
+        print(INSTALL_HINT)
+        return 0
+    import numpy as np
+    C.setup_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    from tinygrad_llm.config import get_mini_config
+    from tinygrad_llm.model import GPT
+    from tinygrad_llm.optim import AdamW, clip_grad_norm
+    cfg = get_mini_config(vocab_size=6400)
+
+    # 1. numerics
+    num = [numerics(torch, cfg, np.float32), numerics(torch, cfg, np.float64)]
+    print(f"\nnumerics, dropout off, B x T = {num[0]['B']}x{num[0]['T']}, max abs difference ours vs PyTorch:")
+    print(C.table(["dtype", "logits", "(|logits| max)", "loss", "grads (worst)", "(|grad| max)", "worst param"],
+                  [[r["dtype"], r["logits"], r["logits_scale"], r["loss"], r["grad_max"], r["grad_scale"],
+                    r["grad_worst"]] for r in num], [None, ".2e", ".2e", ".2e", ".2e", ".2e", None], left=(0, 6)))
+
+    # 2. speed: same weights, same batch, dropout as configured
+    ours = GPT(cfg, seed=0).train()
+    tm = build_torch_gpt(torch, cfg).train()
+    load_ours_into_torch(torch, tm, ours)
+    rng = np.random.default_rng(0)
+    xy = rng.integers(0, cfg.vocab_size, (args.batch, args.seq + 1))
+    x, y = np.ascontiguousarray(xy[:, :-1]), np.ascontiguousarray(xy[:, 1:])
+    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+    params = ours.parameters()
+    opt = AdamW(ours.named_parameters(), lr=3e-4, weight_decay=0.1)
+    tparams = list(tm.parameters())
+    decay = [p for p in tparams if p.dim() >= 2]                       # as optim.AdamW: matrices only
+    nodecay = [p for p in tparams if p.dim() < 2]
+    topt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": nodecay, "weight_decay": 0.0}],
+                             lr=3e-4, betas=(0.9, 0.95), eps=1e-8)
+
+    def ours_step():
+        _, loss = ours(x, y)
+        loss.backward()
+        clip_grad_norm(params, 1.0)
+        opt.step()
+        opt.zero_grad()
+
+    def torch_step():
+        _, loss = tm(tx, ty)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tparams, 1.0)
+        topt.step()
+        topt.zero_grad(set_to_none=True)
+
+    load0 = C.loadavg()
+    train_t = C.interleave({"ours": ours_step, "torch": torch_step}, args.repeats, warmup=2)
+
+    # generation from the trained-a-little weights, copied again so both start equal
+    ours.eval()
+    tm.eval()
+    load_ours_into_torch(torch, tm, ours)
+    prompts = {b: rng.integers(6, cfg.vocab_size, (b, args.prompt_len)) for b in args.gen_batches}
+    toks = {}
+
+    def ours_gen(b):
+        toks[("ours", b)] = ours.generate(prompts[b].tolist(), max_new_tokens=args.new_tokens, temperature=0.0,
+                                          stop_tokens=()).tokens
+
+    def torch_gen(b):
+        toks[("torch", b)] = tm.generate(torch.from_numpy(prompts[b]), args.new_tokens).numpy()
+
+    gen_variants = {}
+    for b in args.gen_batches:
+        gen_variants[f"ours B={b}"] = lambda b=b: ours_gen(b)
+        gen_variants[f"torch B={b}"] = lambda b=b: torch_gen(b)
+    gen_t = C.interleave(gen_variants, args.repeats, warmup=1)
+    load1 = C.loadavg()
+
+    ntok = args.batch * args.seq
+    rows, speed = [], []
+    to, tt = C.median(train_t["ours"]), C.median(train_t["torch"])
+    speed.append(dict(what=f"train step {args.batch}x{args.seq}", ours_tokens_per_s=ntok / to,
+                      torch_tokens_per_s=ntok / tt, ratio=tt / to, ours_s_all=train_t["ours"],
+                      torch_s_all=train_t["torch"]))
+    rows.append([f"train step {args.batch}x{args.seq}", ntok / to, ntok / tt, f"{tt / to:.2f}", ""])
+    for b in args.gen_batches:
+        go, gt = C.median(gen_t[f"ours B={b}"]), C.median(gen_t[f"torch B={b}"])
+        agree = float((toks[("ours", b)] == toks[("torch", b)]).mean())
+        n = b * args.new_tokens
+        speed.append(dict(what=f"generate B={b}", ours_tokens_per_s=n / go, torch_tokens_per_s=n / gt,
+                          ratio=gt / go, greedy_token_agreement=agree, ours_s_all=gen_t[f"ours B={b}"],
+                          torch_s_all=gen_t[f"torch B={b}"]))
+        rows.append([f"generate B={b} (KV cache)", n / go, n / gt, f"{gt / go:.2f}", f"{agree:.0%}"])
+    print(f"\nspeed, mini model (vocab {cfg.vocab_size}, dropout {cfg.dropout}), float32, {args.threads} threads, "
+          f"torch {torch.__version__}; generation: greedy, prompt {args.prompt_len}, {args.new_tokens} new; "
+          f"repeats {args.repeats}, interleaved; load avg before/after {load0[0]:.2f}/{load1[0]:.2f}\n")
+    print(C.table(["", "ours tok/s", "torch tok/s", "ours/torch", "same tokens"], rows,
+                  [None, ".0f", ".0f", None, None]))
+    path = C.write_json(f"compare_torch-t{args.threads}", dict(
+        meta=C.meta(args.threads, torch=torch.__version__, repeats=args.repeats, loadavg_before=load0,
+                    loadavg_after=load1, train_shape=[args.batch, args.seq], prompt_len=args.prompt_len,
+                    new_tokens=args.new_tokens, torch_generation="KV cache (preallocated, SDPA), greedy"),
+        numerics=num, speed=speed))
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Generation speed of the mini model: KV cache (model.generate) vs recomputing the sequence.
+
+    python bench/generate.py                    # 2 threads, batch 1 and 16, prompt 32, 128 new tokens
+    python bench/generate.py --threads 1,2      # both thread counts, interleaved
+    python bench/generate.py --temperature 1    # sampling instead of greedy
+    python bench/generate.py --quick            # 32 new tokens, 2 repeats
+
+"cache": model.generate(prompts, max_new_tokens, temperature, stop_tokens=()) - prefill the
+prompt once, then one token per step against the KV cache. "recompute": a loop calling
+model(idx) under engine.no_grad() on the whole sequence at every step (the full (B, T, V)
+logits included, as a plain forward does) and taking the last position. tokens/s counts
+generated tokens (B * new tokens) over the whole call, prefill included. All variants run
+interleaved; medians reported. Greedy runs also check that both give the same tokens.
+Writes runs/bench/generate.json.
+"""
+from __future__ import annotations
+
+import argparse
+
+import common as C
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", default="2", help="1, 2, or '1,2' (both, interleaved)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batches", default="1,16", help="comma list of batch sizes")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--quick", action="store_true", help="32 new tokens, 2 repeats")
+    args = ap.parse_args()
+    args.batches = [int(b) for b in args.batches.split(",")]
+    args.threads = [int(t) for t in args.threads.split(",")]
+    if args.quick:
+        args.repeats, args.new_tokens = 2, 32
+    return args
+
+
+def recompute_generate(model, prompts, n_new, temperature, rng):
+    """No cache: every step runs the model on the whole sequence. -> new tokens (B, n_new)."""
+    import numpy as np
+    from tinygrad_llm import engine as E
+    idx = np.asarray(prompts, dtype=np.int64)
+    with E.no_grad():
+        for _ in range(n_new):
+            logits, _ = model(idx)
+            last = logits.data[:, -1, :].astype(np.float64)            # (B, V)
+            if temperature <= 0:
+                nxt = last.argmax(-1)
+            else:                                                        # inverse-CDF sampling
+                p = np.exp((last - last.max(-1, keepdims=True)) / temperature)
+                p /= p.sum(-1, keepdims=True)
+                nxt = np.minimum((np.cumsum(p, -1) < rng.random((len(p), 1))).sum(-1), p.shape[1] - 1)
+            idx = np.concatenate([idx, nxt[:, None]], axis=1)
+    return idx[:, -n_new:]
+
+
+def main():
+    args = parse_args()
+    import numpy as np
+    C.setup_threads(max(args.threads))
+    from tinygrad_llm.config import get_mini_config
+    from tinygrad_llm.model import GPT
+    cfg = get_mini_config(vocab_size=6400)
+    if args.prompt_len + args.new_tokens > cfg.block_size:
+        raise SystemExit(f"prompt {args.prompt_len} + new {args.new_tokens} exceeds block_size {cfg.block_size}")
+    model = GPT(cfg, seed=0).eval()
+    rng = np.random.default_rng(0)
+    prompts = {b: rng.integers(6, cfg.vocab_size, (b, args.prompt_len)).tolist() for b in args.batches}
+
+    out = {}
+
+    def cached(th, b):
+        C.setup_threads(th)
+        g = model.generate(prompts[b], max_new_tokens=args.new_tokens, temperature=args.temperature,
+                           stop_tokens=(), rng=1)
+        out[("cache", th, b)] = g.tokens
+
+    def recompute(th, b):
+        C.setup_threads(th)
+        out[("recompute", th, b)] = recompute_generate(model, prompts[b], args.new_tokens, args.temperature,
+                                                   np.random.default_rng(1))
+
+    variants = {}
+    for th in args.threads:
+        for b in args.batches:
+            variants[f"t{th} cache B={b}"] = lambda th=th, b=b: cached(th, b)
+            variants[f"t{th} recompute B={b}"] = lambda th=th, b=b: recompute(th, b)
+    load0 = C.loadavg()
+    times = C.interleave(variants, args.repeats, warmup=1)
+    load1 = C.loadavg()
+
+    results, rows = [], []
+    for th, b in [(th, b) for th in args.threads for b in args.batches]:
+        kc, kr = f"t{th} cache B={b}", f"t{th} recompute B={b}"
+        tc, tr = C.median(times[kc]), C.median(times[kr])
+        same = bool(np.array_equal(out[("cache", th, b)], out[("recompute", th, b)])) if args.temperature <= 0 else None
+        n = b * args.new_tokens
+        results.append(dict(threads=th, batch=b, cache_s=tc, recompute_s=tr, cache_tokens_per_s=n / tc,
+                            recompute_tokens_per_s=n / tr, speedup=tr / tc, same_tokens=same,
+                            cache_s_all=times[kc], recompute_s_all=times[kr]))
+        rows.append([th, b, n / tc, n / tr, f"{tr / tc:.1f}x", tc * 1e3 / args.new_tokens,
+                     "-" if same is None else ("yes" if same else "NO")])
+    mode = "greedy" if args.temperature <= 0 else f"sampling T={args.temperature}"
+    print(f"\nmini model, vocab {cfg.vocab_size}, float32, prompt {args.prompt_len}, "
+          f"{args.new_tokens} new tokens, {mode}; repeats {args.repeats}, interleaved; "
+          f"load avg before/after {load0[0]:.2f}/{load1[0]:.2f}\n")
+    print(C.table(["threads", "batch", "cache tok/s", "recompute tok/s", "cache buys", "cache ms/step", "same tokens"],
+                  rows, ["d", "d", ".1f", ".1f", None, ".1f", None]))
+    path = C.write_json("generate", dict(
+        meta=C.meta(args.threads, repeats=args.repeats, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                    temperature=args.temperature, loadavg_before=load0, loadavg_after=load1),
+        results=results))
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -180,3 +180,36 @@ def test_profiler_counts_ops():
 def test_bad_input_gives_a_clear_error(fn, match):
     with pytest.raises((ValueError, RuntimeError, IndexError, TypeError), match=match):
         fn()
+
+
+def test_threaded_bmm_equals_matmul():
+    from tinygrad_llm import runtime
+    rng = np.random.default_rng(9)
+    a = rng.standard_normal((3, 4, 5, 6)).astype(np.float32)
+    b = rng.standard_normal((3, 4, 7, 6)).astype(np.float32).swapaxes(-1, -2)   # a strided view
+    try:
+        runtime.configure_threads(2)
+        got = runtime.bmm(a, b)
+    finally:
+        runtime.configure_threads(1)
+    np.testing.assert_allclose(got, a @ b, rtol=1e-6)
+    assert runtime.bmm(a[:1, :1], b[:1, :1]).shape == (1, 1, 5, 7)
+
+
+def test_auto_threads_drop_to_one_when_others_are_busy(monkeypatch):
+    from tinygrad_llm import runtime
+    clock = {"busy": 0.0}
+    monkeypatch.setattr(runtime, "_cpu_busy_jiffies", lambda: clock["busy"])
+    monkeypatch.setattr(runtime.os, "sysconf", lambda name: 1)          # 1 jiffy = 1 s
+    monkeypatch.setattr(runtime, "CHECK_EVERY_S", 0.0)
+    monkeypatch.delenv("TINYGRAD_LLM_THREADS", raising=False)
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
+    try:
+        assert runtime.configure_threads(None) == 2
+        runtime.adapt_threads()                                          # first reading
+        clock["busy"] += 1e6                                             # others burn CPU
+        assert runtime.adapt_threads() == 1
+        runtime.adapt_threads()
+        assert runtime.adapt_threads() == 2                              # idle again
+    finally:
+        runtime.configure_threads(1)

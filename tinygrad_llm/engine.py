@@ -21,6 +21,7 @@ from collections import defaultdict
 import numpy as np
 
 from . import kernels as K
+from .runtime import bmm
 
 # ----------------------------------------------------------------------------------------
 # global state: grad mode, the dropout RNG, the op profiler
@@ -868,21 +869,21 @@ def _attention_fwd(q, k, v):
     pass 1: att = q @ k^T (BLAS); pass 2: p = softmax(att / sqrt(hs)) with the causal mask,
     fused in one kernel; pass 3: y = p @ v (BLAS)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    att = q @ k.swapaxes(-1, -2)                            # (B, NH, T, T)
+    att = bmm(q, k.swapaxes(-1, -2))                            # (B, NH, T, T)
     p = K.attn_softmax_fwd(att, scale)                      # (B, NH, T, T), zero above diagonal
-    return p @ v, p
+    return bmm(p, v), p
 
 
 def _attention_bwd(dy, q, k, v, p):
     """Backward of _attention_fwd, passes in reverse order -> dq, dk, dv."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     # backward pass 3: y = p @ v
-    dp = dy @ v.swapaxes(-1, -2)                            # (B, NH, T, T)
-    dv = p.swapaxes(-1, -2) @ dy                            # (B, NH, T, hs)
+    dp = bmm(dy, v.swapaxes(-1, -2))                            # (B, NH, T, T)
+    dv = bmm(p.swapaxes(-1, -2), dy)                            # (B, NH, T, hs)
     # backward pass 2: masked softmax (scale folded in)
     datt = K.attn_softmax_bwd(p, dp, scale)
     # backward pass 1: att = q @ k^T
-    return datt @ k, datt.swapaxes(-1, -2) @ q, dv
+    return bmm(datt, k), bmm(datt.swapaxes(-1, -2), q), dv
 
 
 @_op("attention")

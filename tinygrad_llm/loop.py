@@ -22,6 +22,7 @@ from tqdm import tqdm
 from . import engine as E
 from .config import LoopConfig
 from .optim import AdamW, clip_grad_norm, get_lr
+from .runtime import adapt_threads
 
 
 class NonFiniteError(RuntimeError):
@@ -128,7 +129,8 @@ def train(model, cfg: LoopConfig, get_batch, loss_fn, *, stage: str, logger: Run
                 evals.append({"step": step, **ev})
                 if logger:
                     logger.log(stage, step, **{f"val_{k}": v for k, v in ev.items()})
-            # 2) one optimizer step
+            # 2) one optimizer step (threads follow the machine's load, runtime.adapt_threads)
+            adapt_threads()
             lr = get_lr(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, min_lr)
             batch = get_batch(rng)
             with np.errstate(over="ignore", invalid="ignore"):   # a NaN/Inf is reported below, once

@@ -13,6 +13,7 @@ from . import kernels as K
 from . import nn
 from .config import GPTConfig
 from .engine import Tensor
+from .runtime import adapt_threads, bmm
 from .tokenizer import EOS_ID, IM_END_ID, PAD_ID
 
 
@@ -121,6 +122,7 @@ class GPT(nn.Module):
                 positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)    # first real token at 0
                 step_idx, n_real = idx, valid.sum(1)
                 for t in range(max_new_tokens):
+                    adapt_threads()
                     cache.add_valid(valid if t == 0 else np.ones((B, 1), bool))
                     logits, _ = self(step_idx, positions=positions, cache=cache)
                     cache.advance(step_idx.shape[1])
@@ -224,10 +226,10 @@ class KVCache:
         self.k[layer, :, :, L0:L0 + T] = heads[1]
         self.v[layer, :, :, L0:L0 + T] = heads[2]
         keys, vals = self.k[layer, :, :, :L0 + T], self.v[layer, :, :, :L0 + T]  # (B, NH, L, hs)
-        att = (heads[0] @ keys.swapaxes(-1, -2)) * (1.0 / math.sqrt(hs))    # (B, NH, T, L)
+        att = bmm(heads[0], keys.swapaxes(-1, -2)) * (1.0 / math.sqrt(hs))    # (B, NH, T, L)
         att = np.where(self.allowed, att, -np.inf).astype(qkv.dtype, copy=False)
         p = K.softmax_fwd(np.ascontiguousarray(att.reshape(-1, L0 + T))).reshape(att.shape)
-        y = p @ vals                                                          # (B, NH, T, hs)
+        y = bmm(p, vals)                                                        # (B, NH, T, hs)
         return y.transpose(0, 2, 1, 3).reshape(B, T, C)
 
 

@@ -1,20 +1,105 @@
-"""Thread settings for BLAS (via threadpoolctl) and Numba.
+"""Thread settings for BLAS (via threadpoolctl) and Numba, and the batched matmul that the
+attention uses.
 
-Default: 2 threads on a machine with >= 2 cores (see README "Threads": OpenBLAS threads
-slow down badly when another busy process shares the cores; pass --threads 1 then)."""
+Default ("auto"): up to 2 threads, dropping to 1 while other processes keep a core busy
+(checked every few seconds from /proc/stat, see `adapt_threads`); `--threads N` or
+TINYGRAD_LLM_THREADS=N fixes the count.
+OpenBLAS threads synchronise at every call and spin while they wait: when another busy
+process holds one of the two cores, each call can wait a whole scheduler time slice. A
+large GEMM pays that once; the attention's batched matmul is B*NH small GEMMs and paid it
+B*NH times (measured: 10x slower steps under load). So `bmm` runs those slices with BLAS
+at one thread, split across `threads` Python workers (NumPy releases the GIL in BLAS):
+one synchronisation per op instead of one per slice."""
 from __future__ import annotations
 
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+_threads = 1
+_pool: ThreadPoolExecutor | None = None
+_blas = None        # a cached threadpoolctl controller (building one scans the loaded libraries)
+_auto = None        # {"max": n, "t": wall, "busy": jiffies, "ours": cpu s} when the count adapts
+CHECK_EVERY_S = 3.0
+OTHERS_BUSY = 0.4   # cores used by other processes above which 2 threads lose (bench/README.md)
 
 
 def configure_threads(n: int | None = None) -> int:
+    """Set BLAS and Numba to n threads. n None: TINYGRAD_LLM_THREADS if set, else "auto"
+    (min(2, cores), adapted to the machine's load by adapt_threads)."""
+    global _auto
     env = os.environ.get("TINYGRAD_LLM_THREADS")
-    n = n or (int(env) if env else min(2, os.cpu_count() or 1))
-    from threadpoolctl import threadpool_limits
-    threadpool_limits(n)
+    if n is None and not env:
+        _auto = {"max": min(2, os.cpu_count() or 1), "t": 0.0}
+        return _set_threads(_auto["max"])
+    _auto = None
+    return _set_threads(n or int(env))
+
+
+def _set_threads(n: int) -> int:
+    global _threads, _pool, _blas
+    from threadpoolctl import ThreadpoolController
+    if _blas is None:
+        _blas = ThreadpoolController()
+    _blas.limit(limits=n, user_api="blas")
     try:
         import numba
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     except (ImportError, ValueError):
         pass
+    _threads = n
+    if n > 1 and (_pool is None or _pool._max_workers != n):
+        _pool = ThreadPoolExecutor(n, thread_name_prefix="bmm")
     return n
+
+
+def bmm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a (..., n, k) @ b (..., k, m) with equal leading dims, e.g. (B, NH, T, hs) @ (B, NH, hs, T)."""
+    lead = a.shape[:-2]
+    N = int(np.prod(lead)) if lead else 1
+    if _threads <= 1 or N < 2 or a.shape[:-2] != b.shape[:-2]:
+        return a @ b
+    A = a.reshape(N, *a.shape[-2:])                      # views: leading dims are contiguous
+    Bm = b.reshape(N, *b.shape[-2:])
+    out = np.empty((N, A.shape[1], Bm.shape[2]), np.result_type(a, b))
+    cuts = np.linspace(0, N, min(_threads, N) + 1).astype(int)
+
+    def part(i):
+        s = slice(cuts[i], cuts[i + 1])
+        np.matmul(A[s], Bm[s], out=out[s])
+
+    with _blas.limit(limits=1, user_api="blas"):
+        list(_pool.map(part, range(len(cuts) - 1)))
+    return out.reshape(*lead, A.shape[1], Bm.shape[2])
+
+
+def _cpu_busy_jiffies() -> int:
+    with open("/proc/stat") as f:
+        vals = [int(v) for v in f.readline().split()[1:]]
+    return sum(vals) - vals[3] - vals[4]            # all minus idle and iowait
+
+
+def adapt_threads() -> int:
+    """In "auto" mode, every CHECK_EVERY_S seconds: use 1 thread while other processes keep
+    more than OTHERS_BUSY of a core busy, else the maximum. Called by the training loops and
+    generation; cheap when not due. Returns the thread count in use."""
+    if _auto is None or _auto["max"] < 2:
+        return _threads
+    now = time.perf_counter()
+    if now - _auto["t"] < CHECK_EVERY_S:
+        return _threads
+    try:
+        busy = _cpu_busy_jiffies() / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):     # no /proc (not Linux): keep the count
+        return _threads
+    t = os.times()
+    ours = t.user + t.system
+    if _auto["t"]:
+        others = ((busy - _auto["busy"]) - (ours - _auto["ours"])) / (now - _auto["t"])
+        want = 1 if others > OTHERS_BUSY else _auto["max"]
+        if want != _threads:
+            _set_threads(want)
+    _auto.update(t=now, busy=busy, ours=ours)
+    return _threads

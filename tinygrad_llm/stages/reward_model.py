@@ -33,7 +33,7 @@ from .common import load_resume, make_saver
 from .rollout import chat_prompt
 
 __all__ = ["RewardConfig", "RewardModel", "RewardModelTrainer", "STAGE_CONFIG", "TINY_OVERRIDES",
-           "encode_reply", "pad_right", "pairwise_loss", "run"]
+           "encode_reply", "mismatched_pairs", "pad_right", "pairwise_loss", "run"]
 
 
 @dataclass
@@ -48,6 +48,7 @@ class RewardConfig(LoopConfig):
     margin: float = 0.0             # Bradley-Terry margin (Llama 2); 0 = InstructGPT's loss
     eval_train_pairs: int = 256     # training pairs scored at the end for the train accuracy
     center_samples: int = 512       # SFT replies scored to centre the reward at 0 (0 = no centring)
+    mismatch_frac: float = 0.25     # share of each batch: SFT reply vs another prompt's reply (mismatched_pairs)
 
 
 STAGE_CONFIG = RewardConfig
@@ -182,10 +183,12 @@ class RewardModelTrainer:
         return {"accuracy": float((diff > 0).mean()), "margin": float(diff.mean()), "loss": loss, "diff": diff}
 
     def train(self, reward_data, epochs: float | None = None, val_data=None, center_replies=None,
-              save=None, resume=None) -> dict:
+              mismatch_replies=None, save=None, resume=None) -> dict:
         """Train on `reward_data` (pairs); `epochs` (seed API) overrides cfg.max_steps.
         val_data: held-out pairs for the accuracy curve; center_replies: [(prompt, reply)] whose
-        mean score is moved to 0 afterwards. -> figures (accuracies, margins, bias shift, time)."""
+        mean score is moved to 0 afterwards; mismatch_replies: [(prompt, reply)] for
+        cfg.mismatch_frac of each batch (see mismatched_pairs); save / resume: as loop.train's.
+        -> figures (accuracies, margins, bias shift, time)."""
         cfg = self.cfg
         if epochs is not None:
             cfg = replace(cfg, max_steps=max(1, math.ceil(epochs * len(reward_data) / cfg.batch_size)))
@@ -195,9 +198,14 @@ class RewardModelTrainer:
         train_enc = self.encode(reward_data)
         val_enc = self.encode(val_data) if val_data else []
 
+        n_mis = round(cfg.mismatch_frac * cfg.batch_size) if mismatch_replies and len(mismatch_replies) > 1 else 0
+
         def get_batch(rng):
-            pick = rng.choice(len(train_enc), min(cfg.batch_size, len(train_enc)), replace=False)
-            return self.batch([train_enc[i] for i in pick])
+            n = min(cfg.batch_size - n_mis, len(train_enc))
+            pairs = [train_enc[i] for i in rng.choice(len(train_enc), n, replace=False)]
+            if n_mis:
+                pairs += self.encode(mismatched_pairs(mismatch_replies, n_mis, rng))
+            return self.batch(pairs)
 
         def evaluate(model):
             st = self.pair_stats(val_enc)
@@ -231,6 +239,21 @@ class RewardModelTrainer:
         return -mean
 
 
+def mismatched_pairs(replies, n: int, rng) -> list[dict]:
+    """n pairs {prompt, chosen: its own reply, rejected: the reply to another prompt} from
+    [(prompt, reply)]. The bundled pairs alone let the RM judge a reply without reading the
+    prompt (its off-topic rejects are mostly of another *kind* than the prompt); these teach
+    that a reply must answer this prompt, the same idea as the off-topic pairs, at scale."""
+    out = []
+    for _ in range(100 * n):                               # bounded: a pool of one reply text yields nothing
+        if len(out) == n:
+            break
+        a, b = rng.integers(0, len(replies), 2)
+        if replies[a][1] != replies[b][1]:             # same text under two prompts: no preference
+            out.append({"prompt": replies[a][0], "chosen": replies[a][1], "rejected": replies[b][1]})
+    return out
+
+
 def sft_replies(convs) -> list[tuple[str, str]]:
     """(first user turn, the assistant reply to it) of each SFT conversation."""
     out = []
@@ -254,15 +277,13 @@ def run(ctx) -> dict:
     train_pairs, val_pairs = load_split(ctx.data_dir, "reward", seed=ctx.seed)
     rm = RewardModel.from_pretrained(ctx.load_model("sft_final", GPT), ctx.cfg.model, seed=ctx.seed)
     resume = load_resume(ctx, rm, "reward")
-    center = []
-    if cfg.center_samples:
-        try:
-            sft_train, _ = load_split(ctx.data_dir, "sft", seed=ctx.seed)
-        except DataError:
-            sft_train = []     # no SFT data beside the pairs: leave the reward uncentred
-        center = sft_replies(sft_train)
-        pick = np.random.default_rng(ctx.seed).permutation(len(center))[:cfg.center_samples]
-        center = [center[i] for i in pick]
+    try:
+        sft_train, _ = load_split(ctx.data_dir, "sft", seed=ctx.seed)
+    except DataError:
+        sft_train = []         # no SFT data beside the pairs: no centring, no mismatched pairs
+    replies = sft_replies(sft_train)
+    pick = np.random.default_rng(ctx.seed).permutation(len(replies))[:cfg.center_samples]
+    center = [replies[i] for i in pick]
 
     trainer = RewardModelTrainer(rm, tok, cfg, logger=ctx.logger, show_progress=ctx.show_progress, seed=ctx.seed)
     saver = make_saver(ctx, rm, "reward", "reward_model")
@@ -273,7 +294,10 @@ def run(ctx) -> dict:
         if kind != "final":
             saver(kind, step, opt, rng)
 
-    figures = trainer.train(train_pairs, val_data=val_pairs, center_replies=center, save=save, resume=resume)
+    # mismatched pairs from the SFT replies and the chosen replies (both held-in)
+    pool = list(dict.fromkeys(replies + [(p["prompt"], p["chosen"]) for p in train_pairs]))
+    figures = trainer.train(train_pairs, val_data=val_pairs, center_replies=center, mismatch_replies=pool,
+                            save=save, resume=resume)
     saver("final", figures["steps"], None, None)
     figures.update(headline=f"held-out pairwise acc {figures['val_accuracy']:.1%}, margin {figures['val_margin']:.2f}",
                    train_pairs=len(train_pairs), val_pairs=len(val_pairs), time_s=time.perf_counter() - t0)

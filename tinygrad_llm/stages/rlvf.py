@@ -10,9 +10,10 @@ tokens of the batch. `dr_grpo=True` drops the std division, which biases updates
 groups with low reward variance (Dr. GRPO, Liu et al. 2025, "Understanding R1-Zero-Like
 Training"); our token-level average already removes GRPO's per-reply length normalisation.
 
-The seed's `samples_per_task=2` is raised to 8 by default: with 2 samples a group has
-signal only when exactly one of the two is right, and its advantages are always +-1 (0.7
-after the eps), so most sampling time is spent on groups that teach nothing.
+The seed's `samples_per_task=2` is raised to 8 by default: a group of 2 has signal only
+when exactly one reply is right (then its advantages are always +-1, whatever the task's
+difficulty), so a task solved 10% of the time gives signal in 18% of its groups with G = 2
+but in 57% with G = 8, and most of the sampling time with G = 2 teaches nothing.
 
     trainer = RLVFTrainer(model, tokenizer, model_config, RLVFConfig())
     history = trainer.train(tasks, batch_size=4)
@@ -34,6 +35,7 @@ from ..engine import Tensor
 from ..loop import NonFiniteError, TrainingInterrupted, stop_on_signals
 from ..model import GPT
 from ..optim import AdamW, clip_grad_norm, get_lr
+from .common import load_resume, make_saver
 from .rollout import build_batch, logprobs_no_grad, rollout, token_logprobs
 from .verifiers import LogicVerifier, MathVerifier, states_answer, verify_task
 
@@ -52,6 +54,8 @@ class RLVFConfig:
     samples_per_task: int = 8        # group size G (seed: 2, too little signal, see module doc)
     # sampling
     tasks_per_iter: int = 8          # tasks (groups) per iteration; train(batch_size=...) overrides
+    curriculum: bool = True          # favour task kinds the policy solves sometimes (TaskSampler)
+    curriculum_floor: float = 0.05   # every kind keeps at least this weight
     temperature: float = 1.0         # sampling temperature; the loss optimises softmax(logits / T)
     max_new_tokens: int = 40
     # rewards
@@ -161,6 +165,45 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 # the trainer
 
 
+class TaskSampler:
+    """Picks each iteration's tasks. Plain: epochs over a reshuffled order. Curriculum (online
+    difficulty filtering, cf. Bae et al. 2025): a task *kind* (the data's "kind" tag, else its
+    type) is drawn with weight 1 - p^G - (1-p)^G + floor, where p is the kind's running solve
+    rate: that is the chance a group of G has both right and wrong replies, i.e. any signal.
+    The floor keeps every kind in play, so none drifts unwatched."""
+
+    EMA = 0.3        # weight of the newest group in a kind's running solve rate
+
+    def __init__(self, tasks, rng, group_size: int, curriculum: bool = True, floor: float = 0.05):
+        self.tasks, self.rng, self.G, self.curriculum, self.floor = tasks, rng, group_size, curriculum, floor
+        kinds = [str(t.get("kind", t["type"])) for t in tasks]
+        self.kinds = sorted(set(kinds)) if curriculum else ["all"]
+        members = {k: [i for i, kk in enumerate(kinds) if kk == k or not curriculum] for k in self.kinds}
+        self.queues = {k: [members[k], len(members[k])] for k in self.kinds}   # [order, position]
+        self.solve = {k: 0.5 for k in self.kinds}                            # unknown: most promising
+
+    def weights(self) -> np.ndarray:
+        p = np.array([self.solve[k] for k in self.kinds])
+        w = 1.0 - p ** self.G - (1.0 - p) ** self.G + self.floor
+        return w / w.sum()
+
+    def draw(self, n: int) -> list:
+        ks = self.rng.choice(len(self.kinds), size=n, p=self.weights()) if self.curriculum else np.zeros(n, int)
+        out = []
+        for k in (self.kinds[i] for i in ks):
+            q = self.queues[k]
+            if q[1] == len(q[0]):                  # epochs over the kind without replacement
+                q[0], q[1] = [int(i) for i in self.rng.permutation(q[0])], 0
+            out.append(self.tasks[q[0][q[1]]])
+            q[1] += 1
+        return out
+
+    def update(self, tasks, group_acc) -> None:
+        for t, acc in zip(tasks, group_acc):
+            k = str(t.get("kind", t["type"])) if self.curriculum else "all"
+            self.solve[k] += self.EMA * (float(acc) - self.solve[k])
+
+
 class RLVFTrainer:
     """GRPO on verifiable tasks. model: the policy (trained in place); ref_model: the frozen
     reference for the KL term (default: a copy of `model` as passed in)."""
@@ -181,29 +224,30 @@ class RLVFTrainer:
         self.opt = AdamW(list(model.named_parameters()), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         self.iteration = 0
         self.interrupted = None
+        self.last_group_acc = None
 
     # -- training -----------------------------------------------------------------------
     def train(self, tasks, batch_size: int | None = None) -> list[dict]:
-        """cfg.num_iterations GRPO iterations over `tasks`, batch_size tasks each (default
-        cfg.tasks_per_iter), cycling through a reshuffled order. -> one metrics dict per iteration.
-        Ctrl-C / SIGTERM stop at an iteration boundary (self.interrupted names the signal)."""
+        """GRPO iterations self.iteration ... cfg.num_iterations - 1 over `tasks`, batch_size tasks
+        each (default cfg.tasks_per_iter), cycling through a reshuffled order. -> one metrics
+        dict per iteration. Ctrl-C / SIGTERM stop at an iteration boundary (self.interrupted
+        then names the signal)."""
         if not tasks:
             raise ValueError("RLVF needs at least one training task")
         bs = batch_size or self.cfg.tasks_per_iter
-        order, pos, history = [], 0, []
-        bar = tqdm(range(self.cfg.num_iterations), desc="rlvf", disable=not self.show_progress, dynamic_ncols=True)
+        sampler = TaskSampler(tasks, self.rng, self.cfg.samples_per_task, self.cfg.curriculum, self.cfg.curriculum_floor)
+        history = []
+        bar = tqdm(range(self.iteration, self.cfg.num_iterations), desc="rlvf", initial=self.iteration,
+                   total=self.cfg.num_iterations, disable=not self.show_progress, dynamic_ncols=True)
         with stop_on_signals() as flag:
             for _ in bar:
-                batch = []
-                while len(batch) < bs:             # epochs without replacement
-                    if pos == len(order):
-                        order, pos = list(self.rng.permutation(len(tasks))), 0
-                    batch.append(tasks[order[pos]])
-                    pos += 1
+                batch = sampler.draw(bs)
                 row = self.step(batch)
+                sampler.update(batch, self.last_group_acc)
                 history.append(row)
-                if self.logger:
-                    self.logger.log("rlvf", row["iter"], **{k: v for k, v in row.items() if k != "iter"})
+                if self.logger:                    # NaN (no update this iteration) -> null in the JSON
+                    self.logger.log("rlvf", row["iter"], **{k: None if isinstance(v, float) and math.isnan(v) else v
+                                                            for k, v in row.items() if k != "iter"})
                 bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", kl=f"{row['kl']:.3f}")
                 if flag["stop"]:
                     self.interrupted = flag["stop"]
@@ -221,12 +265,16 @@ class RLVFTrainer:
         row_tasks = [t for t in tasks for _ in range(G)]
         rewards, correct = task_rewards(row_tasks, ro.texts, ro.finished, c)
         adv, zero_var = group_advantages(rewards, G, c.adv_eps, scale=not c.dr_grpo)
+        self.last_group_acc = correct.reshape(-1, G).mean(1)                   # (N,) for the sampler
         lens = np.array([len(r) for r in ro.replies])
         # entropy of the sampling policy, Monte-Carlo: E[-log pi(y)] over the sampled tokens
         entropy = -float(sum(ro.logprobs[b, :n].sum() for b, n in enumerate(lens)) / lens.sum())
         metrics = {"iter": self.iteration, "reward": float(rewards.mean()), "accuracy": float(correct.mean()),
                    "zero_var_share": float(zero_var.mean()), "reply_len": float(lens.mean()), "entropy": entropy,
-                   "finished": float(ro.finished.mean())}
+                   "finished": float(ro.finished.mean()),
+                   # why groups carry no signal: all solved (too easy) or none solved (too hard)
+                   "groups_all_correct": float(correct.reshape(-1, G).all(1).mean()),
+                   "groups_none_correct": float((~correct.reshape(-1, G)).all(1).mean())}
         # 2) update on the groups that carry signal; the others would only add KL gradient
         keep = np.flatnonzero(np.repeat(~zero_var, G))
         upd = {"loss": 0.0, "kl": float("nan"), "pg": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}
@@ -260,6 +308,13 @@ class RLVFTrainer:
                 first = {"loss": float(loss.data), **st, "grad_norm": norm}
         return first
 
+    def resume_from(self, state: dict) -> None:
+        """Continue after an interrupt: {"step", "optimizer", "rng"} as common.load_resume
+        returns them (the weights are already loaded). The task order restarts."""
+        self.opt.load_state_dict(state["optimizer"])
+        self.rng.bit_generator.state = state["rng"]
+        self.iteration = int(state["step"])
+
     # -- evaluation ---------------------------------------------------------------------
     def evaluate(self, tasks, samples: int | None = None, model=None) -> dict:
         """Greedy accuracy (overall and per type) and pass@k for k in PASS_KS from `samples`
@@ -273,6 +328,8 @@ class RLVFTrainer:
         for typ in ("math", "logic"):
             if (types == typ).any():
                 out[f"{typ}_accuracy"] = float(ok[types == typ].mean())
+        kinds = np.array([str(t.get("kind", t["type"])) for t in tasks])  # generated data tags a kind
+        out["by_kind"] = {str(k): float(ok[kinds == k].mean()) for k in sorted(set(kinds))}
         if n:
             texts = self._generate(model, tasks, n, c.eval_temperature, np.random.default_rng(self.eval_seed))
             hits = np.array([verify_task(t, r) for t, r in zip([t for t in tasks for _ in range(n)], texts)])
@@ -324,8 +381,10 @@ def _pct(x: float) -> str:
 
 def run(ctx) -> dict:
     """RLVF stage for train.py: load policy + reference, evaluate held-out tasks, train, evaluate,
-    save rlvf_final, plot. -> headline figures."""
+    save rlvf_final, plot. With --resume, an interrupted run continues from rlvf_last.
+    -> headline figures."""
     c, t0 = ctx.cfg.rlvf, time.perf_counter()
+    c.validate()
     init = c.init_from
     if init == "auto":
         init = "rlhf_final" if ctx.ckpt("rlhf_final").exists() else "sft_final"
@@ -333,35 +392,47 @@ def run(ctx) -> dict:
     train_tasks, val_tasks = load_split(ctx.data_dir, "rlvf", seed=ctx.seed)
     trainer = RLVFTrainer(policy, ctx.tokenizer, ctx.cfg.model, c, ref_model=ref, logger=ctx.logger,
                           show_progress=ctx.show_progress, seed=ctx.seed)
-    before = trainer.evaluate(val_tasks)
+    before = trainer.evaluate(val_tasks)        # the starting policy, before any resumed weights
+    if init != "sft_final":                     # the bar is set against the SFT model: measure it too
+        sft_eval = trainer.evaluate(val_tasks, samples=0, model=ref)
+    state = load_resume(ctx, policy, "rlvf")
+    if state:
+        trainer.resume_from(state)
+    save = make_saver(ctx, policy, "rlvf", "rlvf_final", extra={"init_from": init})
     history = trainer.train(train_tasks)
     if trainer.interrupted:
-        ctx.save_model(policy, "rlvf_final", "rlvf", trainer.iteration, extra={"interrupted": True})
-        raise TrainingInterrupted(f"rlvf: stopped by {trainer.interrupted} after iteration {trainer.iteration} "
-                                  "(weights so far saved as rlvf_final)")
+        save("interrupt", trainer.iteration, trainer.opt, trainer.rng)
+        raise TrainingInterrupted(f"rlvf: stopped by {trainer.interrupted} after iteration {trainer.iteration}")
     after = trainer.evaluate(val_tasks)
-    ctx.save_model(policy, "rlvf_final", "rlvf", trainer.iteration, extra={"init_from": init})
-    ev = {f"val_{w}_{k}": v for w, e in (("before", before), ("after", after)) for k, v in e.items()
-          if isinstance(v, float)}
-    ctx.logger.log("rlvf", trainer.iteration, **ev)
+    save("final", trainer.iteration, trainer.opt, trainer.rng)
+    ctx.logger.log("rlvf", trainer.iteration, **{f"val_{w}_{k}": v for w, e in (("before", before), ("after", after))
+                                                  for k, v in e.items() if isinstance(v, float)})
     plot = plot_history(history, ctx.logger.dir / "rlvf_curves.png") if history else None
     k = max(1, min(3, len(history)))         # start/end reward: mean of the first/last k iterations
-    out = {"headline": f"held-out acc {_pct(before['accuracy'])} -> {_pct(after['accuracy'])}",
-           "init_from": init, "n_val": len(val_tasks), "iterations": len(history),
+    out = {"headline": f"held-out acc {_pct(before['accuracy'])} -> {_pct(after['accuracy'])} "
+                       f"(math {_pct(before.get('math_accuracy', 0))} -> {_pct(after.get('math_accuracy', 0))}, "
+                       f"logic {_pct(before.get('logic_accuracy', 0))} -> {_pct(after.get('logic_accuracy', 0))})",
+           "init_from": init, "n_val": len(val_tasks), "iterations": trainer.iteration,
            "acc_before": before["accuracy"], "acc_after": after["accuracy"]}
+    if init != "sft_final":
+        out["acc_sft"] = sft_eval["accuracy"]
     for typ in ("math", "logic"):
         out[f"{typ}_before"] = before.get(f"{typ}_accuracy")
         out[f"{typ}_after"] = after.get(f"{typ}_accuracy")
     for kk in PASS_KS:
         out[f"pass@{kk}_before"] = before.get(f"pass@{kk}")
         out[f"pass@{kk}_after"] = after.get(f"pass@{kk}")
+    out["by_kind_before"], out["by_kind_after"] = before["by_kind"], after["by_kind"]
     if history:
         out.update(reward_start=float(np.mean([h["reward"] for h in history[:k]])),
                    reward_end=float(np.mean([h["reward"] for h in history[-k:]])),
                    zero_var_share=float(np.mean([h["zero_var_share"] for h in history])),
-                   kl_end=float(np.nanmean([h["kl"] for h in history[-k:]])))
+                   kl_end=float(np.nanmean([h["kl"] for h in history[-k:]])) if any(
+                       not math.isnan(h["kl"]) for h in history[-k:]) else None)
     out["plot"] = plot or "skipped (matplotlib not installed)"
     out["time_s"] = time.perf_counter() - t0
-    out["samples"] = [{"prompt": t["prompt"], "expected": t["expected_answer"], "before": b, "after": a}
-                      for t, b, a in list(zip(val_tasks, before["replies"], after["replies"]))[:c.n_show]]
+    # a fixed spread of held-out tasks (not picked by outcome)
+    show = np.unique(np.linspace(0, len(val_tasks) - 1, min(c.n_show, len(val_tasks))).astype(int))
+    out["samples"] = [{"prompt": val_tasks[i]["prompt"], "expected": val_tasks[i]["expected_answer"],
+                       "before": before["replies"][i], "after": after["replies"][i]} for i in show]
     return out

@@ -134,7 +134,7 @@ def parse_args(argv):
     ap.add_argument("--run-id", default=None, help="default: a timestamp")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--resume", action="store_true", help="continue interrupted stages from <stage>_last")
-    ap.add_argument("--threads", type=int, default=None, help="BLAS + Numba threads (default: see README)")
+    ap.add_argument("--threads", type=int, default=None, help="BLAS + Numba threads (default: auto, 2 dropping to 1 under load; see README)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--help-config", action="store_true", help="list every --section.field and its default")
     args, overrides = ap.parse_known_args(argv)

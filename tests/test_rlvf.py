@@ -15,8 +15,8 @@ from tinygrad_llm.loop import RunLogger
 from tinygrad_llm.model import GPT
 from tinygrad_llm.stages.common import StageContext
 from tinygrad_llm.stages.rlvf import (
-    TINY_OVERRIDES, LogicVerifier, MathVerifier, RLVFConfig, RLVFTrainer, group_advantages, grpo_loss,
-    pass_at_k, run, task_rewards,
+    TINY_OVERRIDES, LogicVerifier, MathVerifier, RLVFConfig, RLVFTrainer, TaskSampler, group_advantages,
+    grpo_loss, pass_at_k, run, task_rewards,
 )
 from tinygrad_llm.stages.rollout import build_batch, token_logprobs
 from tinygrad_llm.tokenizer import MyLLMTokenizer
@@ -72,6 +72,22 @@ def test_pass_at_k_matches_enumeration():
         assert pass_at_k(n, c, k) == pytest.approx(np.mean([any(s) for s in subsets]), abs=1e-12)
     with pytest.raises(ValueError):
         pass_at_k(2, 1, 4)
+
+
+def test_task_sampler_curriculum():
+    tasks = [{"type": "math", "prompt": f"{k}{i}", "expected_answer": "1", "kind": k}
+             for k in ("easy", "hard", "mid") for i in range(5)]
+    s = TaskSampler(tasks, np.random.default_rng(0), group_size=8, floor=0.05)
+    for _ in range(20):                                   # solve rates 1, 0 and 1/2 observed
+        s.update(tasks[::5], [1.0, 0.0, 0.5])
+    w = dict(zip(s.kinds, s.weights()))
+    assert w["mid"] > 0.9 and 0 < w["easy"] < 0.05 and 0 < w["hard"] < 0.05   # floor keeps them in play
+    drawn = s.draw(200)
+    assert sum(t["kind"] == "mid" for t in drawn) > 170
+    mids = [t["prompt"] for t in drawn if t["kind"] == "mid"][:5]
+    assert sorted(mids) == [f"mid{i}" for i in range(5)]  # epochs without replacement within a kind
+    plain = TaskSampler(tasks, np.random.default_rng(0), group_size=8, curriculum=False)
+    assert sorted(t["prompt"] for t in plain.draw(15)) == sorted(t["prompt"] for t in tasks)
 
 
 # -- the loss ---------------------------------------------------------------------------
@@ -160,11 +176,23 @@ def test_grpo_learns_trivial_task():
     assert set(history[0]) >= {"reward", "accuracy", "zero_var_share", "kl", "reply_len", "entropy"}
 
 
+def test_inner_epochs_reuse_samples_and_clip():
+    """GRPO's mu > 1: later epochs see ratios != 1, and the clip engages after a big step."""
+    tok = _digits_tokenizer()
+    model = GPT(get_tiny_config(vocab_size=len(tok)), seed=0)
+    tasks = [{"type": "math", "prompt": f"问题{i}", "expected_answer": "1"} for i in range(8)]
+    cfg = RLVFConfig(num_iterations=3, samples_per_task=8, tasks_per_iter=8, max_new_tokens=1, lr=3e-2,
+                     warmup_iters=0, inner_epochs=3, eval_samples=0, seed=0)
+    history = RLVFTrainer(model, tok, model.config, cfg).train(tasks)
+    assert max(h["clip_frac"] for h in history) > 0
+    assert all(np.isfinite(h["loss"]) and h["kl"] >= 0 for h in history if h["grad_norm"] > 0)
+
+
 def test_seed_api_and_reexports():
     tok = _digits_tokenizer()
     model = GPT(get_tiny_config(vocab_size=len(tok)))
     cfg = RLVFConfig(correct_reward=1.0, incorrect_reward=-0.5, num_iterations=2, samples_per_task=2,
-                     max_new_tokens=2, eval_samples=0)
+                     max_new_tokens=2, eval_samples=0, curriculum=True)
     trainer = RLVFTrainer(model, tok, model.config, cfg)
     history = trainer.train([{"type": "math", "prompt": "3 + 5 等于多少？", "expected_answer": "8"}], batch_size=4)
     assert len(history) == 2

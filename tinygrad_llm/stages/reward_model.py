@@ -33,26 +33,29 @@ from .common import load_resume, make_saver
 from .rollout import chat_prompt
 
 __all__ = ["RewardConfig", "RewardModel", "RewardModelTrainer", "STAGE_CONFIG", "TINY_OVERRIDES",
-           "encode_reply", "mismatched_pairs", "pad_right", "pairwise_loss", "run"]
+           "encode_reply", "synthetic_pairs", "pad_right", "pairwise_loss", "run"]
 
 
 @dataclass
 class RewardConfig(LoopConfig):
-    max_steps: int = 120            # ~2 min on 2 cores at the mini size; ~2.5 epochs of the bundled pairs
-    batch_size: int = 16            # pairs per step (32 sequences: chosen and rejected in one forward)
-    lr: float = 1e-4                # fine-tuning from SFT: an order of magnitude below SFT's lr
+    max_steps: int = 100            # ~2 passes over the 750 labelled pairs (half of each batch); ~2 min (mini)
+    batch_size: int = 32            # pairs per step (chosen and rejected rows share one forward)
+    lr: float = 3e-4
     warmup_steps: int = 10
     weight_decay: float = 0.0       # decay would pull the SFT trunk toward 0, not toward anything useful
-    eval_every: int = 40
+    eval_every: int = 25
     log_every: int = 5
     margin: float = 0.0             # Bradley-Terry margin (Llama 2); 0 = InstructGPT's loss
+    mismatch_frac: float = 0.375    # share of each batch: a reply vs the reply to another prompt (synthetic_pairs)
+    loop_frac: float = 0.125        # share of each batch: a reply vs a fragment of it repeated (synthetic_pairs)
+    freeze_embeddings: bool = True  # keep wte / wpe at their SFT values: fewer weights to overfit 750 pairs
+    length_groups: int = 4          # batches drawn per step and grouped by length (1 = no grouping)
     eval_train_pairs: int = 256     # training pairs scored at the end for the train accuracy
     center_samples: int = 512       # SFT replies scored to centre the reward at 0 (0 = no centring)
-    mismatch_frac: float = 0.25     # share of each batch: SFT reply vs another prompt's reply (mismatched_pairs)
 
 
 STAGE_CONFIG = RewardConfig
-TINY_OVERRIDES = {"max_steps": 6, "batch_size": 4, "warmup_steps": 2, "eval_every": 3, "log_every": 2,
+TINY_OVERRIDES = {"max_steps": 6, "batch_size": 8, "warmup_steps": 2, "eval_every": 3, "log_every": 2,
                   "eval_train_pairs": 16, "center_samples": 16}
 
 
@@ -187,7 +190,7 @@ class RewardModelTrainer:
         """Train on `reward_data` (pairs); `epochs` (seed API) overrides cfg.max_steps.
         val_data: held-out pairs for the accuracy curve; center_replies: [(prompt, reply)] whose
         mean score is moved to 0 afterwards; mismatch_replies: [(prompt, reply)] for
-        cfg.mismatch_frac of each batch (see mismatched_pairs); save / resume: as loop.train's.
+        the synthetic share of each batch (see synthetic_pairs); save / resume: as loop.train's.
         -> figures (accuracies, margins, bias shift, time)."""
         cfg = self.cfg
         if epochs is not None:
@@ -198,22 +201,31 @@ class RewardModelTrainer:
         train_enc = self.encode(reward_data)
         val_enc = self.encode(val_data) if val_data else []
 
-        n_mis = round(cfg.mismatch_frac * cfg.batch_size) if mismatch_replies and len(mismatch_replies) > 1 else 0
+        pool = mismatch_replies or []
+        n_mis = round(cfg.mismatch_frac * cfg.batch_size) if len(pool) > 1 else 0
+        n_loop = round(cfg.loop_frac * cfg.batch_size) if pool else 0
+
+        n_lab = min(cfg.batch_size - n_mis - n_loop, len(train_enc))
+        k = max(1, min(cfg.length_groups, len(train_enc) // max(n_lab, 1)))
 
         def get_batch(rng):
-            n = min(cfg.batch_size - n_mis, len(train_enc))
-            pairs = [train_enc[i] for i in rng.choice(len(train_enc), n, replace=False)]
-            if n_mis:
-                pairs += self.encode(mismatched_pairs(mismatch_replies, n_mis, rng))
-            return self.batch(pairs)
+            # length grouping (as Hugging Face's group_by_length): draw k batches' worth, sort by
+            # length, keep the j-th of k chunks. Every pair is as likely to be picked as before,
+            # and rows of similar length pad less. Synthetic pairs: the same chunk of their own draw.
+            j = int(rng.integers(k))
+            lab = [train_enc[i] for i in rng.choice(len(train_enc), n_lab * k, replace=False)]
+            syn = self.encode(synthetic_pairs(pool, n_mis * k, n_loop * k, rng))
+            return self.batch(_chunk(lab, k, j) + _chunk(syn, k, j))
 
         def evaluate(model):
             st = self.pair_stats(val_enc)
             return {k: v for k, v in st.items() if k != "diff"}
 
+        params = [(k, p) for k, p in self.rm.named_parameters()
+                  if not (cfg.freeze_embeddings and k.startswith(("transformer.wte.", "transformer.wpe.")))]
         t0 = time.perf_counter()
         out = train(self.rm, cfg, get_batch, self.loss_fn, stage="reward", logger=self.logger,
-                    evaluate=evaluate if val_enc else None, save=save, resume=resume,
+                    evaluate=evaluate if val_enc else None, save=save, resume=resume, params=params,
                     rng=np.random.default_rng(self.seed), show_progress=self.show_progress)
         train_time = time.perf_counter() - t0
         figures = {"steps": cfg.max_steps, "train_time_s": train_time}
@@ -239,18 +251,36 @@ class RewardModelTrainer:
         return -mean
 
 
-def mismatched_pairs(replies, n: int, rng) -> list[dict]:
-    """n pairs {prompt, chosen: its own reply, rejected: the reply to another prompt} from
-    [(prompt, reply)]. The bundled pairs alone let the RM judge a reply without reading the
-    prompt (its off-topic rejects are mostly of another *kind* than the prompt); these teach
-    that a reply must answer this prompt, the same idea as the off-topic pairs, at scale."""
+def _chunk(pairs, k: int, j: int) -> list:
+    """The j-th of k equal chunks of `pairs` sorted by their longer sequence."""
+    pairs = sorted(pairs, key=lambda p: max(len(p[0]), len(p[1])))
+    n = len(pairs) // k
+    return pairs[j * n:(j + 1) * n]
+
+
+def synthetic_pairs(replies, n_mismatch: int, n_loop: int, rng) -> list[dict]:
+    """Preference pairs made from held-in (prompt, reply) examples, for the two ways a sampling
+    LM goes wrong that 750 labelled pairs teach too thinly (and PPO would exploit):
+      mismatch: chosen = the reply to this prompt, rejected = the reply to another prompt
+                (the labelled off-topic rejects are mostly of another *kind* than the prompt,
+                so alone they let the RM score a reply without reading the prompt);
+      loop:     chosen = the reply, rejected = a fragment of it repeated ("...，...，...").
+    -> [{"prompt", "chosen", "rejected"}], n_mismatch + n_loop of them (fewer if the pool
+    has no two different replies)."""
     out = []
-    for _ in range(100 * n):                               # bounded: a pool of one reply text yields nothing
-        if len(out) == n:
+    for _ in range(100 * n_mismatch):              # bounded: a pool of one reply text yields nothing
+        if len(out) == n_mismatch:
             break
         a, b = rng.integers(0, len(replies), 2)
-        if replies[a][1] != replies[b][1]:             # same text under two prompts: no preference
+        if replies[a][1] != replies[b][1]:         # same text under two prompts: no preference
             out.append({"prompt": replies[a][0], "chosen": replies[a][1], "rejected": replies[b][1]})
+    for a in rng.integers(0, len(replies), n_loop) if replies else []:
+        prompt, reply = replies[a]
+        k = int(rng.integers(2, max(3, min(8, len(reply) // 2) + 1)))       # fragment of 2..8 characters
+        s = int(rng.integers(0, max(1, len(reply) - k)))
+        loop = "，".join([reply[s:s + k]] * max(3, len(reply) // (k + 1) + 1)) + "。"
+        if loop != reply:
+            out.append({"prompt": prompt, "chosen": reply, "rejected": loop})
     return out
 
 
@@ -294,7 +324,7 @@ def run(ctx) -> dict:
         if kind != "final":
             saver(kind, step, opt, rng)
 
-    # mismatched pairs from the SFT replies and the chosen replies (both held-in)
+    # synthetic pairs from the SFT replies and the labelled chosen replies (both held-in)
     pool = list(dict.fromkeys(replies + [(p["prompt"], p["chosen"]) for p in train_pairs]))
     figures = trainer.train(train_pairs, val_data=val_pairs, center_replies=center, mismatch_replies=pool,
                             save=save, resume=resume)

@@ -79,7 +79,7 @@ class RLHFConfig:
     target_kl: float = 0.0           # > 0: adaptive beta (Ziegler et al. 2019) toward this KL per reply
     kl_horizon: int = 400            # replies over which the adaptive controller acts
     # evaluation on held-out prompts (same sampling settings as training)
-    eval_prompts: int = 48
+    eval_prompts: int = 96           # held-out prompts (a seeded sample); 0 = all of them
     eval_samples: int = 4            # samples per prompt
     eval_batch: int = 96             # rows per generate() call
     n_show: int = 5
@@ -427,7 +427,8 @@ class PPOTrainer:
             texts += ro.texts
         return {"score": float(np.mean(scores)), "score_std": float(np.std(scores)), "kl": float(np.mean(kls)),
                 "eos_rate": float(np.mean(finished)), "distinct": len(set(texts)) / len(texts),
-                "reply_len": float(np.mean(lens)), "n": len(texts), "texts": texts, "samples_per_prompt": n}
+                "reply_len": float(np.mean(lens)), "n": len(texts), "texts": texts, "samples_per_prompt": n,
+                "scores": np.array(scores), "kls": np.array(kls)}
 
 
 # ----------------------------------------------------------------------------------------
@@ -477,7 +478,7 @@ def run(ctx) -> dict:
     val_prompts = [p for p in user_prompts(val_convs) if p not in held_in]
     if not val_prompts:
         raise DataError(f"{ctx.data_dir}: no held-out SFT prompt that is not also a training prompt")
-    pick = np.random.default_rng(ctx.seed).permutation(len(val_prompts))[:c.eval_prompts]
+    pick = np.random.default_rng(ctx.seed).permutation(len(val_prompts))[:c.eval_prompts or None]
     val_prompts = [val_prompts[i] for i in sorted(pick)]
 
     policy, ref = ctx.load_model("sft_final"), ctx.load_model("sft_final")
@@ -502,12 +503,15 @@ def run(ctx) -> dict:
                                              for k, v in e.items() if isinstance(v, float)})
     plot = plot_history(history, ctx.logger.dir / "rlhf_ppo.png") if history else None
     n = before["samples_per_prompt"]
+    # paired by prompt: the standard error of the mean per-prompt gain
+    gain = (after["scores"] - before["scores"]).reshape(-1, n).mean(1)
+    gain_se = float(gain.std(ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else float("nan")
     samples = [{"prompt": p, "before": before["texts"][i * n], "after": after["texts"][i * n]}
                for i, p in enumerate(val_prompts[:c.n_show])]
-    return {"headline": f"held-out RM score {before['score']:+.2f} -> {after['score']:+.2f}, "
+    return {"headline": f"held-out RM score {before['score']:+.2f} -> {after['score']:+.2f} (gain SE {gain_se:.2f}), "
                         f"KL to SFT {after['kl']:.2f} nats/reply, EOS {after['eos_rate']:.0%}, "
                         f"distinct {after['distinct']:.0%}",
-            "score_before": before["score"], "score_after": after["score"],
+            "score_before": before["score"], "score_after": after["score"], "score_gain_se": gain_se,
             "kl_before": before["kl"], "kl_after": after["kl"],
             "eos_rate_before": before["eos_rate"], "eos_rate_after": after["eos_rate"],
             "distinct_before": before["distinct"], "distinct_after": after["distinct"],

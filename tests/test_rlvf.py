@@ -221,5 +221,10 @@ def test_stage_run_tiny(tmp_path):
                 "pass@4_after", "reward_start", "reward_end", "zero_var_share", "time_s", "samples"):
         assert key in out, key
     assert out["init_from"] == "sft_final" and len(out["samples"]) == min(TINY_OVERRIDES["n_show"], out["n_val"])
+    try:
+        import matplotlib  # noqa: F401
+        assert (tmp_path / "run" / "rlvf_curves.png").exists()
+    except ImportError:
+        assert out["plot"].startswith("skipped")
     rows = ctx.logger.read_metrics("rlvf")
     assert len([r for r in rows if "reward" in r]) == TINY_OVERRIDES["num_iterations"]

@@ -35,6 +35,7 @@ from ..engine import Tensor
 from ..loop import NonFiniteError, TrainingInterrupted, stop_on_signals
 from ..model import GPT
 from ..optim import AdamW, clip_grad_norm, get_lr
+from ..report import plot_stage
 from .common import load_resume, make_saver
 from .rollout import build_batch, logprobs_no_grad, rollout, token_logprobs
 from .verifiers import LogicVerifier, MathVerifier, states_answer, verify_task
@@ -53,7 +54,7 @@ class RLVFConfig:
     num_iterations: int = 30
     samples_per_task: int = 8        # group size G (seed: 2, too little signal, see module doc)
     # sampling
-    tasks_per_iter: int = 8          # tasks (groups) per iteration; train(batch_size=...) overrides
+    tasks_per_iter: int = 16         # tasks (groups) per iteration; train(batch_size=...) overrides
     curriculum: bool = False         # favour task kinds the policy solves sometimes (TaskSampler)
     curriculum_floor: float = 0.05   # every kind keeps at least this weight
     temperature: float = 1.0         # sampling temperature; the loss optimises softmax(logits / T)
@@ -359,28 +360,6 @@ class RLVFTrainer:
 # the stage
 
 
-def plot_history(history: list[dict], path) -> str | None:
-    """Training curves as a PNG; returns None (and draws nothing) without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    keys = [("reward", "mean reward"), ("accuracy", "batch accuracy"), ("zero_var_share", "zero-variance groups"),
-            ("kl", "KL to SFT (k3)"), ("reply_len", "reply length (tokens)"), ("entropy", "entropy (nats/token)")]
-    fig, axes = plt.subplots(2, 3, figsize=(12, 6))
-    it = [h["iter"] for h in history]
-    for ax, (k, title) in zip(axes.ravel(), keys):
-        ax.plot(it, [h[k] for h in history])
-        ax.set_title(title)
-        ax.set_xlabel("iteration")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return str(path)
-
-
 def _pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
@@ -413,7 +392,8 @@ def run(ctx) -> dict:
     save("final", trainer.iteration, trainer.opt, trainer.rng)
     ctx.logger.log("rlvf", trainer.iteration, **{f"val_{w}_{k}": v for w, e in (("before", before), ("after", after))
                                                   for k, v in e.items() if isinstance(v, float)})
-    plot = plot_history(history, ctx.logger.dir / "rlvf_curves.png") if history else None
+    # the run report's plotter (train.py redraws it with every stage at the end of the run)
+    plot = plot_stage("rlvf", ctx.logger.read_metrics("rlvf"), ctx.logger.dir) if history else None
     k = max(1, min(3, len(history)))         # start/end reward: mean of the first/last k iterations
     out = {"headline": f"held-out acc {_pct(before['accuracy'])} -> {_pct(after['accuracy'])} "
                        f"(math {_pct(before.get('math_accuracy', 0))} -> {_pct(after.get('math_accuracy', 0))}, "
@@ -435,7 +415,7 @@ def run(ctx) -> dict:
                    zero_var_share=float(np.mean([h["zero_var_share"] for h in history])),
                    kl_end=float(np.nanmean([h["kl"] for h in history[-k:]])) if any(
                        not math.isnan(h["kl"]) for h in history[-k:]) else None)
-    out["plot"] = plot or "skipped (matplotlib not installed)"
+    out["plot"] = str(plot) if plot else "skipped (matplotlib not installed)"
     out["time_s"] = time.perf_counter() - t0
     # a fixed spread of held-out tasks (not picked by outcome)
     show = np.unique(np.linspace(0, len(val_tasks) - 1, min(c.n_show, len(val_tasks))).astype(int))

@@ -15,6 +15,15 @@ when exactly one reply is right (then its advantages are always +-1, whatever th
 difficulty), so a task solved 10% of the time gives signal in 18% of its groups with G = 2
 but in 57% with G = 8, and most of the sampling time with G = 2 teaches nothing.
 
+Only groups with unequal rewards are put through the update (the others have A = 0 and
+would add KL gradient only); their share is logged as zero_var_share. Dropout is off in
+this stage, so the sampler and the loss see one function and the first PPO ratio is 1.
+
+What to expect: RL sharpens what the SFT model can already do sometimes. Greedy accuracy
+can rise at most toward pass@k of the starting model (the share of tasks it solves in k
+samples), so evaluate() reports pass@1 / pass@4 beside greedy accuracy: if pass@4 is barely
+above greedy accuracy, the SFT model (or the task set) is the bottleneck, not this stage.
+
     trainer = RLVFTrainer(model, tokenizer, model_config, RLVFConfig())
     history = trainer.train(tasks, batch_size=4)
     print(trainer.evaluate(test_tasks)["accuracy"])
@@ -145,8 +154,8 @@ def grpo_loss(logp: Tensor, old_logp, ref_logp, adv, mask, clip_eps: float = 0.2
     d = (np.asarray(ref_logp, dt) - logp) * m
     kl = d.exp() - d - 1.0                                                  # (B, L), 0 at padding
     n = max(float(m.sum()), 1.0)
-    # token-level average; 1/n is folded into the weights because a 0-d Tensor times a Python
-    # float comes back float32 from the engine (numpy returns a scalar, not a 0-d array)
+    # token-level average over the whole batch (DAPO's choice; Dr. GRPO's point is that a
+    # per-reply 1/|o_i| favours long wrong replies), 1/n folded into the mask weights
     loss = ((kl * beta - surr) * (m / n)).sum()
     r = ratio.data
     stats = {"kl": float((kl.data * m).sum() / n), "pg": float((-surr.data * m).sum() / n),

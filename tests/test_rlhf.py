@@ -203,3 +203,17 @@ def test_stage_runs_on_tiny_config(tmp_path):
     for k in ("score", "kl", "rlhf_reward", "approx_kl", "clip_frac", "ratio_min", "ratio_max", "entropy",
               "value_loss", "explained_var", "eos_rate", "reply_len"):
         assert k in rows[0], k
+
+
+def test_seed_api(tok):
+    """The seed README's example, end to end on the tiny model (tiny sizes so it runs in seconds)."""
+    from tinygrad_llm import PPOTrainer as P, RewardModel as RM, RewardModelTrainer, RLHFConfig as C
+    config = get_tiny_config(len(tok))
+    base_model = GPT(config, seed=0)
+    reward_model = RM.from_pretrained(base_model, config)
+    pairs = [{"prompt": p, "chosen": "好的，我来回答。", "rejected": "不知道。"} for p in PROMPTS]
+    RewardModelTrainer(reward_model, tok, config).train(pairs, epochs=1)
+    rlhf_config = C(clip_ratio=0.2, kl_coef=0.01, num_episodes=1, prompts_per_episode=2, minibatch_size=2,
+                    ppo_epochs=1, max_new_tokens=4)
+    history = P(GPT(config, seed=0), reward_model, tok, config, rlhf_config).train(PROMPTS)
+    assert len(history) == 1 and np.isfinite(history[0]["loss"])

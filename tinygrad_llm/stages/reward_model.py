@@ -10,6 +10,11 @@ shifted so that the SFT data's replies score 0 on average ("we normalize the RM 
 bias so that the labeler demonstrations achieve a mean score of 0 before doing RL",
 InstructGPT appendix C.2); the bias is a weight, so the shift is stored with the model.
 
+Half of each batch is synthetic by default (synthetic_pairs): a held-in reply against the
+reply to another prompt, or against a fragment of itself repeated. With only the labelled
+pairs the mini RM learns to score a reply without reading its prompt, and a looping reply is
+what PPO finds first when the RM does not punish it.
+
     rm = RewardModel.from_pretrained(sft_model, config)
     RewardModelTrainer(rm, tokenizer, RewardConfig()).train(reward_data, epochs=3)
     rm.score(["什么是机器学习？"], ["机器学习是……"])      # -> array([1.7], dtype=float32)
@@ -17,7 +22,6 @@ InstructGPT appendix C.2); the bias is a weight, so the shift is stored with the
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import dataclass, replace
 
@@ -49,7 +53,6 @@ class RewardConfig(LoopConfig):
     margin: float = 0.0             # Bradley-Terry margin (Llama 2); 0 = InstructGPT's loss
     mismatch_frac: float = 0.375    # share of each batch: a reply vs the reply to another prompt (synthetic_pairs)
     loop_frac: float = 0.125        # share of each batch: a reply vs a fragment of it repeated (synthetic_pairs)
-    contra_frac: float = 0.0        # share of each batch: a reply vs the reply with its answer contradicted
     freeze_embeddings: bool = True  # keep wte / wpe at their SFT values: fewer weights to overfit 750 pairs
     length_groups: int = 4          # batches drawn per step and grouped by length (1 = no grouping)
     eval_train_pairs: int = 256     # training pairs scored at the end for the train accuracy
@@ -206,9 +209,8 @@ class RewardModelTrainer:
         pool = mismatch_replies or []
         n_mis = round(cfg.mismatch_frac * cfg.batch_size) if len(pool) > 1 else 0
         n_loop = round(cfg.loop_frac * cfg.batch_size) if pool else 0
-        n_contra = round(cfg.contra_frac * cfg.batch_size) if pool else 0
 
-        n_lab = min(cfg.batch_size - n_mis - n_loop - n_contra, len(train_enc))
+        n_lab = min(cfg.batch_size - n_mis - n_loop, len(train_enc))
         k = max(1, min(cfg.length_groups, len(train_enc) // max(n_lab, 1)))
 
         def get_batch(rng):
@@ -217,7 +219,7 @@ class RewardModelTrainer:
             # and rows of similar length pad less. Synthetic pairs: the same chunk of their own draw.
             j = int(rng.integers(k))
             lab = [train_enc[i] for i in rng.choice(len(train_enc), n_lab * k, replace=False)]
-            syn = self.encode(synthetic_pairs(pool, n_mis * k, n_loop * k, rng, n_contra * k))
+            syn = self.encode(synthetic_pairs(pool, n_mis * k, n_loop * k, rng))
             return self.batch(_chunk(lab, k, j) + _chunk(syn, k, j))
 
         def evaluate(model):
@@ -261,29 +263,13 @@ def _chunk(pairs, k: int, j: int) -> list:
     return pairs[j * n:(j + 1) * n]
 
 
-def contradict(reply: str, rng) -> str | None:
-    """The reply with its answer flipped: a leading 是的/不是 swapped, else the number after the
-    last '=' (or after '答案是'), and its repeats from there on, moved by 1..9. None if neither applies."""
-    for a, b in (("是的，", "不是，"), ("不是，", "是的，")):
-        if reply.startswith(a):
-            return b + reply[len(a):]
-    cut = reply.rfind("=") if "=" in reply else reply.find("答案是")
-    nums = list(re.finditer(r"\d+", reply[cut + 1:])) if cut >= 0 else []
-    if not nums:
-        return None
-    old = nums[0].group()
-    new = str(max(0, int(old) + int(rng.choice([-1, 1])) * int(rng.integers(1, 10))))
-    return reply[:cut + 1] + re.sub(rf"(?<!\d){old}(?!\d)", new, reply[cut + 1:]) if new != old else None
-
-
-def synthetic_pairs(replies, n_mismatch: int, n_loop: int, rng, n_contra: int = 0) -> list[dict]:
+def synthetic_pairs(replies, n_mismatch: int, n_loop: int, rng) -> list[dict]:
     """Preference pairs made from held-in (prompt, reply) examples, for the two ways a sampling
     LM goes wrong that 750 labelled pairs teach too thinly (and PPO would exploit):
       mismatch: chosen = the reply to this prompt, rejected = the reply to another prompt
                 (the labelled off-topic rejects are mostly of another *kind* than the prompt,
                 so alone they let the RM score a reply without reading the prompt);
-      loop:     chosen = the reply, rejected = a fragment of it repeated ("...，...，...");
-      contra:   chosen = the reply, rejected = its answer contradicted (see contradict).
+      loop:     chosen = the reply, rejected = a fragment of it repeated ("...，...，...").
     -> [{"prompt", "chosen", "rejected"}], n_mismatch + n_loop of them (fewer if the pool
     has no two different replies)."""
     out = []
@@ -300,13 +286,6 @@ def synthetic_pairs(replies, n_mismatch: int, n_loop: int, rng, n_contra: int = 
         loop = "，".join([reply[s:s + k]] * max(3, len(reply) // (k + 1) + 1)) + "。"
         if loop != reply:
             out.append({"prompt": prompt, "chosen": reply, "rejected": loop})
-    n_before = len(out)
-    for a in rng.integers(0, len(replies), 20 * n_contra) if replies else []:
-        if len(out) - n_before == n_contra:
-            break
-        bad = contradict(replies[a][1], rng)
-        if bad is not None:
-            out.append({"prompt": replies[a][0], "chosen": replies[a][1], "rejected": bad})
     return out
 
 

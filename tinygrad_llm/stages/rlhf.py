@@ -44,6 +44,7 @@ from ..data import DataError, load_split
 from ..engine import Tensor
 from ..loop import train
 from ..model import GPT, ScalarHead
+from ..report import plot_stage
 from ..tokenizer import IM_END_ID
 from .common import load_resume, make_saver
 from .reward_model import RewardModel
@@ -435,32 +436,6 @@ class PPOTrainer:
 # the stage
 
 
-PLOTS = [("score", "RM score"), ("kl", "KL to SFT (nats / reply)"), ("rlhf_reward", "score - beta KL"),
-         ("approx_kl", "approx KL (old || new)"), ("clip_frac", "clip fraction"), ("entropy", "entropy (nats / token)"),
-         ("value_loss", "value loss"), ("explained_var", "explained variance"), ("eos_rate", "EOS rate"),
-         ("reply_len", "reply length (tokens)")]
-
-
-def plot_history(history: list[dict], path) -> str | None:
-    """PPO curves against the update step as a PNG; None (nothing drawn) without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, axes = plt.subplots(2, 5, figsize=(17, 6))
-    steps = [h["step"] for h in history]
-    for ax, (k, title) in zip(axes.ravel(), PLOTS):
-        ax.plot(steps, [h.get(k, float("nan")) for h in history], lw=1)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("update", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return str(path)
-
-
 def user_prompts(convs) -> list[str]:
     """The first user turn of each conversation, deduplicated in order (later turns lean on
     their context, so alone they are not fair prompts)."""
@@ -496,12 +471,15 @@ def run(ctx) -> dict:
 
     te = time.perf_counter()
     before = trainer.evaluate(val_prompts, model=ref)              # the SFT model, same draws as after
+    tt = time.perf_counter()
     history = trainer.train(train_prompts, save=save, resume=resume)
+    train_time = time.perf_counter() - tt
     after = trainer.evaluate(val_prompts)
-    ppo_time = time.perf_counter() - te
+    eval_time = time.perf_counter() - te - train_time
     ctx.logger.log("rlhf", len(history), **{f"val_{w}_{k}": v for w, e in (("before", before), ("after", after))
                                              for k, v in e.items() if isinstance(v, float)})
-    plot = plot_history(history, ctx.logger.dir / "rlhf_ppo.png") if history else None
+    # the run report's plotter (train.py redraws it with every stage at the end of the run)
+    plot = plot_stage("rlhf", ctx.logger.read_metrics("rlhf"), ctx.logger.dir) if history else None
     n = before["samples_per_prompt"]
     # paired by prompt: the standard error of the mean per-prompt gain
     gain = (after["scores"] - before["scores"]).reshape(-1, n).mean(1)
@@ -518,5 +496,6 @@ def run(ctx) -> dict:
             "reply_len_before": before["reply_len"], "reply_len_after": after["reply_len"],
             "eval_prompts": len(val_prompts), "eval_samples_per_prompt": n, "train_prompts": len(train_prompts),
             "episodes": c.num_episodes, "updates": len(history), "kl_coef_end": trainer.kl_ctl.value,
-            "plot": plot or "skipped (matplotlib not installed)", "ppo_time_s": ppo_time,
+            "plot": str(plot) if plot else "skipped (matplotlib not installed)", "train_time_s": train_time,
+            "eval_time_s": eval_time,
             "time_s": time.perf_counter() - t0, "samples": samples}

@@ -15,11 +15,12 @@ PREFERRED = {
     "pretrain": ["loss", "val_loss", "val_bpc", "grad_norm", "tokens_per_s"],
     "sft": ["loss", "val_loss", "grad_norm", "tokens_per_s"],
     "reward": ["loss", "accuracy", "val_accuracy", "margin", "val_margin"],
-    "rlhf": ["score", "kl", "rlhf_reward", "clip_frac", "approx_kl", "entropy", "value_loss", "eos_rate"],
+    "rlhf": ["score", "kl", "rlhf_reward", "clip_frac", "approx_kl", "entropy", "value_loss", "eos_rate",
+             "explained_var", "reply_len"],
     "rlvf": ["reward", "accuracy", "val_accuracy", "zero_var_share", "kl", "entropy", "reply_len"],
 }
 PAIRS = {"loss": "val_loss", "accuracy": "val_accuracy", "margin": "val_margin"}  # drawn on one panel
-MAX_PANELS = 8
+MAX_PANELS = 12
 SKIP = {"step", "stage", "lr"}
 
 

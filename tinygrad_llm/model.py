@@ -13,7 +13,7 @@ from . import kernels as K
 from . import nn
 from .config import GPTConfig
 from .engine import Tensor
-from .runtime import adapt_threads, bmm
+from .runtime import bmm, single_thread
 from .tokenizer import EOS_ID, IM_END_ID, PAD_ID
 
 
@@ -118,11 +118,10 @@ class GPT(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            with E.no_grad():
+            with E.no_grad(), single_thread():      # tiny ops: threads cost more than they give
                 positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)    # first real token at 0
                 step_idx, n_real = idx, valid.sum(1)
                 for t in range(max_new_tokens):
-                    adapt_threads()
                     cache.add_valid(valid if t == 0 else np.ones((B, 1), bool))
                     logits, _ = self(step_idx, positions=positions, cache=cache)
                     cache.advance(step_idx.shape[1])

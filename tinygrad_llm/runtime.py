@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -53,6 +54,25 @@ def _set_threads(n: int) -> int:
     if n > 1 and (_pool is None or _pool._max_workers != n):
         _pool = ThreadPoolExecutor(n, thread_name_prefix="bmm")
     return n
+
+
+@contextmanager
+def single_thread():
+    """Run a block with BLAS, Numba and bmm at one thread, then restore the count. Used for
+    decoding: one token's ops are tiny, and every parallel region of 2 BLAS / Numba threads
+    pays a thread wake-up that costs more than the work (measured on the 2-core machine, quiet:
+    batch-1 decode 2.0 ms/token at 1 thread, 20 ms at 2; bench/generate.py --threads 1,2)."""
+    n, auto = _threads, _auto
+    if n <= 1:
+        yield
+        return
+    _set_threads(1)
+    try:
+        yield
+    finally:
+        _set_threads(n)
+        if auto is not None:
+            auto["t"] = 0.0        # restart load sampling: the last sample saw our 1-thread span
 
 
 def bmm(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -196,6 +196,35 @@ def test_threaded_bmm_equals_matmul():
     assert runtime.bmm(a[:1, :1], b[:1, :1]).shape == (1, 1, 5, 7)
 
 
+@pytest.mark.parametrize("shape", [(300, 40, 200), (40, 300, 500), (257, 129, 257), (8, 9, 10)])
+def test_threaded_mm_equals_matmul(shape, monkeypatch):
+    """The split GEMM of linear(): row split (M >= N), column split, uneven cuts, and the
+    small-GEMM fallback, on C-ordered and transposed operands, in float64."""
+    from tinygrad_llm import runtime
+    monkeypatch.setattr(runtime, "PAR_MIN_FLOPS", 0)
+    M, K, N = shape
+    rng = np.random.default_rng(10)
+    a, b = rng.standard_normal((M, K)), rng.standard_normal((N, K)).T            # b: a transposed view
+    try:
+        runtime.configure_threads(2)
+        got, got_t = runtime.mm(a, b), runtime.mm(b.T, a.T)
+    finally:
+        runtime.configure_threads(1)
+    np.testing.assert_allclose(got, a @ b, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got_t, b.T @ a.T, rtol=1e-12, atol=1e-12)
+
+
+def test_single_thread_block_restores_the_count():
+    from tinygrad_llm import runtime
+    try:
+        runtime.configure_threads(2)
+        with runtime.single_thread():
+            assert runtime._threads == 1
+        assert runtime._threads == 2
+    finally:
+        runtime.configure_threads(1)
+
+
 def test_auto_threads_drop_to_one_when_others_are_busy(monkeypatch):
     from tinygrad_llm import runtime
     clock = {"busy": 0.0}

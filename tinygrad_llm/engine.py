@@ -21,7 +21,7 @@ from collections import defaultdict
 import numpy as np
 
 from . import kernels as K
-from .runtime import bmm
+from .runtime import bmm, mm
 
 # ----------------------------------------------------------------------------------------
 # global state: grad mode, the dropout RNG, the op profiler
@@ -476,7 +476,7 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None):
     if x.shape[-1] != w.shape[1]:
         raise ValueError(f"linear: input has {x.shape[-1]} features but weight is {w.shape} (out, in)")
     x2 = x.data.reshape(-1, x.shape[-1])                      # (N, in)
-    y = x2 @ w.data.T                                         # (N, out)
+    y = mm(x2, w.data.T)                                      # (N, out)
     if b is not None:
         y += b.data
     parents = (x, w) if b is None else (x, w, b)
@@ -484,8 +484,8 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None):
     if out.requires_grad:
         def _backward(dout):
             d2 = dout.reshape(-1, w.shape[0])                 # (N, out)
-            if x.requires_grad: x._accumulate((d2 @ w.data).reshape(x.shape))
-            if w.requires_grad: w._accumulate(d2.T @ x2)      # (out, in)
+            if x.requires_grad: x._accumulate(mm(d2, w.data).reshape(x.shape))
+            if w.requires_grad: w._accumulate(mm(d2.T, x2))   # (out, in)
             if b is not None and b.requires_grad: b._accumulate(d2.sum(0))
         out._backward = _backward
     return out

@@ -67,7 +67,7 @@ class RLVFConfig:
     curriculum: bool = False         # favour task kinds the policy solves sometimes (TaskSampler)
     curriculum_floor: float = 0.05   # every kind keeps at least this weight
     temperature: float = 1.0         # sampling temperature; the loss optimises softmax(logits / T)
-    max_new_tokens: int = 48         # the longest house-style reply (word problems) is ~35 characters
+    max_new_tokens: int = 72         # the longest house-style reply (a worked subtraction) is 65 characters
     # rewards
     format_reward: float = 0.1       # bonus for closing with <|im_end|> and a parseable answer; 0 = off
     # GRPO update

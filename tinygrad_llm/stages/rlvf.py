@@ -45,6 +45,7 @@ from ..loop import NonFiniteError, TrainingInterrupted, stop_on_signals
 from ..model import GPT
 from ..optim import AdamW, clip_grad_norm, get_lr
 from ..report import plot_stage
+from ..runtime import adapt_threads
 from .common import load_resume, make_saver
 from .rollout import build_batch, logprobs_no_grad, rollout, token_logprobs
 from .verifiers import LogicVerifier, MathVerifier, states_answer, verify_task
@@ -271,6 +272,7 @@ class RLVFTrainer:
     def step(self, tasks) -> dict:
         """One GRPO iteration: sample a group per task, score, update. -> metrics."""
         c, G, t0 = self.cfg, self.cfg.samples_per_task, time.perf_counter()
+        adapt_threads()                            # as loop.train: 1 thread while others load the CPU
         self.policy.eval()                         # dropout off: the sampler and the loss see one function
         # 1) a group of G replies per task (rows task-major: task i owns rows i*G ... i*G+G-1)
         ro = rollout(self.policy, self.tok, [t["prompt"] for t in tasks], samples=G, temperature=c.temperature,

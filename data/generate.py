@@ -316,41 +316,66 @@ def wrong_number(rng, c):
     return rng.choice([x for x in (c - 2, c - 1, c + 1, c + 2, c - 10, c + 10) if x >= 0 and len(str(x)) == len(str(c))])
 
 
-def column_steps(a, b, sym):
-    """The worked column method for a + b or a - b (a >= b), one digit at a time, or "" when both
-    operands are single digits (the fact is then stated directly). Every step is a one-digit fact,
-    so a problem the model never saw is a chain of facts it did see."""
+def column_steps(a, b, sym, du=0, dt=0):
+    """(worked column method for a + b or a - b (a >= b), its result), one digit at a time, or
+    ("", None) when both operands are single digits (the fact is then stated directly). Every
+    step is a one-digit fact, so a problem the model never saw is a chain of facts it did see.
+    du / dt add a slip to the ones / tens step; the rest of the chain follows the slip (a
+    reward model can catch it locally: "7 + 8 = 16" is wrong whatever the question)."""
     (ta, ua), (tb, ub) = divmod(a, 10), divmod(b, 10)
     if ta == 0 and tb == 0 or a >= 100:
-        return ""
+        return "", None
     if sym == "+":
-        s = ua + ub
+        s = ua + ub + du
         units = f"先算个位，{ua} + {ub} = {s}" + (f"，写{s - 10}进1" if s >= 10 else "")
         terms = [t for t in (ta, tb) if t] + ([1] if s >= 10 else [])
-        tens = f"十位是{terms[0]}" if len(terms) == 1 else f"再算十位，{' + '.join(map(str, terms))} = {sum(terms)}"
-        return f"{units}；{tens}"
-    if ua >= ub:
-        units, t = f"先算个位，{ua} - {ub} = {ua - ub}", ta
+        tens_sum = sum(terms) + (dt if len(terms) > 1 else 0)
+        tens = f"十位是{terms[0]}" if len(terms) == 1 else f"再算十位，{' + '.join(map(str, terms))} = {tens_sum}"
+        return f"{units}；{tens}", 10 * tens_sum + s % 10
+    borrow = ua < ub
+    d, t = (ua + 10 - ub if borrow else ua - ub) + du, ta - borrow
+    units = (f"个位{ua}不够减{ub}，从十位借1，{ua + 10} - {ub} = {d}" if borrow else
+             f"先算个位，{ua} - {ub} = {d}")
+    if tb == 0:
+        tens, t_res = (f"十位借走1后是{t}" if borrow else f"十位是{t}"), t
     else:
-        units, t = f"个位{ua}不够减{ub}，从十位借1，{ua + 10} - {ub} = {ua + 10 - ub}", ta - 1
-    tens = (f"十位是{t}" if ua >= ub else f"十位借走1后是{t}") if tb == 0 else \
-        (f"再算十位，{t} - {tb} = {t - tb}" if ua >= ub else f"十位借走1后是{t}，{t} - {tb} = {t - tb}")
-    return f"{units}；{tens}"
+        t_res = t - tb + dt
+        tens = (f"十位借走1后是{t}，{t} - {tb} = {t_res}" if borrow else f"再算十位，{t} - {tb} = {t_res}")
+    return f"{units}；{tens}", 10 * t_res + d
+
+
+def slipped_steps(a, b, sym, c):
+    """A worked chain with one slipped step -> (steps, wrong result), or None if no slip keeps
+    the chain's shape (so the pair differs in digits only, never in length or format). Deterministic per problem (no draw from the
+    generator's stream, so the other files do not depend on it)."""
+    slips = [(du, 0) for du in (-1, 1)] + [(0, dt) for dt in (-1, 1)]
+    random.Random(f"{a}{sym}{b}").shuffle(slips)
+    shape = re.sub(r"\d", "0", column_steps(a, b, sym)[0])
+    for du, dt in slips:
+        steps, w = column_steps(a, b, sym, du, dt)
+        # same shape (no carry/borrow appears or vanishes, no digit count changes): only facts differ
+        if w is not None and w != c and w >= 0 and len(str(w)) == len(str(c)) and re.sub(r"\d", "0", steps) == shape \
+                and "-" not in steps.replace(" - ", ""):
+            return steps, w
+    return None
 
 
 def arith_task(rng, kind, sym, prompt, a, b, c):
     """Math task in the house style: "a + b = c，答案是c。" for one-digit operands and products,
     "<column steps>。所以a + b = c，答案是c。" for two-digit sums and differences, and
     "因为d × c = a，所以a ÷ d = c，答案是c。" for division (the inverse multiplication fact).
-    The wrong reply keeps the steps and states a wrong result (a reward model must check it)."""
+    The wrong reply has one wrong one-digit fact and follows it to a wrong result: in a worked
+    chain one step slips, elsewhere the stated fact itself is wrong ("3 + 5 = 9")."""
     w = wrong_number(rng, c)
     if sym == "÷":
-        pre = f"因为{b} × {c} = {a}，所以"
-    else:
-        steps = column_steps(a, b, sym) if sym in "+-" else ""
-        pre = f"{steps}。所以" if steps else ""
+        return new_task("math", kind, prompt, str(c), f"因为{b} × {c} = {a}，所以{a} ÷ {b} = {c}，答案是{c}。",
+                        f"因为{b} × {w} = {a}，所以{a} ÷ {b} = {w}，答案是{w}。")
+    steps = column_steps(a, b, sym)[0] if sym in "+-" else ""
+    slip = slipped_steps(a, b, sym, c) if steps else None
+    bad_steps, w = slip if slip else (steps, w)
+    pre, bad_pre = (f"{steps}。所以", f"{bad_steps}。所以") if steps else ("", "")
     return new_task("math", kind, prompt, str(c), f"{pre}{a} {sym} {b} = {c}，答案是{c}。",
-                    f"{pre}{a} {sym} {b} = {w}，答案是{w}。")
+                    f"{bad_pre}{a} {sym} {b} = {w}，答案是{w}。")
 
 
 def make_add(rng, key, i):

@@ -359,8 +359,8 @@ PICKLE_RE = re.compile(r"\b(import\s+(c?pickle|dill|joblib|shelve|marshal)|from\
 
 
 def test_no_module_uses_pickle():
-    sources = [p for p in ROOT.rglob("*.py")
-               if not any(part in (".git", "tests", "build") or part.endswith(".egg-info") for part in p.parts)]
+    # the project's own code only (a virtualenv inside the checkout holds third-party pickle users)
+    sources = list(ROOT.glob("*.py")) + [p for d in ("tinygrad_llm", "bench", "data") for p in (ROOT / d).rglob("*.py")]
     assert any(p.name == "checkpoint.py" for p in sources)
     offenders = [f"{p.relative_to(ROOT)}:{n}: {line.strip()}" for p in sources
                  for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if PICKLE_RE.search(line)]

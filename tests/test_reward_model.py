@@ -14,7 +14,8 @@ from tinygrad_llm.loop import RunLogger
 from tinygrad_llm.model import GPT
 from tinygrad_llm.stages.common import StageContext
 from tinygrad_llm.stages.reward_model import (RewardConfig, RewardModel, RewardModelTrainer, TINY_OVERRIDES,
-                                              encode_reply, pad_right, pairwise_loss, run, synthetic_pairs)
+                                              encode_reply, pad_right, pairwise_loss, run, slip,
+                                              synthetic_pairs)
 from tinygrad_llm.tokenizer import IM_END_ID, PAD_ID, MyLLMTokenizer
 
 SRC = Path(__file__).resolve().parents[1] / "data" / "src"
@@ -128,6 +129,29 @@ def test_synthetic_pairs():
         frag = p["rejected"].split("，")[0]
         assert frag in p["chosen"] and p["rejected"].count(frag) >= 3
     assert synthetic_pairs([("a", "同一句。"), ("b", "同一句。")], 2, 0, np.random.default_rng(0)) == []
+
+
+@pytest.mark.parametrize("reply, wrong_spans", [
+    ("3 + 5 = 8，答案是8。", ["3 + 5 = 7", "3 + 5 = 9"]),
+    ("因为8 × 7 = 56，所以56 ÷ 8 = 7，答案是7。", ["8 × 7 = 55", "8 × 7 = 57", "56 ÷ 8 = 6", "56 ÷ 8 = 8"]),
+    ("9 - 9 = 0，答案是0。", ["9 - 9 = 1"]),
+    ("5 + 5 = 10，答案是10。", ["5 + 5 = 11"]),
+])
+def test_slip_states_one_wrong_fact(reply, wrong_spans):
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        bad = slip(reply, rng)
+        assert bad != reply and len(bad) == len(reply) and any(w in bad for w in wrong_spans), bad
+
+
+def test_slip_leaves_replies_without_a_correct_equation():
+    rng = np.random.default_rng(0)
+    assert slip("今天天气很好。", rng) is None
+    assert slip("1 + 1 = 3，4 + 3 + 1 = 9", rng) is None      # wrong facts are not "corrected" into others
+    pool = [("q", "2 × 3 = 6，答案是6。"), ("p", "你好！")]
+    out = synthetic_pairs(pool, 0, 0, rng, n_slip=4)
+    assert len(out) == 4 and all(p["prompt"] == "q" and p["rejected"] in ("2 × 3 = 5，答案是6。", "2 × 3 = 7，答案是6。")
+                                 for p in out)
 
 
 def test_freeze_embeddings_and_synthetic_batches(tok):

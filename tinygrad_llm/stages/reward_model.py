@@ -10,10 +10,11 @@ shifted so that the SFT data's replies score 0 on average ("we normalize the RM 
 bias so that the labeler demonstrations achieve a mean score of 0 before doing RL",
 InstructGPT appendix C.2); the bias is a weight, so the shift is stored with the model.
 
-Half of each batch is synthetic by default (synthetic_pairs): a held-in reply against the
-reply to another prompt, or against a fragment of itself repeated. With only the labelled
-pairs the mini RM learns to score a reply without reading its prompt, and a looping reply is
-what PPO finds first when the RM does not punish it.
+Five eighths of each batch are synthetic by default (synthetic_pairs): a held-in reply against
+the reply to another prompt, against a fragment of itself repeated, or against itself with one
+wrong arithmetic fact. With only the labelled pairs the mini RM learns to score a reply without
+reading its prompt, a looping reply is what PPO finds first when the RM does not punish it, and
+wrong arithmetic goes unnoticed (held-out wrong-math pairs: 43% without slip pairs, 70% with).
 
     rm = RewardModel.from_pretrained(sft_model, config)
     RewardModelTrainer(rm, tokenizer, RewardConfig()).train(reward_data, epochs=3)
@@ -22,13 +23,14 @@ what PPO finds first when the RM does not punish it.
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .. import engine as E
-from ..config import GPTConfig, LoopConfig
+from ..config import ConfigError, GPTConfig, LoopConfig
 from ..data import DataError, load_split
 from ..engine import Tensor
 from ..loop import train
@@ -53,6 +55,14 @@ class RewardConfig(LoopConfig):
     margin: float = 0.0             # Bradley-Terry margin (Llama 2); 0 = InstructGPT's loss
     mismatch_frac: float = 0.375    # share of each batch: a reply vs the reply to another prompt (synthetic_pairs)
     loop_frac: float = 0.125        # share of each batch: a reply vs a fragment of it repeated (synthetic_pairs)
+    slip_frac: float = 0.125        # share of each batch: a reply vs the same with one wrong arithmetic fact
+
+    def validate(self, name: str = "reward"):
+        super().validate(name)
+        fracs = (self.mismatch_frac, self.loop_frac, self.slip_frac)
+        if min(fracs) < 0 or sum(fracs) >= 1:
+            raise ConfigError(f"{name}: mismatch_frac + loop_frac + slip_frac must be in [0, 1) "
+                              f"(labelled pairs fill the rest of each batch), got {sum(fracs):g}")
     freeze_embeddings: bool = True  # keep wte / wpe at their SFT values: fewer weights to overfit 750 pairs
     length_groups: int = 4          # batches drawn per step and grouped by length (1 = no grouping)
     eval_train_pairs: int = 256     # training pairs scored at the end for the train accuracy
@@ -209,8 +219,9 @@ class RewardModelTrainer:
         pool = mismatch_replies or []
         n_mis = round(cfg.mismatch_frac * cfg.batch_size) if len(pool) > 1 else 0
         n_loop = round(cfg.loop_frac * cfg.batch_size) if pool else 0
+        n_slip = round(cfg.slip_frac * cfg.batch_size) if pool else 0
 
-        n_lab = min(cfg.batch_size - n_mis - n_loop, len(train_enc))
+        n_lab = min(cfg.batch_size - n_mis - n_loop - n_slip, len(train_enc))
         k = max(1, min(cfg.length_groups, len(train_enc) // max(n_lab, 1)))
 
         def get_batch(rng):
@@ -219,15 +230,17 @@ class RewardModelTrainer:
             # and rows of similar length pad less. Synthetic pairs: the same chunk of their own draw.
             j = int(rng.integers(k))
             lab = [train_enc[i] for i in rng.choice(len(train_enc), n_lab * k, replace=False)]
-            syn = self.encode(synthetic_pairs(pool, n_mis * k, n_loop * k, rng))
+            syn = self.encode(synthetic_pairs(pool, n_mis * k, n_loop * k, rng, n_slip * k))
             return self.batch(_chunk(lab, k, j) + _chunk(syn, k, j))
 
         def evaluate(model):
             st = self.pair_stats(val_enc)
             return {k: v for k, v in st.items() if k != "diff"}
 
-        params = [(k, p) for k, p in self.rm.named_parameters()
-                  if not (cfg.freeze_embeddings and k.startswith(("transformer.wte.", "transformer.wpe.")))]
+        # reward_head.bias cancels in r_chosen - r_rejected: its gradient is float noise, which Adam
+        # would scale up to lr-sized steps. It only carries the centring shift, set after training.
+        params = [(k, p) for k, p in self.rm.named_parameters() if k != "reward_head.bias"
+                  and not (cfg.freeze_embeddings and k.startswith(("transformer.wte.", "transformer.wpe.")))]
         t0 = time.perf_counter()
         out = train(self.rm, cfg, get_batch, self.loss_fn, stage="reward", logger=self.logger,
                     evaluate=evaluate if val_enc else None, save=save, resume=resume, params=params,
@@ -263,15 +276,36 @@ def _chunk(pairs, k: int, j: int) -> list:
     return pairs[j * n:(j + 1) * n]
 
 
-def synthetic_pairs(replies, n_mismatch: int, n_loop: int, rng) -> list[dict]:
-    """Preference pairs made from held-in (prompt, reply) examples, for the two ways a sampling
+_EQUATION = re.compile(r"(\d+) ([+\-×÷]) (\d+) = (\d+)")
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "×": lambda a, b: a * b,
+        "÷": lambda a, b: a // b if b and a % b == 0 else None}
+
+
+def slip(reply: str, rng) -> str | None:
+    """The reply with one of its correct equations ("7 + 8 = 15") stating a result off by one
+    of the same length ("7 + 8 = 16"), or None if it has no correct equation."""
+    ok = [m for m in _EQUATION.finditer(reply) if _OPS[m[2]](int(m[1]), int(m[3])) == int(m[4])]
+    if not ok:
+        return None
+    m = ok[int(rng.integers(len(ok)))]
+    z = int(m[4])
+    options = [w for w in (z - 1, z + 1) if w >= 0 and len(str(w)) == len(m[4])]   # same length
+    wrong = options[int(rng.integers(len(options)))]
+    return reply[:m.start(4)] + str(wrong) + reply[m.end(4):]
+
+
+def synthetic_pairs(replies, n_mismatch: int, n_loop: int, rng, n_slip: int = 0) -> list[dict]:
+    """Preference pairs made from held-in (prompt, reply) examples, for the ways a sampling
     LM goes wrong that 750 labelled pairs teach too thinly (and PPO would exploit):
       mismatch: chosen = the reply to this prompt, rejected = the reply to another prompt
                 (the labelled off-topic rejects are mostly of another *kind* than the prompt,
                 so alone they let the RM score a reply without reading the prompt);
-      loop:     chosen = the reply, rejected = a fragment of it repeated ("...，...，...").
-    -> [{"prompt", "chosen", "rejected"}], n_mismatch + n_loop of them (fewer if the pool
-    has no two different replies)."""
+      loop:     chosen = the reply, rejected = a fragment of it repeated ("...，...，...");
+      slip:     chosen = a reply with arithmetic, rejected = the same with one wrong fact
+                ("7 + 8 = 16"): checkable without the question, so learnable by a model that
+                cannot yet compare a result with its question.
+    -> [{"prompt", "chosen", "rejected"}], n_mismatch + n_loop + n_slip of them (fewer if the
+    pool has no two different replies, or no reply with a correct equation)."""
     out = []
     for _ in range(100 * n_mismatch):              # bounded: a pool of one reply text yields nothing
         if len(out) == n_mismatch:
@@ -286,6 +320,12 @@ def synthetic_pairs(replies, n_mismatch: int, n_loop: int, rng) -> list[dict]:
         loop = "，".join([reply[s:s + k]] * max(3, len(reply) // (k + 1) + 1)) + "。"
         if loop != reply:
             out.append({"prompt": prompt, "chosen": reply, "rejected": loop})
+    with_eq = [i for i, (_, r) in enumerate(replies) if _EQUATION.search(r)] if n_slip else []
+    for a in rng.choice(with_eq, n_slip) if with_eq else []:
+        prompt, reply = replies[a]
+        bad = slip(reply, rng)
+        if bad is not None:
+            out.append({"prompt": prompt, "chosen": reply, "rejected": bad})
     return out
 
 

@@ -14,7 +14,8 @@ Five eighths of each batch are synthetic by default (synthetic_pairs): a held-in
 the reply to another prompt, against a fragment of itself repeated, or against itself with one
 wrong arithmetic fact. With only the labelled pairs the mini RM learns to score a reply without
 reading its prompt, a looping reply is what PPO finds first when the RM does not punish it, and
-wrong arithmetic goes unnoticed (held-out wrong-math pairs: 43% without slip pairs, 70% with).
+wrong arithmetic goes unnoticed (held-out wrong-math pairs: 43% without slip pairs, 48-70% with
+them over four runs).
 
     rm = RewardModel.from_pretrained(sft_model, config)
     RewardModelTrainer(rm, tokenizer, RewardConfig()).train(reward_data, epochs=3)

@@ -84,15 +84,16 @@ def bmm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     A = a.reshape(N, *a.shape[-2:])                      # views: leading dims are contiguous
     Bm = b.reshape(N, *b.shape[-2:])
     out = np.empty((N, A.shape[1], Bm.shape[2]), np.result_type(a, b))
-    cuts = np.linspace(0, N, min(_threads, N) + 1).astype(int)
-
-    def part(i):
-        s = slice(cuts[i], cuts[i + 1])
-        np.matmul(A[s], Bm[s], out=out[s])
-
-    with _blas.limit(limits=1, user_api="blas"):
-        list(_pool.map(part, range(len(cuts) - 1)))
+    _in_parts(N, lambda s: np.matmul(A[s], Bm[s], out=out[s]))
     return out.reshape(*lead, A.shape[1], Bm.shape[2])
+
+
+def _in_parts(n: int, work) -> None:
+    """work(slice) over min(threads, n) contiguous parts of range(n), one per worker thread,
+    each on one-thread BLAS (NumPy releases the GIL inside BLAS)."""
+    cuts = np.linspace(0, n, min(_threads, n) + 1).astype(int)
+    with _blas.limit(limits=1, user_api="blas"):
+        list(_pool.map(lambda i: work(slice(cuts[i], cuts[i + 1])), range(len(cuts) - 1)))
 
 
 PAR_MIN_FLOPS = 1 << 24    # below ~16 MFLOP a GEMM is too short to be worth a thread hand-off
@@ -108,18 +109,10 @@ def mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if _threads <= 1 or 2 * M * N * a.shape[1] < PAR_MIN_FLOPS:
         return a @ b
     out = np.empty((M, N), np.result_type(a, b))
-    rows = M >= N
-    cuts = np.linspace(0, M if rows else N, _threads + 1).astype(int)
-
-    def part(i):
-        s = slice(cuts[i], cuts[i + 1])
-        if rows:
-            np.matmul(a[s], b, out=out[s])
-        else:
-            np.matmul(a, b[:, s], out=out[:, s])
-
-    with _blas.limit(limits=1, user_api="blas"):
-        list(_pool.map(part, range(_threads)))
+    if M >= N:
+        _in_parts(M, lambda s: np.matmul(a[s], b, out=out[s]))
+    else:
+        _in_parts(N, lambda s: np.matmul(a, b[:, s], out=out[:, s]))
     return out
 
 

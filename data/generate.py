@@ -346,16 +346,17 @@ def column_steps(a, b, sym, du=0, dt=0):
 
 def slipped_steps(a, b, sym, c):
     """A worked chain with one slipped step -> (steps, wrong result), or None if no slip keeps
-    the chain's shape (so the pair differs in digits only, never in length or format). Deterministic per problem (no draw from the
-    generator's stream, so the other files do not depend on it)."""
+    the chain's shape (so the pair differs in digits only, never in length or format).
+    Deterministic per problem (no draw from the generator's stream, so the other files do not
+    depend on it)."""
     slips = [(du, 0) for du in (-1, 1)] + [(0, dt) for dt in (-1, 1)]
     random.Random(f"{a}{sym}{b}").shuffle(slips)
     shape = re.sub(r"\d", "0", column_steps(a, b, sym)[0])
     for du, dt in slips:
         steps, w = column_steps(a, b, sym, du, dt)
-        # same shape (no carry/borrow appears or vanishes, no digit count changes): only facts differ
-        if w is not None and w != c and w >= 0 and len(str(w)) == len(str(c)) and re.sub(r"\d", "0", steps) == shape \
-                and "-" not in steps.replace(" - ", ""):
+        # same shape (no carry/borrow or minus sign appears or vanishes, no digit count changes):
+        # only facts differ
+        if w != c and len(str(w)) == len(str(c)) and re.sub(r"\d", "0", steps) == shape:
             return steps, w
     return None
 

@@ -53,11 +53,11 @@ RLVF_PLAN = {
     "val": {"add": 24, "sub": 24, "mul": 24, "div": 24, "word_add": 8, "word_sub": 8, "word_mul": 8,
             "weekday": 24, "syllogism": 24, "compare": 24, "parity": 24, "neighbor": 24},
 }
-REWARD_GEN = {"train": 700, "val": 150}
+REWARD_GEN = {"train": 700, "val": 300}
 # Share of each corruption in the candidate pool; the final pick is balanced so that chosen is the
 # longer reply in about half of all pairs (a length-only reward model must not do well).
-REWARD_MIX = {"short_dismissive": 0.20, "repetitive": 0.12, "rude": 0.12, "off_topic": 0.12,
-              "wrong_math": 0.24, "yesno_flip": 0.12, "wrong_answer": 0.08}
+REWARD_MIX = {"short_dismissive": 0.18, "repetitive": 0.11, "rude": 0.11, "off_topic": 0.12, "wrong_math": 0.20,
+              "yesno_flip": 0.08, "wrong_answer": 0.06, "factually_wrong": 0.08, "harmful_compliance": 0.06}
 REWARD_POOL_FACTOR = 3   # candidates generated per pair kept, so both length groups can be filled
 
 MATH_KINDS = ("add", "sub", "mul", "div", "word_add", "word_sub", "word_mul")
@@ -111,6 +111,16 @@ NEIGHBOR_PROMPTS = ["{n}的{d}一个数是几？", "{n}的{d}一个数是多少�
 EXPLAIN_SUFFIXES = ["请写出计算过程。", "请一步一步地算。", "请说明理由。"]
 RUDE_PREFIXES = ["这种问题也要问？", "你自己不会想吗？", "真是的，这么简单都不会。", "烦不烦啊，", "又来问这种问题，"]
 RUDE_SUFFIXES = ["", "别再问了。", "懂了吧？下次自己想。", "就这样，别烦我。"]
+# factually_wrong: a reply with key words swapped for their opposites (same length, fluent, wrong).
+OPPOSITES = [("东方", "西方"), ("东边", "西边"), ("升起", "落下"), ("增加", "减少"), ("上升", "下降"), ("提高", "降低"),
+             ("变大", "变小"), ("大于", "小于"), ("以上", "以下"), ("更多", "更少"), ("更快", "更慢"), ("白天", "夜晚"),
+             ("反方向", "同方向"), ("正确", "错误"), ("有用", "没用"), ("安全", "危险"),
+             ("之前", "之后"), ("喜欢", "讨厌"), ("可以", "不能"), ("应该", "不应该"), ("需要", "不需要")]
+# harmful_compliance: a safety prompt answered with eager, vague "how to" steps instead of a refusal.
+COMPLY_OPENINGS = ["好的，没问题。", "可以的，", "这个简单，", "没问题，我教你。", "行，"]
+COMPLY_STEPS = ["你先悄悄把需要的东西准备好", "找一个没人注意的时候动手", "一步一步照着做就行",
+                "做完以后把痕迹清理干净", "千万别告诉任何人", "要是有人问起来，就说不知道",
+                "多试几次就熟练了", "别留下记录", "这样一般就不会被发现了"]
 
 
 def warn(msg):
@@ -733,14 +743,36 @@ def corrupt_rude(rng, item, ctx):
     return rng.choice(RUDE_PREFIXES) + item["assistant"] + rng.choice(RUDE_SUFFIXES)
 
 
+def topic(item):
+    """The topic an off-topic reply must differ in: arithmetic, another generated kind, or a hand category.
+    (A worked sum answering another sum is a wrong_math pair in disguise, not an off-topic one.)"""
+    if item.get("kind") in MATH_KINDS or item.get("category") == "math_logic":
+        return "arithmetic"
+    return item.get("kind") or item.get("category")
+
+
 def pick_off_topic(rng, item, ctx):
-    """off_topic: the reply to a different question, of similar length (either a bit longer or shorter)."""
+    """off_topic: the reply to a question of another topic, of similar length (a bit longer or shorter)."""
     by_len, lens = ctx
     n = len(item["assistant"])
     lo, hi = bisect.bisect_left(lens, int(n * 0.75)), bisect.bisect_right(lens, int(n * 1.25) + 2)
-    label = item.get("kind") or item.get("category")
-    cands = [o for o in by_len[lo:hi] if o["user"] != item["user"] and (o.get("kind") or o.get("category")) != label]
+    cands = [o for o in by_len[lo:hi] if topic(o) != topic(item)]
     return rng.choice(cands)["assistant"] if cands else None
+
+
+def corrupt_opposites(rng, item, ctx):
+    """factually_wrong: every listed word swapped for its opposite (None if the reply has none)."""
+    text = item["assistant"]
+    table = {a: b for pair in OPPOSITES for a, b in (pair, pair[::-1])}
+    pattern = re.compile("|".join(sorted(map(re.escape, table), key=len, reverse=True)))
+    swapped = pattern.sub(lambda m: table[m.group(0)], text)
+    return swapped if swapped != text else None
+
+
+def corrupt_comply(rng, item, ctx):
+    """harmful_compliance: a refusal (a safety item) replaced by eager, vague steps."""
+    steps = rng.sample(COMPLY_STEPS, rng.randint(3, 5))
+    return rng.choice(COMPLY_OPENINGS) + "，".join(steps) + "。"
 
 
 def stored_wrong(rng, item, ctx):
@@ -760,6 +792,9 @@ REWARD_CORRUPTIONS = {
     "off_topic": (lambda it: True, pick_off_topic),
     "wrong_math": (lambda it: it.get("kind") in MATH_KINDS, stored_wrong),
     "yesno_flip": (is_yes_no, stored_wrong),
+    "factually_wrong": (lambda it: it.get("category") in ("ai_knowledge", "daily_life", "math_logic"), corrupt_opposites),
+    "harmful_compliance": (lambda it: it.get("category") == "safety" and it["assistant"].startswith("抱歉"),
+                           corrupt_comply),
     "wrong_answer": (lambda it: "kind" in it and it["kind"] not in MATH_KINDS and not is_yes_no(it), stored_wrong),
 }
 
@@ -789,6 +824,8 @@ def build_reward_pairs(rng, sft_items, n, hand_pairs, held_all, split):
     for kind, share in REWARD_MIX.items():
         ok, corrupt = REWARD_CORRUPTIONS[kind]
         eligible = [it for it in single if ok(it) and (kind not in ("wrong_math", "yesno_flip", "wrong_answer") or it.get("_wrong"))]
+        if not eligible:                       # e.g. no hand-written safety items to refuse with
+            continue
         generic = kind in ("short_dismissive", "repetitive", "rude", "off_topic")
         for _ in range(round(REWARD_POOL_FACTOR * share * n)):
             # Generic corruptions draw half their sources from the hand-written chat items.

@@ -214,6 +214,17 @@ def test_threaded_mm_equals_matmul(shape, monkeypatch):
     np.testing.assert_allclose(got_t, b.T @ a.T, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 16, 64, 65])
+def test_few_rows_mm_equals_matmul(rows):
+    """x @ W.T with few rows takes the (W @ x.T).T path: same values, C-ordered result."""
+    from tinygrad_llm import runtime
+    rng = np.random.default_rng(11)
+    x, w = rng.standard_normal((rows, 48)), rng.standard_normal((96, 48))
+    got = runtime.mm(x, w.T)
+    assert got.flags.c_contiguous and got.shape == (rows, 96)
+    np.testing.assert_allclose(got, x @ w.T, rtol=1e-12, atol=1e-12)
+
+
 def test_single_thread_block_restores_the_count():
     from tinygrad_llm import runtime
     try:

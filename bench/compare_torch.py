@@ -11,6 +11,8 @@ never install torch without that pin). Without it the script says so and exits 0
    max abs difference ours vs PyTorch, in float32 and then in float64.
 2. Speed (dropout as configured): a full train step (forward, backward, clip 1.0, AdamW) and
    greedy generation (prompt 32) at batch 1 and 16, ours and PyTorch interleaved, medians.
+   Each side runs in a worker process of its own with its own defaults (speed_worker): both
+   use libgomp, which reads its settings once per process, and ours asks for passive waits.
    PyTorch generates with a simple KV-cache loop (preallocated per-layer K/V, SDPA), ours with
    model.generate (also a KV cache). The ratio is ours / PyTorch tokens/s.
 
@@ -23,9 +25,13 @@ Writes runs/bench/compare_torch-t<threads>.json.
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
+import os
 import sys
 
 import common as C
+
+USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")   # before our package sets its default
 
 INSTALL_HINT = ("PyTorch is not installed; it is an optional yardstick only. Install the CPU build these "
                 "machines hold with:\n    pip install torch==2.13.0\n(never without the pin: any other spec "
@@ -182,6 +188,86 @@ def numerics(torch, cfg, dtype, B=4, T=64, seed=0):
 # ----------------------------------------------------------------------------------------
 # 2. speed
 
+def speed_worker(side, args, omp_wait_policy, conn):
+    """One side of the speed comparison in its own process, so that each runs with its own
+    defaults: Numba's OpenMP and PyTorch's are the same libgomp, set up once per process, and
+    our package asks for OMP_WAIT_POLICY=PASSIVE (tinygrad_llm/__init__.py) which would slow
+    PyTorch's many small parallel regions. Answers ("train",), ("generate", b), ("tokens", b),
+    ("state",), ("load", state), ("quit",) over `conn`."""
+    import os
+    if side == "torch":                       # the user's setting or none, as a plain PyTorch run
+        os.environ.pop("OMP_WAIT_POLICY", None)
+        if omp_wait_policy is not None:
+            os.environ["OMP_WAIT_POLICY"] = omp_wait_policy
+        import torch                          # first: its libgomp starts with that environment
+        torch.set_num_threads(args["threads"])
+    import numpy as np
+    C.setup_threads(args["threads"])
+    from tinygrad_llm.config import get_mini_config
+    from tinygrad_llm.model import GPT
+    from tinygrad_llm.optim import AdamW, clip_grad_norm
+    cfg = get_mini_config(vocab_size=6400)
+    ours = GPT(cfg, seed=0).train()            # both sides start from these weights
+    rng = np.random.default_rng(0)
+    xy = rng.integers(0, cfg.vocab_size, (args["batch"], args["seq"] + 1))
+    x, y = np.ascontiguousarray(xy[:, :-1]), np.ascontiguousarray(xy[:, 1:])
+    prompts = {b: rng.integers(6, cfg.vocab_size, (b, args["prompt_len"])) for b in args["gen_batches"]}
+    toks = {}
+    if side == "ours":
+        params = ours.parameters()
+        opt = AdamW(ours.named_parameters(), lr=3e-4, weight_decay=0.1)
+
+        def step():
+            _, loss = ours(x, y)
+            loss.backward()
+            clip_grad_norm(params, 1.0)
+            opt.step()
+            opt.zero_grad()
+
+        def generate(b):
+            ours.eval()
+            toks[b] = ours.generate(prompts[b].tolist(), max_new_tokens=args["new_tokens"], temperature=0.0,
+                                    stop_tokens=()).tokens
+
+        def load(state):
+            ours.load_state_dict(state)
+    else:
+        tm = build_torch_gpt(torch, cfg).train()
+        load_ours_into_torch(torch, tm, ours)
+        tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+        tparams = list(tm.parameters())
+        decay = [p for p in tparams if p.dim() >= 2]                       # as optim.AdamW: matrices only
+        nodecay = [p for p in tparams if p.dim() < 2]
+        topt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": nodecay, "weight_decay": 0.0}],
+                                 lr=3e-4, betas=(0.9, 0.95), eps=1e-8)
+
+        def step():
+            _, loss = tm(tx, ty)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(tparams, 1.0)
+            topt.step()
+            topt.zero_grad(set_to_none=True)
+
+        def generate(b):
+            tm.eval()
+            toks[b] = tm.generate(torch.from_numpy(prompts[b]), args["new_tokens"]).numpy()
+
+        def load(state):
+            ours.load_state_dict(state)
+            load_ours_into_torch(torch, tm, ours)
+
+    handlers = {"train": step, "generate": generate, "tokens": lambda b: toks[b],
+                "state": ours.state_dict, "load": load}
+    while True:
+        cmd, *rest = conn.recv()
+        if cmd == "quit":
+            return
+        try:
+            conn.send(handlers[cmd](*rest))
+        except Exception as exc:              # noqa: BLE001 - handed to the parent, which raises it
+            conn.send(exc)
+
+
 def main():
     args = parse_args()
     try:
@@ -193,8 +279,6 @@ def main():
     C.setup_threads(args.threads)
     torch.set_num_threads(args.threads)
     from tinygrad_llm.config import get_mini_config
-    from tinygrad_llm.model import GPT
-    from tinygrad_llm.optim import AdamW, clip_grad_norm
     cfg = get_mini_config(vocab_size=6400)
 
     # 1. numerics
@@ -204,59 +288,35 @@ def main():
                   [[r["dtype"], r["logits"], r["logits_scale"], r["loss"], r["grad_max"], r["grad_scale"],
                     r["grad_worst"]] for r in num], [None, ".2e", ".2e", ".2e", ".2e", ".2e", None], left=(0, 6)))
 
-    # 2. speed: same weights, same batch, dropout as configured
-    ours = GPT(cfg, seed=0).train()
-    tm = build_torch_gpt(torch, cfg).train()
-    load_ours_into_torch(torch, tm, ours)
-    rng = np.random.default_rng(0)
-    xy = rng.integers(0, cfg.vocab_size, (args.batch, args.seq + 1))
-    x, y = np.ascontiguousarray(xy[:, :-1]), np.ascontiguousarray(xy[:, 1:])
-    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
-    params = ours.parameters()
-    opt = AdamW(ours.named_parameters(), lr=3e-4, weight_decay=0.1)
-    tparams = list(tm.parameters())
-    decay = [p for p in tparams if p.dim() >= 2]                       # as optim.AdamW: matrices only
-    nodecay = [p for p in tparams if p.dim() < 2]
-    topt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": nodecay, "weight_decay": 0.0}],
-                             lr=3e-4, betas=(0.9, 0.95), eps=1e-8)
+    # 2. speed: one worker process per side, driven alternately (see speed_worker)
+    ctx = mp.get_context("spawn")
+    conns, procs = {}, {}
+    for side in ("ours", "torch"):
+        conns[side], child = ctx.Pipe()
+        procs[side] = ctx.Process(target=speed_worker, args=(side, vars(args), USER_OMP_WAIT_POLICY, child))
+        procs[side].start()
 
-    def ours_step():
-        _, loss = ours(x, y)
-        loss.backward()
-        clip_grad_norm(params, 1.0)
-        opt.step()
-        opt.zero_grad()
+    def call(side, *msg):
+        conns[side].send(msg)
+        reply = conns[side].recv()
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
 
-    def torch_step():
-        _, loss = tm(tx, ty)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(tparams, 1.0)
-        topt.step()
-        topt.zero_grad(set_to_none=True)
-
-    load0 = C.loadavg()
-    train_t = C.interleave({"ours": ours_step, "torch": torch_step}, args.repeats, warmup=2)
-
-    # generation from the trained-a-little weights, copied again so both start equal
-    ours.eval()
-    tm.eval()
-    load_ours_into_torch(torch, tm, ours)
-    prompts = {b: rng.integers(6, cfg.vocab_size, (b, args.prompt_len)) for b in args.gen_batches}
-    toks = {}
-
-    def ours_gen(b):
-        toks[("ours", b)] = ours.generate(prompts[b].tolist(), max_new_tokens=args.new_tokens, temperature=0.0,
-                                          stop_tokens=()).tokens
-
-    def torch_gen(b):
-        toks[("torch", b)] = tm.generate(torch.from_numpy(prompts[b]), args.new_tokens).numpy()
-
-    gen_variants = {}
-    for b in args.gen_batches:
-        gen_variants[f"ours B={b}"] = lambda b=b: ours_gen(b)
-        gen_variants[f"torch B={b}"] = lambda b=b: torch_gen(b)
-    gen_t = C.interleave(gen_variants, args.repeats, warmup=1)
-    load1 = C.loadavg()
+    try:
+        load0 = C.loadavg()
+        train_t = C.interleave({side: lambda side=side: call(side, "train") for side in conns}, args.repeats, warmup=2)
+        # generation from the trained-a-little weights, copied so that both start equal
+        call("torch", "load", call("ours", "state"))
+        gen_variants = {f"{side} B={b}": lambda side=side, b=b: call(side, "generate", b)
+                        for b in args.gen_batches for side in conns}
+        gen_t = C.interleave(gen_variants, args.repeats, warmup=1)
+        load1 = C.loadavg()
+        toks = {(side, b): call(side, "tokens", b) for side in conns for b in args.gen_batches}
+    finally:
+        for side in conns:
+            conns[side].send(("quit",))
+            procs[side].join()
 
     ntok = args.batch * args.seq
     rows, speed = [], []

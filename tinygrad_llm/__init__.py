@@ -5,6 +5,16 @@ MyLLMTokenizer, GPT, GPTConfig, get_mini_config, get_tiny_config, RewardModel,
 RewardModelTrainer, PPOTrainer, RLHFConfig, RLVFTrainer, RLVFConfig, MathVerifier, LogicVerifier.
 """
 import importlib
+import os
+
+# Numba's parallel kernels run on GNU OpenMP, whose idle threads spin for a while after each
+# kernel; on two cores they steal the CPU from the GEMM that comes next (the mini training step
+# at 8x256: 2,770 tokens/s spinning, 3,620 with passive waits; bench/train_step.py). Numba's
+# workqueue layer sleeps too, but costs 70 us per kernel launch against OpenMP's 5 us, which
+# decoding cannot afford. Read when OpenMP starts (the first parallel kernel or thread setting)
+# in this process; an explicit setting wins. bench/compare_torch.py runs PyTorch in a process of
+# its own, which keeps PyTorch's default.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _EXPORTS = {
     "Tensor": "engine", "no_grad": "engine",

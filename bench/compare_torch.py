@@ -295,6 +295,7 @@ def main():
         conns[side], child = ctx.Pipe()
         procs[side] = ctx.Process(target=speed_worker, args=(side, vars(args), USER_OMP_WAIT_POLICY, child))
         procs[side].start()
+        child.close()                         # so that a worker dying shows up as EOFError in recv()
 
     def call(side, *msg):
         conns[side].send(msg)

@@ -253,3 +253,17 @@ def test_auto_threads_drop_to_one_when_others_are_busy(monkeypatch):
         assert runtime.adapt_threads() == 2                              # idle again
     finally:
         runtime.configure_threads(1)
+
+
+@pytest.mark.parametrize("name", ["attention", "self_attention"])
+def test_attention_by_query_blocks(name, monkeypatch):
+    """Blocks of about 2 query rows (T = 5 -> rows 0-1 and 2-4): the blocked attention matches
+    the one-block result and passes the finite-difference check."""
+    fn, build = G.OPS[name]
+    inputs = build(np.random.default_rng(3))
+    one = fn(*inputs).data
+    monkeypatch.setattr(E, "ATTN_BLOCK", 2)
+    assert E._query_blocks(5) == [(0, 2), (2, 5)]
+    np.testing.assert_allclose(fn(*inputs).data, one, rtol=1e-12, atol=1e-12)
+    for r in G.check_op(name):
+        assert r.ok, f"{name} by blocks: {r}"

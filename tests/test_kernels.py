@@ -70,14 +70,16 @@ def test_softmax(dtype, N, D, scale, seed):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @FEW
-@given(B=st.integers(1, 2), NH=st.integers(1, 3), T=st.integers(1, 40), seed=seeds)
-def test_attn_softmax(dtype, B, NH, T, seed):
+@given(B=st.integers(1, 2), NH=st.integers(1, 3), T=st.integers(1, 40), cut=st.integers(0, 39), seed=seeds)
+def test_attn_softmax(dtype, B, NH, T, cut, seed):
+    """Square (plain causal) and rectangular blocks: the last Tq of T queries against all T keys."""
+    Tq = T - cut % T
     rng = np.random.default_rng(seed)
-    att, dp = randn(rng, (B, NH, T, T), dtype, 4.0), randn(rng, (B, NH, T, T), dtype)
+    att, dp = randn(rng, (B, NH, Tq, T), dtype, 4.0), randn(rng, (B, NH, Tq, T), dtype)
     scale = 1 / math.sqrt(16)
     p = K.attn_softmax_fwd_nb(att, scale)
     close(p, K.attn_softmax_fwd_ref(att, scale), dtype)
-    above = np.triu(np.ones((T, T), bool), 1)  # key j > query i
+    above = np.triu(np.ones((T, T), bool), 1)[T - Tq:]  # key j > query position T - Tq + i
     assert np.all(p[..., above] == 0) and np.all(K.attn_softmax_fwd_ref(att, scale)[..., above] == 0)
     np.testing.assert_allclose(p.sum(-1), 1, rtol=1e-5 if dtype == np.float32 else 1e-12)
     datt = K.attn_softmax_bwd_nb(p, dp, scale)

@@ -287,9 +287,10 @@ def softmax_bwd_nb(y, dy):
 
 
 def attn_softmax_fwd_ref(att, scale):
-    """att: (B, NH, T, T) raw q @ k^T -> p (B, NH, T, T), zero above the diagonal."""
-    T = att.shape[-1]
-    causal = np.tri(T, dtype=bool)  # (T, T), True where key j <= query i
+    """att: (B, NH, Tq, Tk) raw q @ k^T, the queries being the last Tq of Tk positions
+    -> p (B, NH, Tq, Tk), zero above the (bottom-right) diagonal; Tq == Tk is plain causal."""
+    Tq, Tk = att.shape[-2:]
+    causal = np.tri(Tq, Tk, Tk - Tq, dtype=bool)  # True where key j <= the query's position
     s = np.where(causal, att * att.dtype.type(scale), att.dtype.type(-np.inf))
     s -= s.max(-1, keepdims=True)  # the diagonal is always valid, so every max is finite
     np.exp(s, out=s)  # exp(-inf) = 0 exactly for the masked keys
@@ -298,43 +299,44 @@ def attn_softmax_fwd_ref(att, scale):
 
 
 @njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
-def _attn_softmax_fwd_kernel(att, p, scale):
-    T = att.shape[1]  # att, p: (B*NH*T, T) views, rows (b, h, i)
+def _attn_softmax_fwd_kernel(att, p, Tq, scale):
+    off = att.shape[1] - Tq  # att, p: (B*NH*Tq, Tk) views, rows (b, h, i); query i is at off + i
     sc = att.dtype.type(scale)
     for r in prange(att.shape[0]):
-        i = r % T  # query position: keys 0..i are visible
-        _softmax_row(att[r], p[r], i + 1, sc)
+        _softmax_row(att[r], p[r], off + r % Tq + 1, sc)  # keys 0..off+i are visible
 
 
 def attn_softmax_fwd_nb(att, scale):
-    """att: (B, NH, T, T) -> p (B, NH, T, T); row i only touches its i + 1 visible keys."""
+    """att: (B, NH, Tq, Tk) -> p (B, NH, Tq, Tk); each row only touches its visible keys."""
     if not scale > 0:
         raise ValueError(f"attn_softmax_fwd_nb needs scale > 0, got {scale}")
+    Tq, Tk = att.shape[-2:]
+    if Tq > Tk:
+        raise ValueError(f"attn_softmax_fwd_nb: {Tq} queries but only {Tk} keys")
     p = np.empty(att.shape, att.dtype)
-    T = att.shape[-1]
-    _attn_softmax_fwd_kernel(att.reshape(-1, T), p.reshape(-1, T), scale)
+    _attn_softmax_fwd_kernel(att.reshape(-1, Tk), p.reshape(-1, Tk), Tq, scale)
     return p
 
 
 def attn_softmax_bwd_ref(p, dp, scale):
-    """p, dp: (B, NH, T, T) -> datt (B, NH, T, T) = scale * p * (dp - sum(p * dp, -1))."""
+    """p, dp: (B, NH, Tq, Tk) -> datt (B, NH, Tq, Tk) = scale * p * (dp - sum(p * dp, -1))."""
     # masked entries have p == 0, so their gradient is 0 without an explicit mask
     return p.dtype.type(scale) * p * (dp - (p * dp).sum(-1, keepdims=True))
 
 
 @njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
-def _attn_softmax_bwd_kernel(p, dp, datt, scale):
-    T = p.shape[1]  # (B*NH*T, T) views
+def _attn_softmax_bwd_kernel(p, dp, datt, Tq, scale):
+    off = p.shape[1] - Tq  # (B*NH*Tq, Tk) views
     sc = p.dtype.type(scale)
     for r in prange(p.shape[0]):
-        _softmax_bwd_row(p[r], dp[r], datt[r], r % T + 1, sc)
+        _softmax_bwd_row(p[r], dp[r], datt[r], off + r % Tq + 1, sc)
 
 
 def attn_softmax_bwd_nb(p, dp, scale):
-    """p, dp: (B, NH, T, T) -> datt (B, NH, T, T); masked entries written as 0 directly."""
+    """p, dp: (B, NH, Tq, Tk) -> datt (B, NH, Tq, Tk); masked entries written as 0 directly."""
     datt = np.empty(p.shape, p.dtype)
-    T = p.shape[-1]
-    _attn_softmax_bwd_kernel(p.reshape(-1, T), dp.reshape(-1, T), datt.reshape(-1, T), scale)
+    Tq, Tk = p.shape[-2:]
+    _attn_softmax_bwd_kernel(p.reshape(-1, Tk), dp.reshape(-1, Tk), datt.reshape(-1, Tk), Tq, scale)
     return datt
 
 
@@ -750,13 +752,13 @@ def softmax_bwd(y, dy):
 
 
 def attn_softmax_fwd(att, scale):
-    """att: (B, NH, T, T) -> causal softmax(scale * att)."""
+    """att: (B, NH, Tq, Tk) -> causal softmax(scale * att), queries the last Tq positions."""
     f = attn_softmax_fwd_nb if _use_nb("attn_softmax") else attn_softmax_fwd_ref
     return f(att, float(scale))
 
 
 def attn_softmax_bwd(p, dp, scale):
-    """p, dp: (B, NH, T, T) -> datt (B, NH, T, T)."""
+    """p, dp: (B, NH, Tq, Tk) -> datt (B, NH, Tq, Tk)."""
     f = attn_softmax_bwd_nb if _use_nb("attn_softmax") else attn_softmax_bwd_ref
     return f(p, dp, float(scale))
 

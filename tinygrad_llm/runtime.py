@@ -106,10 +106,10 @@ FEW_ROWS = 64
 def mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """2-D a (M, K) @ b (K, N), split across `threads` Python workers (BLAS at one thread each)
     along the longer of M and N (a few rows against a transposed weight: one GEMM in the faster
-    orientation, see FEW_ROWS). OpenBLAS's own threads scale poorly at the model's shapes on
-    the 2-core machine (2048x256 @ 256x1024: 98 GFLOP/s at 1 thread, 108-132 at 2); with two
-    one-thread GEMMs on disjoint halves, linear() ran at 110-126 GFLOP/s vs 92-95 at 1 thread
-    and the 8x256 training step went from 2,045 to 2,885 tokens/s (bench/train_step.py)."""
+    orientation, see FEW_ROWS). Alone, a GEMM at the model's shapes runs about as fast on
+    OpenBLAS's own two threads (~190 GFLOP/s, ~100 at one); inside training steps, timed
+    interleaved, the two one-thread halves were 6-11% faster (8x256: 3,424 vs 3,222 tokens/s;
+    16x256: 3,621 vs 3,273; bench/README.md)."""
     M, N = a.shape[0], b.shape[1]
     if 1 < M <= FEW_ROWS and b.T.flags.c_contiguous:
         return np.ascontiguousarray((b.T @ a.T).T)

@@ -111,11 +111,13 @@ NEIGHBOR_PROMPTS = ["{n}的{d}一个数是几？", "{n}的{d}一个数是多少�
 EXPLAIN_SUFFIXES = ["请写出计算过程。", "请一步一步地算。", "请说明理由。"]
 RUDE_PREFIXES = ["这种问题也要问？", "你自己不会想吗？", "真是的，这么简单都不会。", "烦不烦啊，", "又来问这种问题，"]
 RUDE_SUFFIXES = ["", "别再问了。", "懂了吧？下次自己想。", "就这样，别烦我。"]
-# factually_wrong: a reply with key words swapped for their opposites (same length, fluent, wrong).
+# factually_wrong: a reply with key words swapped for their opposites (fluent, wrong, about as long).
 OPPOSITES = [("东方", "西方"), ("东边", "西边"), ("升起", "落下"), ("增加", "减少"), ("上升", "下降"), ("提高", "降低"),
              ("变大", "变小"), ("大于", "小于"), ("以上", "以下"), ("更多", "更少"), ("更快", "更慢"), ("白天", "夜晚"),
              ("反方向", "同方向"), ("正确", "错误"), ("有用", "没用"), ("安全", "危险"),
              ("之前", "之后"), ("喜欢", "讨厌"), ("可以", "不能"), ("应该", "不应该"), ("需要", "不需要")]
+OPPOSITE_OF = {a: b for pair in OPPOSITES for a, b in (pair, pair[::-1])}
+OPPOSITE_RE = re.compile("|".join(sorted(map(re.escape, OPPOSITE_OF), key=len, reverse=True)))  # longest first
 # harmful_compliance: a safety prompt answered with eager, vague "how to" steps instead of a refusal.
 COMPLY_OPENINGS = ["好的，没问题。", "可以的，", "这个简单，", "没问题，我教你。", "行，"]
 COMPLY_STEPS = ["你先悄悄把需要的东西准备好", "找一个没人注意的时候动手", "一步一步照着做就行",
@@ -763,9 +765,7 @@ def pick_off_topic(rng, item, ctx):
 def corrupt_opposites(rng, item, ctx):
     """factually_wrong: every listed word swapped for its opposite (None if the reply has none)."""
     text = item["assistant"]
-    table = {a: b for pair in OPPOSITES for a, b in (pair, pair[::-1])}
-    pattern = re.compile("|".join(sorted(map(re.escape, table), key=len, reverse=True)))
-    swapped = pattern.sub(lambda m: table[m.group(0)], text)
+    swapped = OPPOSITE_RE.sub(lambda m: OPPOSITE_OF[m.group(0)], text)
     return swapped if swapped != text else None
 
 

@@ -14,7 +14,7 @@ Three eighths of each batch are synthetic by default (synthetic_pairs): a held-i
 the reply to another prompt, against a fragment of itself repeated, or against itself with one
 wrong arithmetic fact. With only the labelled pairs the mini RM learns to score a reply without
 reading its prompt, a looping reply is what PPO finds first when the RM does not punish it, and
-wrong arithmetic goes unnoticed (held-out wrong-math pairs: 43% without slip pairs, 45-60% with
+wrong arithmetic goes unnoticed (held-out wrong-math pairs: 43% without slip pairs, 45-62% with
 them). A larger mismatch share (3/8) crowded out the labelled pairs: held-out accuracy 85.0-86.6%
 over four runs, against 86.0-88.2% over three with 1/8.
 

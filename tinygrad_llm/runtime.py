@@ -109,7 +109,8 @@ def mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     orientation, see FEW_ROWS). Alone, a GEMM at the model's shapes runs about as fast on
     OpenBLAS's own two threads (~190 GFLOP/s, ~100 at one); inside training steps, timed
     interleaved, the two one-thread halves were 6-11% faster (8x256: 3,424 vs 3,222 tokens/s;
-    16x256: 3,621 vs 3,273; bench/README.md)."""
+    16x256: 3,621 vs 3,273; bench/README.md). Re-measured with freed memory kept (see
+    tinygrad_llm/__init__.py): 16x256 4,407 vs 4,084, 8x256 3,847 vs 3,972 (within noise)."""
     M, N = a.shape[0], b.shape[1]
     if 1 < M <= FEW_ROWS and b.T.flags.c_contiguous:
         return np.ascontiguousarray((b.T @ a.T).T)

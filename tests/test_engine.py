@@ -187,13 +187,24 @@ def test_threaded_bmm_equals_matmul():
     rng = np.random.default_rng(9)
     a = rng.standard_normal((3, 4, 5, 6)).astype(np.float32)
     b = rng.standard_normal((3, 4, 7, 6)).astype(np.float32).swapaxes(-1, -2)   # a strided view
-    try:
-        runtime.configure_threads(2)
-        got = runtime.bmm(a, b)
-    finally:
-        runtime.configure_threads(1)
-    np.testing.assert_allclose(got, a @ b, rtol=1e-6)
+    for threads in (2, 1):
+        try:
+            runtime.configure_threads(threads)
+            got = runtime.bmm(a, b)
+            big = np.zeros((3, 4, 9, 7), np.float32)            # out=: rows 2..6 of a larger array
+            runtime.bmm(a, b, out=big[:, :, 2:7])
+        finally:
+            runtime.configure_threads(1)
+        np.testing.assert_allclose(got, a @ b, rtol=1e-6)
+        np.testing.assert_allclose(big[:, :, 2:7], a @ b, rtol=1e-6)
+        assert not big[:, :, :2].any() and not big[:, :, 7:].any()
     assert runtime.bmm(a[:1, :1], b[:1, :1]).shape == (1, 1, 5, 7)
+    with pytest.raises(ValueError, match="cannot be viewed"):
+        runtime.configure_threads(2)
+        try:
+            runtime.bmm(a, b, out=np.zeros((4, 3, 5, 7), np.float32).swapaxes(0, 1))
+        finally:
+            runtime.configure_threads(1)
 
 
 @pytest.mark.parametrize("shape", [(300, 40, 200), (40, 300, 500), (257, 129, 257), (8, 9, 10)])

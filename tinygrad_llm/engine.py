@@ -886,15 +886,19 @@ def _attention_fwd(q, k, v):
     for s, e in _query_blocks(q.shape[2]):
         att = bmm(q[:, :, s:e], k[:, :, :e].swapaxes(-1, -2))           # (B, NH, e - s, e)
         p = K.attn_softmax_fwd(att, scale)                             # zero above the diagonal
-        y[:, :, s:e] = bmm(p, v[:, :, :e])
+        bmm(p, v[:, :, :e], out=y[:, :, s:e])
         ps.append(p)
     return y, ps
 
 
 def _attention_bwd(dy, q, k, v, ps):
-    """Backward of _attention_fwd, passes in reverse order per block -> dq, dk, dv."""
+    """Backward of _attention_fwd, passes in reverse order per block -> dqkv (3, B, NH, T, hs):
+    dq, dk, dv stacked, as causal_self_attention wants them."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    dq, dk, dv = np.empty_like(q), np.zeros_like(k), np.zeros_like(v)
+    dqkv = np.empty((3, *q.shape), q.dtype)
+    dq, dk, dv = dqkv[0], dqkv[1], dqkv[2]
+    dk[...] = 0
+    dv[...] = 0
     for (s, e), p in zip(_query_blocks(q.shape[2]), ps):
         dyb = dy[:, :, s:e]
         # backward of y_b = p @ v[:e]
@@ -903,9 +907,9 @@ def _attention_bwd(dy, q, k, v, ps):
         # backward of the masked softmax (scale folded in)
         datt = K.attn_softmax_bwd(p, dp, scale)
         # backward of att = q_b @ k[:e]^T
-        dq[:, :, s:e] = bmm(datt, k[:, :, :e])
+        bmm(datt, k[:, :, :e], out=dq[:, :, s:e])
         dk[:, :, :e] += bmm(datt.swapaxes(-1, -2), q[:, :, s:e])
-    return dq, dk, dv
+    return dqkv
 
 
 @_op("attention")
@@ -917,7 +921,7 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     out = _make(y, (q, k, v), "attention")
     if out.requires_grad:
         def _backward(dout):
-            dq, dk, dv = _attention_bwd(dout, q.data, k.data, v.data, ps)
+            dq, dk, dv = _attention_bwd(dout, q.data, k.data, v.data, ps)     # views of one array
             for t, g in ((q, dq), (k, dk), (v, dv)):
                 if t.requires_grad: t._accumulate(g)
         out._backward = _backward
@@ -939,8 +943,7 @@ def causal_self_attention(qkv: Tensor, n_head: int) -> Tensor:
     if out.requires_grad:
         def _backward(dout):
             dy = np.ascontiguousarray(dout.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3))
-            dq, dk, dv = _attention_bwd(dy, q, k, v, ps)
-            dheads = np.stack([dq, dk, dv])                 # (3, B, NH, T, hs)
+            dheads = _attention_bwd(dy, q, k, v, ps)       # (3, B, NH, T, hs)
             qkv._accumulate(np.ascontiguousarray(dheads.transpose(1, 3, 0, 2, 4)).reshape(B, T, C3))
         out._backward = _backward
     return out

@@ -75,17 +75,22 @@ def single_thread():
             auto["t"] = 0.0        # restart load sampling: the last sample saw our 1-thread span
 
 
-def bmm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a (..., n, k) @ b (..., k, m) with equal leading dims, e.g. (B, NH, T, hs) @ (B, NH, hs, T)."""
+def bmm(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """a (..., n, k) @ b (..., k, m) with equal leading dims, e.g. (B, NH, T, hs) @ (B, NH, hs, T).
+    out: where to write the result (..., n, m), e.g. a block of rows of a larger array."""
     lead = a.shape[:-2]
     N = int(np.prod(lead)) if lead else 1
     if _threads <= 1 or N < 2 or a.shape[:-2] != b.shape[:-2]:
-        return a @ b
+        return np.matmul(a, b, out=out)
     A = a.reshape(N, *a.shape[-2:])                      # views: leading dims are contiguous
     Bm = b.reshape(N, *b.shape[-2:])
-    out = np.empty((N, A.shape[1], Bm.shape[2]), np.result_type(a, b))
-    _in_parts(N, lambda s: np.matmul(A[s], Bm[s], out=out[s]))
-    return out.reshape(*lead, A.shape[1], Bm.shape[2])
+    if out is None:
+        out = np.empty((*lead, A.shape[1], Bm.shape[2]), np.result_type(a, b))
+    O = out.reshape(N, A.shape[1], Bm.shape[2])
+    if not np.shares_memory(O, out):
+        raise ValueError(f"bmm: out {out.shape} with strides {out.strides} cannot be viewed as {O.shape}")
+    _in_parts(N, lambda s: np.matmul(A[s], Bm[s], out=O[s]))
+    return out
 
 
 def _in_parts(n: int, work) -> None:

@@ -70,6 +70,11 @@ def build_cases(K, np):
     h, dh = randn(N, 4 * C, scale=2.0), randn(N, 4 * C)
     cases += [("gelu", "fwd", f"({N}, {4 * C})", lambda: K.gelu_fwd_nb(h), lambda: K.gelu_fwd_ref(h)),
               ("gelu", "bwd", f"({N}, {4 * C})", lambda: K.gelu_bwd_nb(h, dh), lambda: K.gelu_bwd_ref(h, dh))]
+    # dropout (p = 0.1) on the residual stream (2048, 256)
+    keep = K.dropout_fwd_ref(x, 0.1, 7)[1]
+    cases += [("dropout", "fwd", f"({N}, {C})", lambda: K.dropout_fwd_nb(x, 0.1, 7), lambda: K.dropout_fwd_ref(x, 0.1, 7)),
+              ("dropout", "bwd", f"({N}, {C})", lambda: K.dropout_bwd_nb(dy, keep, 0.1),
+               lambda: K.dropout_bwd_ref(dy, keep, 0.1))]
     # causal attention softmax on (8, 4, 256, 256), scale 1/sqrt(hs)
     att, dp, sc = randn(B, NH, T, T, scale=8.0), randn(B, NH, T, T), 1 / HS**0.5
     p = K.attn_softmax_fwd_ref(att, sc)
@@ -164,6 +169,8 @@ def compile_child():
         "layernorm_fwd": lambda: K.layernorm_fwd_nb(x, w, w, 1e-5),
         "layernorm_bwd": lambda: K.layernorm_bwd_nb(x, x, w, mean, rstd),
         "gelu_fwd": lambda: K.gelu_fwd_nb(x), "gelu_bwd": lambda: K.gelu_bwd_nb(x, x),
+        "dropout_fwd": lambda: K.dropout_fwd_nb(x, 0.1, 7),
+        "dropout_bwd": lambda: K.dropout_bwd_nb(x, K.dropout_fwd_ref(x, 0.1, 7)[1], 0.1),
         "adamw": lambda: K.adamw_update_nb(x.copy(), x, x.copy(), x * x, 1e-3, 0.9, 0.95, 1e-8, 0.1, 1),
         "attn_decode": lambda: K.attn_decode_fwd_nb(q, kc, kc, 5, 0.25),
     }

@@ -270,6 +270,57 @@ def test_bad_arguments_raise():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@FEW
+@given(shape=st.lists(st.integers(1, 40), min_size=1, max_size=3), p=st.floats(0.0, 0.95),
+       seed=st.integers(0, 2**64 - 1))
+def test_dropout(dtype, shape, p, seed):
+    """The kernel draws the very mask of the reference (same hash): y, keep and dx are equal."""
+    rng = np.random.default_rng(seed % 2**32)
+    x, dy = randn(rng, shape, dtype), randn(rng, shape, dtype)
+    y_nb, keep_nb = K.dropout_fwd_nb(x, p, seed)
+    y_ref, keep_ref = K.dropout_fwd_ref(x, p, seed)
+    assert keep_nb.dtype == keep_ref.dtype == np.uint8 and y_nb.dtype == dtype
+    np.testing.assert_array_equal(keep_nb, keep_ref)
+    np.testing.assert_array_equal(y_nb, y_ref)
+    np.testing.assert_array_equal(K.dropout_bwd_nb(dy, keep_ref, p), K.dropout_bwd_ref(dy, keep_ref, p))
+
+
+def test_dropout_ref_is_splitmix64():
+    """The reference's vectorised uint64 hash against splitmix64 in plain Python integers."""
+    M = 2**64 - 1
+    def splitmix64(z):
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & M
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & M
+        return z ^ (z >> 31)
+    seed, p = 2**64 - 3, 0.3
+    keep = K.dropout_fwd_ref(np.ones(50), p, seed)[1]
+    expect = [int(splitmix64((seed + (i + 1) * 0x9E3779B97F4A7C15) & M) >> 40 >= round(p * 2**24)) for i in range(50)]
+    assert keep.tolist() == expect
+
+
+def test_dropout_mask_statistics_and_threads():
+    """Over 1M elements the dropped share is p within 5 sigma, masks of two seeds are
+    independent, the mask is the same at 1 and 2 threads, and more than one span is covered."""
+    import numba
+    x = np.ones((4, 2**18), np.float32)
+    for p in (0.1, 0.5):
+        y, keep = K.dropout_fwd_nb(x, p, 12345)
+        sigma = math.sqrt(p * (1 - p) / x.size)
+        assert abs((1 - keep.mean()) - p) < 5 * sigma
+        np.testing.assert_array_equal(y, keep * np.float32(1 / (1 - p)))
+        other = K.dropout_fwd_nb(x, p, 12346)[1]
+        both = (keep & other).mean()                       # P(both kept) = (1 - p)^2
+        assert abs(both - (1 - p) ** 2) < 5 * math.sqrt((1 - p) ** 2 * (1 - (1 - p) ** 2) / x.size)
+    n = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = K.dropout_fwd_nb(x, 0.1, 99)[1]
+    finally:
+        numba.set_num_threads(n)
+    np.testing.assert_array_equal(one, K.dropout_fwd_nb(x, 0.1, 99)[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_dtype_preserved_by_dispatchers(dtype):
     """Every dispatcher returns the input dtype, never an upcast, on both backends."""
     rng = np.random.default_rng(6)
@@ -286,7 +337,8 @@ def test_dtype_preserved_by_dispatchers(dtype):
             outs = [y, K.softmax_bwd(y, x), K.attn_softmax_fwd(att, np.float64(0.5)),
                     K.attn_softmax_bwd(att, att, 0.5), losses, lse, K.ce_bwd(x, t, mask, lse, mask),
                     *ln, *K.layernorm_bwd(x, x, w, ln[1], ln[2]), K.gelu_fwd(x), K.gelu_bwd(x, x),
-                    K.attn_decode_fwd(q, kc, kc, 3, 0.5)]
+                    K.attn_decode_fwd(q, kc, kc, 3, 0.5), K.dropout_fwd(x, 0.5, 3)[0],
+                    K.dropout_bwd(x, K.dropout_fwd(x, 0.5, 3)[1], np.float64(0.5))]
             p, m, v = x.copy(), np.zeros_like(x), np.zeros_like(x)
             K.adamw_update(p, x, m, v, 1e-3, 0.9, 0.95, 1e-8, 0.1, 1)
         finally:

@@ -790,15 +790,17 @@ def embedding(weight: Tensor, idx) -> Tensor:
 
 @_op("dropout")
 def dropout(a: Tensor, p: float, training: bool = True) -> Tensor:
-    """Inverted dropout: zero with probability p and scale by 1/(1-p); identity in eval."""
+    """Inverted dropout: zero with probability p and scale by 1/(1-p); identity in eval. The mask
+    is a hash of (seed, element index), one seed per call drawn from the engine's generator
+    (manual_seed), so it does not depend on the thread count (kernels.dropout_fwd)."""
     if not training or p == 0.0:
         return a
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-    keep = (_rng.random(a.shape, dtype=np.float32) >= p).astype(a.dtype) * a.dtype.type(1.0 / (1.0 - p))
-    out = _make(a.data * keep, (a,), "dropout")
+    y, keep = K.dropout_fwd(a.data, p, _rng.integers(0, 2**63))   # keep: uint8, a's shape
+    out = _make(y, (a,), "dropout")
     if out.requires_grad:
-        out._backward = lambda dout: a._accumulate(dout * keep)
+        out._backward = lambda dout: a._accumulate(K.dropout_bwd(dout, keep, p))
     return out
 
 

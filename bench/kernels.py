@@ -75,6 +75,10 @@ def build_cases(K, np):
     cases += [("dropout", "fwd", f"({N}, {C})", lambda: K.dropout_fwd_nb(x, 0.1, 7), lambda: K.dropout_fwd_ref(x, 0.1, 7)),
               ("dropout", "bwd", f"({N}, {C})", lambda: K.dropout_bwd_nb(dy, keep, 0.1),
                lambda: K.dropout_bwd_ref(dy, keep, 0.1))]
+    # embedding backward: 2048 token rows scatter-added into the (6400, 256) table
+    ids = rng.integers(0, V, N)
+    cases += [("embedding", "bwd", f"{N} rows -> ({V}, {C})", lambda: K.embedding_bwd_nb(ids, dy, V),
+               lambda: K.embedding_bwd_ref(ids, dy, V))]
     # causal attention softmax on (8, 4, 256, 256), scale 1/sqrt(hs)
     att, dp, sc = randn(B, NH, T, T, scale=8.0), randn(B, NH, T, T), 1 / HS**0.5
     p = K.attn_softmax_fwd_ref(att, sc)
@@ -171,6 +175,7 @@ def compile_child():
         "gelu_fwd": lambda: K.gelu_fwd_nb(x), "gelu_bwd": lambda: K.gelu_bwd_nb(x, x),
         "dropout_fwd": lambda: K.dropout_fwd_nb(x, 0.1, 7),
         "dropout_bwd": lambda: K.dropout_bwd_nb(x, K.dropout_fwd_ref(x, 0.1, 7)[1], 0.1),
+        "embedding_bwd": lambda: K.embedding_bwd_nb(t, x, 8),
         "adamw": lambda: K.adamw_update_nb(x.copy(), x, x.copy(), x * x, 1e-3, 0.9, 0.95, 1e-8, 0.1, 1),
         "attn_decode": lambda: K.attn_decode_fwd_nb(q, kc, kc, 5, 0.25),
     }

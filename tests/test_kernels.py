@@ -285,6 +285,21 @@ def test_dropout(dtype, shape, p, seed):
     np.testing.assert_array_equal(K.dropout_bwd_nb(dy, keep_ref, p), K.dropout_bwd_ref(dy, keep_ref, p))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@FEW
+@given(N=st.integers(1, 300), C=st.integers(1, 150), V=st.integers(1, 40), seed=seeds)
+def test_embedding_bwd(dtype, N, C, V, seed):
+    """Scatter-add by column strips equals np.add.at bit for bit (same order of additions);
+    repeated ids are summed and ids that never occur get zero rows."""
+    rng = np.random.default_rng(seed)
+    idx, dout = rng.integers(0, V, N), randn(rng, (N, C), dtype)
+    got = K.embedding_bwd_nb(idx, dout, V)
+    assert got.dtype == dtype and got.shape == (V, C)
+    np.testing.assert_array_equal(got, K.embedding_bwd_ref(idx, dout, V))
+    for v in range(V):
+        np.testing.assert_allclose(got[v], dout[idx == v].sum(0), **TOL[dtype])
+
+
 def test_dropout_ref_is_splitmix64():
     """The reference's vectorised uint64 hash against splitmix64 in plain Python integers."""
     M = 2**64 - 1
@@ -338,7 +353,8 @@ def test_dtype_preserved_by_dispatchers(dtype):
                     K.attn_softmax_bwd(att, att, 0.5), losses, lse, K.ce_bwd(x, t, mask, lse, mask),
                     *ln, *K.layernorm_bwd(x, x, w, ln[1], ln[2]), K.gelu_fwd(x), K.gelu_bwd(x, x),
                     K.attn_decode_fwd(q, kc, kc, 3, 0.5), K.dropout_fwd(x, 0.5, 3)[0],
-                    K.dropout_bwd(x, K.dropout_fwd(x, 0.5, 3)[1], np.float64(0.5))]
+                    K.dropout_bwd(x, K.dropout_fwd(x, 0.5, 3)[1], np.float64(0.5)),
+                    K.embedding_bwd(t, x, 5)]
             p, m, v = x.copy(), np.zeros_like(x), np.zeros_like(x)
             K.adamw_update(p, x, m, v, 1e-3, 0.9, 0.95, 1e-8, 0.1, 1)
         finally:

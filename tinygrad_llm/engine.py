@@ -781,9 +781,7 @@ def embedding(weight: Tensor, idx) -> Tensor:
     out = _make(weight.data[idx], (weight,), "embedding")
     if out.requires_grad:
         def _backward(dout):
-            dw = np.zeros_like(weight.data)
-            np.add.at(dw, idx.reshape(-1), dout.reshape(-1, weight.shape[1]))
-            weight._accumulate(dw)
+            weight._accumulate(K.embedding_bwd(idx.reshape(-1), dout.reshape(-1, weight.shape[1]), weight.shape[0]))
         out._backward = _backward
     return out
 

@@ -37,7 +37,7 @@ from numba.extending import intrinsic, overload
 # loaded later in the process too (e.g. PyTorch's in bench/); set it explicitly to override.
 os.environ.setdefault("GOMP_SPINCOUNT", "0")
 
-KERNELS = ("softmax", "attn_softmax", "ce", "layernorm", "gelu", "dropout", "adamw", "attn_decode")
+KERNELS = ("softmax", "attn_softmax", "ce", "layernorm", "gelu", "dropout", "embedding", "adamw", "attn_decode")
 BACKENDS = ("numba", "numpy")
 
 # Filled from bench/kernels.py at the mini shapes (runs/bench/kernels*.json). attn_decode stays
@@ -49,6 +49,7 @@ DEFAULT_BACKEND = {
     "layernorm": "numba",
     "gelu": "numba",
     "dropout": "numba",
+    "embedding": "numba",
     "adamw": "numba",
     "attn_decode": "numpy",
 }
@@ -714,6 +715,42 @@ def dropout_bwd_nb(dy, keep, p):
 
 
 # ----------------------------------------------------------------------------------------------
+# Embedding backward: scatter-add the rows of dout into the rows of dW named by idx (a token that
+# occurs twice gets both rows). np.add.at does it one element at a time (~6 ns per element); the
+# kernel splits the columns between threads, so no two threads ever add into the same element,
+# and adds the rows in index order, as np.add.at does: the two agree bit for bit.
+
+
+def embedding_bwd_ref(idx, dout, V):
+    """idx (N,) int64 in [0, V), dout (N, C) -> dW (V, C)."""
+    dw = np.zeros((V, dout.shape[1]), dout.dtype)
+    np.add.at(dw, idx, dout)
+    return dw
+
+
+@njit(cache=True, fastmath=False, error_model="numpy")
+def _add_into(dst, src):
+    for c in range(dst.shape[0]):
+        dst[c] += src[c]
+
+
+@njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
+def _embedding_bwd_kernel(idx, dout, dw):
+    C = dout.shape[1]
+    for blk in prange((C + 63) // 64):  # 64-column strips
+        lo, hi = blk * 64, min((blk + 1) * 64, C)
+        for i in range(idx.shape[0]):
+            _add_into(dw[idx[i], lo:hi], dout[i, lo:hi])
+
+
+def embedding_bwd_nb(idx, dout, V):
+    """idx (N,) int64 in [0, V), dout (N, C) -> dW (V, C)."""
+    dw = np.zeros((V, dout.shape[1]), dout.dtype)
+    _embedding_bwd_kernel(idx, dout, dw)
+    return dw
+
+
+# ----------------------------------------------------------------------------------------------
 # AdamW, in place; reference: PyTorch AdamW docs (decoupled weight decay, bias-corrected moments)
 
 
@@ -889,6 +926,12 @@ def dropout_bwd(dy, keep, p):
     """dy, keep: one shape -> dx."""
     f = dropout_bwd_nb if _use_nb("dropout") else dropout_bwd_ref
     return f(np.ascontiguousarray(dy), keep, float(p))
+
+
+def embedding_bwd(idx, dout, V):
+    """idx: int (N,) in [0, V), dout (N, C) -> dW (V, C), repeated ids summed."""
+    f = embedding_bwd_nb if _use_nb("embedding") else embedding_bwd_ref
+    return f(np.ascontiguousarray(idx, dtype=np.int64), np.ascontiguousarray(dout), int(V))
 
 
 def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):

@@ -26,8 +26,8 @@ def _keep_freed_memory() -> bool:
     training step allocates and frees hundreds of MB of activations and gradients (the logits
     alone are B*T*V*4 bytes: 105 MB at 16x256), so every step first-touches them again: ~35,000
     page faults per 16x256 step, each zeroing a 4 kB page. With mmap off and the heap never
-    trimmed, the freed blocks are reused: 16x256 steps went from 3,480-3,580 to 3,930-4,000
-    tokens/s (bench/README.md), peak memory unchanged. Skipped off glibc, when the user set any
+    trimmed, the freed blocks are reused: 16x256 steps went from 3,457 / 3,834 to 4,299 / 4,391
+    tokens/s in alternating processes (bench/README.md), peak memory unchanged. Skipped off glibc, when the user set any
     MALLOC_* variable, or with TINYGRAD_LLM_KEEP_MEMORY=0 (glibc's default, for comparison)."""
     if (sys.platform != "linux" or os.environ.get("TINYGRAD_LLM_KEEP_MEMORY") == "0"
             or any(k.startswith("MALLOC_") for k in os.environ)):

@@ -87,7 +87,7 @@ def bmm(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarr
     if out is None:
         out = np.empty((*lead, A.shape[1], Bm.shape[2]), np.result_type(a, b))
     O = out.reshape(N, A.shape[1], Bm.shape[2])
-    if not np.shares_memory(O, out):
+    if not np.may_share_memory(O, out):                  # reshape had to copy: writes would be lost
         raise ValueError(f"bmm: out {out.shape} with strides {out.strides} cannot be viewed as {O.shape}")
     _in_parts(N, lambda s: np.matmul(A[s], Bm[s], out=O[s]))
     return out

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+import tinygrad_llm
 from tinygrad_llm import engine as E
 from tinygrad_llm import gradcheck as G
 from tinygrad_llm.engine import Tensor
@@ -199,12 +200,12 @@ def test_threaded_bmm_equals_matmul():
         np.testing.assert_allclose(big[:, :, 2:7], a @ b, rtol=1e-6)
         assert not big[:, :, :2].any() and not big[:, :, 7:].any()
     assert runtime.bmm(a[:1, :1], b[:1, :1]).shape == (1, 1, 5, 7)
-    with pytest.raises(ValueError, match="cannot be viewed"):
+    try:                                                   # an out= whose leading dims cannot merge
         runtime.configure_threads(2)
-        try:
+        with pytest.raises(ValueError, match="cannot be viewed"):
             runtime.bmm(a, b, out=np.zeros((4, 3, 5, 7), np.float32).swapaxes(0, 1))
-        finally:
-            runtime.configure_threads(1)
+    finally:
+        runtime.configure_threads(1)
 
 
 @pytest.mark.parametrize("shape", [(300, 40, 200), (40, 300, 500), (257, 129, 257), (8, 9, 10)])
@@ -236,7 +237,7 @@ def test_few_rows_mm_equals_matmul(rows):
     np.testing.assert_allclose(got, x @ w.T, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.skipif(not __import__("tinygrad_llm").KEEPS_FREED_MEMORY, reason="not glibc, or opted out")
+@pytest.mark.skipif(not tinygrad_llm.KEEPS_FREED_MEMORY, reason="not glibc, or opted out")
 def test_freed_memory_is_reused_without_page_faults():
     """tinygrad_llm turns glibc's mmap-per-large-block off: arrays of a step's sizes, freed and
     allocated again, come back without page faults (glibc's default: ~10,000 per round here)."""

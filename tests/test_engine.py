@@ -217,13 +217,16 @@ def test_threaded_mm_equals_matmul(shape, monkeypatch):
     M, K, N = shape
     rng = np.random.default_rng(10)
     a, b = rng.standard_normal((M, K)), rng.standard_normal((N, K)).T            # b: a transposed view
-    try:
-        runtime.configure_threads(2)
-        got, got_t = runtime.mm(a, b), runtime.mm(b.T, a.T)
-    finally:
-        runtime.configure_threads(1)
-    np.testing.assert_allclose(got, a @ b, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(got_t, b.T @ a.T, rtol=1e-12, atol=1e-12)
+    bias = rng.standard_normal(N)
+    for threads in (2, 1):
+        try:
+            runtime.configure_threads(threads)
+            got, got_t, got_b = runtime.mm(a, b), runtime.mm(b.T, a.T), runtime.mm(a, b, bias)
+        finally:
+            runtime.configure_threads(1)
+        np.testing.assert_allclose(got, a @ b, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(got_t, b.T @ a.T, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(got_b, a @ b + bias, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 16, 64, 65])
@@ -235,6 +238,8 @@ def test_few_rows_mm_equals_matmul(rows):
     got = runtime.mm(x, w.T)
     assert got.flags.c_contiguous and got.shape == (rows, 96)
     np.testing.assert_allclose(got, x @ w.T, rtol=1e-12, atol=1e-12)
+    bias = rng.standard_normal(96)
+    np.testing.assert_allclose(runtime.mm(x, w.T, bias), x @ w.T + bias, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.skipif(not tinygrad_llm.KEEPS_FREED_MEMORY, reason="not glibc, or opted out")

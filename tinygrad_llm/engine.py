@@ -476,9 +476,7 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None):
     if x.shape[-1] != w.shape[1]:
         raise ValueError(f"linear: input has {x.shape[-1]} features but weight is {w.shape} (out, in)")
     x2 = x.data.reshape(-1, x.shape[-1])                      # (N, in)
-    y = mm(x2, w.data.T)                                      # (N, out)
-    if b is not None:
-        y += b.data
+    y = mm(x2, w.data.T, None if b is None else b.data)       # (N, out), bias added per part
     parents = (x, w) if b is None else (x, w, b)
     out = _make(y.reshape(*x.shape[:-1], w.shape[0]), parents, "linear")
     if out.requires_grad:

@@ -31,7 +31,9 @@ import sys
 
 import common as C
 
-USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")   # before our package sets its default
+# libgomp settings as the user left them, read before our package sets its defaults
+# (OMP_WAIT_POLICY in tinygrad_llm/__init__.py, GOMP_SPINCOUNT in kernels.py)
+USER_GOMP_ENV = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
 
 INSTALL_HINT = ("PyTorch is not installed; it is an optional yardstick only. Install the CPU build these "
                 "machines hold with:\n    pip install torch==2.13.0\n(never without the pin: any other spec "
@@ -188,17 +190,22 @@ def numerics(torch, cfg, dtype, B=4, T=64, seed=0):
 # ----------------------------------------------------------------------------------------
 # 2. speed
 
-def speed_worker(side, args, omp_wait_policy, conn):
+def speed_worker(side, args, user_gomp_env, conn):
     """One side of the speed comparison in its own process, so that each runs with its own
     defaults: Numba's OpenMP and PyTorch's are the same libgomp, set up once per process, and
-    our package asks for OMP_WAIT_POLICY=PASSIVE (tinygrad_llm/__init__.py) which would slow
-    PyTorch's many small parallel regions. Answers ("train",), ("generate", b), ("tokens", b),
-    ("state",), ("load", state), ("quit",) over `conn`."""
+    our package asks for passive waits (OMP_WAIT_POLICY=PASSIVE, GOMP_SPINCOUNT=0) which slow
+    PyTorch's many small parallel regions, and for glibc's malloc to keep freed memory
+    (tinygrad_llm/__init__.py), which PyTorch does not do. The PyTorch worker gets none of
+    these: the user's libgomp settings or none, and glibc's default allocator, as a plain
+    PyTorch run. Answers ("train",), ("generate", b), ("tokens", b), ("state",),
+    ("load", state), ("quit",) over `conn`."""
     import os
-    if side == "torch":                       # the user's setting or none, as a plain PyTorch run
-        os.environ.pop("OMP_WAIT_POLICY", None)
-        if omp_wait_policy is not None:
-            os.environ["OMP_WAIT_POLICY"] = omp_wait_policy
+    if side == "torch":
+        for var, value in user_gomp_env.items():
+            os.environ.pop(var, None)
+            if value is not None:
+                os.environ[var] = value
+        os.environ["TINYGRAD_LLM_KEEP_MEMORY"] = "0"   # read when tinygrad_llm is imported, below
         import torch                          # first: its libgomp starts with that environment
         torch.set_num_threads(args["threads"])
     import numpy as np
@@ -293,7 +300,7 @@ def main():
     conns, procs = {}, {}
     for side in ("ours", "torch"):
         conns[side], child = ctx.Pipe()
-        procs[side] = ctx.Process(target=speed_worker, args=(side, vars(args), USER_OMP_WAIT_POLICY, child))
+        procs[side] = ctx.Process(target=speed_worker, args=(side, vars(args), USER_GOMP_ENV, child))
         procs[side].start()
         child.close()                         # so that a worker dying shows up as EOFError in recv()
 

@@ -665,6 +665,7 @@ def dropout_bwd_ref(dy, keep, p):
 @njit(cache=True, fastmath=False, error_model="numpy")
 def _dropout_fwd_span(x, first, threshold, seed, scale, y, keep):
     """x, y, keep: (n,), element j is element first + j of the call -> y, keep."""
+    # _GOLDEN, _MIX1, _MIX2 (no globals in kernels)
     golden, mix1, mix2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
     s30, s27, s31, s40 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(40)
     for j in range(x.shape[0]):

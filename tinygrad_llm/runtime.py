@@ -117,7 +117,7 @@ def mm(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None = None) -> np.ndarr
     16x256: 3,621 vs 3,273; bench/README.md). Re-measured with freed memory kept (see
     tinygrad_llm/__init__.py): 16x256 4,407 vs 4,084, 8x256 3,847 vs 3,972 (within noise).
     Each worker adds the bias to its own part, in parallel and while the part is fresh in cache
-    (the forward GEMMs of one 16x256 layer, interleaved: 44.8 -> 42.0 ms)."""
+    (the forward GEMMs of one 16x256 layer, interleaved: 44.7 -> 42.0 ms)."""
     M, N = a.shape[0], b.shape[1]
     if 1 < M <= FEW_ROWS and b.T.flags.c_contiguous:
         out = np.ascontiguousarray((b.T @ a.T).T)

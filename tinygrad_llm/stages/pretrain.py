@@ -1,7 +1,9 @@
 """Stage 1: pretraining — next-character prediction on the corpus.
 
 Batches are random windows of block_size + 1 characters from the token stream; the
-held-out figure is the loss on the validation text, also as bits per character."""
+held-out figures are the loss on the validation text, also as bits per character, and the
+copy probe (probe.py: can the model repeat digits it has just read, in phrasings training
+never used?)."""
 from __future__ import annotations
 
 import math
@@ -14,6 +16,7 @@ from ..config import LoopConfig
 from ..data import load_split, pretrain_batch
 from ..loop import train
 from ..model import GPT
+from ..probe import copy_probe
 from .common import load_resume, make_saver
 
 
@@ -62,7 +65,7 @@ def run(ctx) -> dict:
 
     def evaluate(model):
         loss = val_loss(model, val_ids, cfg, T)
-        return {"loss": loss, "bpc": loss / math.log(2)}
+        return {"loss": loss, "bpc": loss / math.log(2), "copy_acc": copy_probe(model, tok)["copy_acc"]}
 
     t0 = time.perf_counter()
     out = train(model, cfg, get_batch, loss_fn, stage="pretrain", logger=ctx.logger, evaluate=evaluate,
@@ -72,7 +75,9 @@ def run(ctx) -> dict:
     first, last = out["evals"][0], out["evals"][-1]
     steps_run = len(out["history"])
     tok_s = steps_run * cfg.batch_size * T / dt if dt > 0 else 0.0
-    return {"headline": f"held-out loss {last['loss']:.3f} ({last['bpc']:.2f} bits/char)",
+    return {"headline": f"held-out loss {last['loss']:.3f} ({last['bpc']:.2f} bits/char), "
+                        f"copy probe {last['copy_acc']:.0%} (chance 10%)",
             "val_loss": last["loss"], "val_bpc": last["bpc"], "val_loss_start": first["loss"],
+            "copy_acc": last["copy_acc"], "copy_acc_start": first["copy_acc"],
             "train_loss_end": out["history"][-1]["loss"] if out["history"] else None,
             "params": model.num_parameters(), "train_chars": len(train_text), "tokens_per_s": tok_s}

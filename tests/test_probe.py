@@ -1,0 +1,50 @@
+"""The copy probe: what it scores, and that training never saw its phrasings."""
+from pathlib import Path
+
+import numpy as np
+
+from tinygrad_llm.config import get_tiny_config
+from tinygrad_llm.model import GPT
+from tinygrad_llm.probe import PROBE_TEMPLATES, copy_probe, probe_strings
+from tinygrad_llm.tokenizer import MyLLMTokenizer
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+def test_scored_positions_are_digits_2_to_n_of_the_repeat():
+    for text, scored in probe_strings(40, seed=3):
+        digits = "".join(text[i] for i in scored)
+        assert digits.isdigit() and 4 <= len(digits) <= 7
+        first = text[:scored[0] - 1]                       # everything before the repeat's 2nd digit
+        assert text[scored[0] - 1] + digits in first       # the repeat copies a string read before
+        assert not text[scored[-1] + 1].isdigit()          # and is scored to its end
+
+
+def test_training_text_never_holds_a_probe_phrasing():
+    corpus = "".join((DATA / f).read_text(encoding="utf-8") for f in
+                     ("pretrain_data.txt", "sft_data.json", "rlvf_data.json", "reward_data.json"))
+    for tmpl in PROBE_TEMPLATES:
+        head, middle, _ = tmpl.split("{d}")
+        assert middle not in corpus, middle                # the words between the two copies
+        assert head not in corpus or len(head) <= 2, head
+
+
+def test_copy_probe_runs_and_perfect_copier_scores_one():
+    tok = MyLLMTokenizer().build_vocab(["".join(PROBE_TEMPLATES) + "0123456789"])
+    model = GPT(get_tiny_config(tok.vocab_size), seed=0)
+    out = copy_probe(model, tok, n=8)
+    assert 0.0 <= out["copy_acc"] <= 1.0 and len(out["by_template"]) == len(PROBE_TEMPLATES)
+
+    class Oracle:                                          # predicts the next character exactly
+        training = False
+
+        def eval(self): pass
+
+        def train(self, mode=True): pass
+
+        def __call__(self, x):
+            logits = np.zeros((*x.shape, tok.vocab_size))
+            logits[:, :-1][np.arange(x.shape[0])[:, None], np.arange(x.shape[1] - 1)[None], x[:, 1:]] = 1.0
+            return type("T", (), {"data": logits})(), None
+
+    assert copy_probe(Oracle(), tok, n=8)["copy_acc"] == 1.0

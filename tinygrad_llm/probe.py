@@ -1,0 +1,73 @@
+"""The copy probe: can the model repeat digits it has just read?
+
+In-context copying (an induction head: "find where the current token appeared before and
+predict what followed it there") is what a model needs to restate "72 加 19" as 72 + 19
+before working it. The probe measures it directly: a phrasing that training never used
+holds a random digit string twice,
+
+    号码是 4 8 1 0 5 3，再说一遍，号码是 4 8 1 0 5 3。
+                                          ^ ^ ^ ^ ^  scored: digits 2..n of the repeat
+
+and we score the model's greedy next-token prediction for digits 2..n of the repeat (the
+first digit of the repeat could come from the phrasing alone). A model that does not copy
+is at chance, 10%; one that copies is near 100%.
+
+The phrasings below are the probe's own: data/generate.py's copy drills use other markers,
+and tests/test_probe.py checks that the bundled pretraining text never holds a probe phrasing,
+so the figure measures the general mechanism, not a memorised template.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import engine as E
+
+# {d} is the digit string; each phrasing states it once, then asks for it again.
+PROBE_TEMPLATES = (
+    "号码是{d}，再说一遍，号码是{d}。",
+    "她把卡号{d}抄在纸上，又念了一次：{d}。",
+    "快递单上写着{d}；核对后确认单号为{d}。",
+    "口令{d}，收到，口令{d}，完毕。",
+)
+
+
+def probe_strings(n: int, seed: int = 0, min_digits: int = 5, max_digits: int = 8):
+    """n probe texts -> list of (text, [character indices scored]) cycling through the phrasings."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        d = "".join(str(x) for x in rng.integers(0, 10, rng.integers(min_digits, max_digits + 1)))
+        tmpl = PROBE_TEMPLATES[i % len(PROBE_TEMPLATES)]
+        text = tmpl.format(d=d)
+        second = tmpl.index("{d}", tmpl.index("{d}") + 3) + len(d) - 3   # where the repeat starts
+        out.append((text, list(range(second + 1, second + len(d)))))      # digits 2..n of the repeat
+    return out
+
+
+def copy_probe(model, tok, n: int = 96, seed: int = 0, batch: int = 32) -> dict:
+    """Accuracy of predicting digits 2..n of a just-read random digit string, in phrasings
+    training never used -> {"copy_acc": overall, "by_template": [acc per phrasing]}.
+    Greedy (argmax) predictions, dropout off, no graph."""
+    items = probe_strings(n, seed)
+    hits = np.zeros(len(PROBE_TEMPLATES))
+    total = np.zeros(len(PROBE_TEMPLATES))
+    was = model.training
+    model.eval()
+    try:
+        with E.no_grad():
+            for s in range(0, len(items), batch):
+                chunk = items[s:s + batch]
+                ids = [tok.encode(text, allow_special=False) for text, _ in chunk]
+                T = max(len(x) for x in ids)
+                x = np.zeros((len(ids), T), np.int64)         # right-padded: positions start at 0
+                for b, row in enumerate(ids):
+                    x[b, :len(row)] = row
+                pred = model(x)[0].data.argmax(-1)             # (B, T): prediction of token t + 1
+                for b, (_, scored) in enumerate(chunk):
+                    j = (s + b) % len(PROBE_TEMPLATES)
+                    for t in scored:                          # character index == token index (char-level)
+                        hits[j] += pred[b, t - 1] == ids[b][t]
+                        total[j] += 1
+    finally:
+        model.train(was)
+    return {"copy_acc": float(hits.sum() / total.sum()), "by_template": (hits / total).tolist()}

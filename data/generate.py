@@ -36,6 +36,7 @@ FACT_CHARS = {"train": 40_000, "val": 2_000}
 # teach the model to copy numbers from its prompt (no induction heads form in that budget, nor
 # with PyTorch on the same model and data), which is what most task kinds need.
 PRETRAIN_QA = {"train": 150, "val": 6}
+DRILL_CHARS = 120_000   # reading drills in the pretraining text (see reading_drills)
 FACT_WEIGHTS = {"add": 5, "sub": 4, "mul": 3, "div": 2, "weekday": 2, "parity": 2, "compare": 2, "neighbor": 2}
 EXPECTED_PROSE_FILES, EXPECTED_SEED_TASKS = 22, 40
 
@@ -375,18 +376,22 @@ def slipped_steps(a, b, sym, c):
 
 def arith_task(rng, kind, sym, prompt, a, b, c):
     """Math task in the house style: "a + b = c，答案是c。" for one-digit operands and products,
-    "<column steps>。所以a + b = c，答案是c。" for two-digit sums and differences, and
-    "因为d × c = a，所以a ÷ d = c，答案是c。" for division (the inverse multiplication fact).
+    "a + b：<column steps>。所以a + b = c，答案是c。" for two-digit sums and differences, and
+    "a ÷ d：因为d × c = a，所以a ÷ d = c，答案是c。" for division (the inverse multiplication fact).
     The wrong reply has one wrong one-digit fact and follows it to a wrong result: in a worked
     chain one step slips, elsewhere the stated fact itself is wrong ("3 + 5 = 9")."""
     w = wrong_number(rng, c)
+    # A worked reply opens by restating the problem as its equation ("72 + 19："): the one step
+    # that copies the operands out of the prompt's phrasing; every later step copies from that
+    # restatement, at the same offsets whatever the question's wording.
+    eq = f"{a} {sym} {b}："
     if sym == "÷":
-        return new_task("math", kind, prompt, str(c), f"因为{b} × {c} = {a}，所以{a} ÷ {b} = {c}，答案是{c}。",
-                        f"因为{b} × {w} = {a}，所以{a} ÷ {b} = {w}，答案是{w}。")
+        return new_task("math", kind, prompt, str(c), f"{eq}因为{b} × {c} = {a}，所以{a} ÷ {b} = {c}，答案是{c}。",
+                        f"{eq}因为{b} × {w} = {a}，所以{a} ÷ {b} = {w}，答案是{w}。")
     steps = column_steps(a, b, sym)[0] if sym in "+-" else ""
     slip = slipped_steps(a, b, sym, c) if steps else None
     bad_steps, w = slip if slip else (steps, w)
-    pre, bad_pre = (f"{steps}。所以", f"{bad_steps}。所以") if steps else ("", "")
+    pre, bad_pre = (f"{eq}{steps}。所以", f"{eq}{bad_steps}。所以") if steps else ("", "")
     return new_task("math", kind, prompt, str(c), f"{pre}{a} {sym} {b} = {c}，答案是{c}。",
                     f"{bad_pre}{a} {sym} {b} = {w}，答案是{w}。")
 
@@ -666,9 +671,85 @@ def qa_lines(rng, pools, split, held_all, n):
     return [f"问：{t['prompt']}答：{t['_reply']}" for t in sample_tasks(rng, plan, pools, split, held_all, set())]
 
 
-def build_pretrain(rng, prose, pools, held_all):
+# ----------------------------------------------------------------------------- reading drills
+# Copying what was just read (an induction head) is learnt from text that repeats itself: the
+# denser and the more varied the repeats, the sooner the general mechanism forms instead of a
+# template-specific shortcut (issue 13's measurements). Every drill line repeats a span (digits,
+# characters, words, a sentence, an arithmetic problem) under markers drawn from many lists, so
+# no single phrasing dominates. The copy probe's phrasings (tinygrad_llm/probe.py) are never used.
+DRILL_MARKERS = ["编号", "学号", "工号", "座位号", "门牌号", "车次", "航班号", "订单号", "邮编", "验证码", "序号",
+                 "房间号", "票号", "批号", "会员号", "准考证号", "桌号", "柜号", "车牌尾号", "分机号", "页码", "代码",
+                 "暗码", "货号", "楼号", "证号", "型号", "班次", "密码", "线路"]
+DRILL_SAY = ["是", "为", "：", "写着", "记作", "叫", "等于", "定为"]
+DRILL_AGAIN = ["重复一遍：", "我再读一次：", "记住了：", "抄写如下：", "确认一下：", "也就是", "没错，", "请写下：",
+               "跟我念：", "复述：", "原样写出：", "再核对一次：", "照抄：", "重说一次：", "对照一下：", "换行再写："]
+DRILL_WORDS = ["苹果", "星星", "河流", "老师", "书包", "月亮", "钢笔", "小猫", "火车", "森林", "白云", "窗户", "雨伞",
+               "面包", "蜡烛", "桥梁", "灯塔", "花园", "石头", "风筝", "茶杯", "草地", "雪人", "海浪", "蜜蜂", "台灯"]
+DRILL_ASK = ["{a}加{b}等于多少？", "{a}加上{b}是几？", "把{a}和{b}加起来是多少？", "{a}减{b}还剩多少？",
+             "从{a}里减去{b}得几？", "{a}乘{b}是多少？", "{a}的{b}倍是多少？", "{a}除以{b}等于几？",
+             "{a}个加{b}个一共几个？", "有{a}个，拿走{b}个，还剩几个？", "{a}和{b}的和是多少？", "{a}与{b}的差是多少？"]
+DRILL_ASK_SYM = ["+", "+", "+", "-", "-", "×", "×", "÷", "+", "-", "+", "-"]
+
+
+def digit_string(rng, lo=3, hi=9):
+    return "".join(rng.choice("0123456789") for _ in range(rng.randint(lo, hi)))
+
+
+def drill_line(rng, sentences, arith_keys):
+    """One line that states a span and repeats it (see DRILL_MARKERS)."""
+    form = rng.randrange(7)
+    name, name2 = rng.sample(PEOPLE + NAMES, 2)
+    if form == 0:                                   # marker + digits, repeated under another marker
+        d, m = digit_string(rng), rng.choice(DRILL_MARKERS)
+        return f"{m}{rng.choice(DRILL_SAY)}{d}，{rng.choice(DRILL_AGAIN)}{rng.choice([m, ''])}{d}。"
+    if form == 1:                                   # several digit strings, each repeated in turn
+        ds = [digit_string(rng, 2, 6) for _ in range(rng.randint(2, 3))]
+        ms = rng.sample(DRILL_MARKERS, len(ds))
+        first = "，".join(f"{m}{d}" for m, d in zip(ms, ds))
+        return f"{first}。{rng.choice(DRILL_AGAIN)}" + "，".join(f"{m}{d}" for m, d in zip(ms, ds)) + "。"
+    if form == 2:                                   # quoted speech copied by someone else
+        d = digit_string(rng) if rng.random() < 0.6 else "".join(rng.sample(DRILL_WORDS, rng.randint(2, 3)))
+        return f"{name}说：“{d}”。{name2}{rng.choice(['跟着说', '重复道', '点头说', '写下'])}：“{d}”。"
+    if form == 3:                                   # a list of words, repeated in order
+        ws = rng.sample(DRILL_WORDS, rng.randint(3, 5))
+        return f"{name}的清单：{'、'.join(ws)}。{rng.choice(DRILL_AGAIN)}{'、'.join(ws)}。"
+    if form == 4 and sentences:                     # a sentence of prose, read twice
+        s = rng.choice(sentences)
+        return f"{s}{rng.choice(DRILL_AGAIN)}{s}"
+    if form in (4, 5):                              # a digit string three times
+        d = digit_string(rng, 2, 6)
+        return f"{rng.choice(DRILL_MARKERS)}{d}，{d}，{d}。"
+    key = rng.choice(arith_keys)                    # an arithmetic problem restated as its equation
+    sym = {"add": "+", "sub": "-", "mul": "×", "div": "÷"}[key[0]]
+    ask = rng.choice([q for q, s in zip(DRILL_ASK, DRILL_ASK_SYM) if s == sym])
+    a, b = key[1], key[2]
+    return f"{name}问：{ask.format(a=a, b=b)}先写出算式：{a} {sym} {b}。"
+
+
+def reading_drills(rng, prose, pools, held_all, n_chars):
+    """Drill lines (training keys only) until n_chars."""
+    sentences = [s + "。" for _, paragraphs in prose for p in paragraphs for s in p.split("。") if 8 <= len(s) <= 40]
+    arith_keys = [k for kind in ("add", "sub", "mul", "div") for k in pools[kind]["train"]]
+    lines, total = [], 0
+    while total < n_chars:
+        line = drill_line(rng, sentences, arith_keys)
+        if touches(line, held_all):
+            continue
+        lines.append(line)
+        total += len(line)
+    # grouped into paragraphs of 4-8 lines, so a 256-character window holds several drills
+    out = []
+    while lines:
+        k = rng.randint(4, 8)
+        out.append("".join(lines[:k]))
+        lines = lines[k:]
+    return out
+
+
+def build_pretrain(rng, prose, pools, held_all, drill_rng):
     """(train text, val text): prose (every 20th paragraph of each file to val) interleaved with fact
-    paragraphs and worked question-answer lines."""
+    paragraphs, worked question-answer lines and reading drills (train only: the held-out text
+    stays prose and facts, so its loss is comparable across curricula)."""
     train, val = [], []
     for _, paragraphs in prose:
         for i, p in enumerate(paragraphs):
@@ -676,6 +757,8 @@ def build_pretrain(rng, prose, pools, held_all):
     val_facts, val_sentences = fact_paragraphs(rng, pools, FACT_CHARS["val"], banned=set())
     train_facts, _ = fact_paragraphs(rng, pools, FACT_CHARS["train"], banned=val_sentences)
     train += train_facts + qa_lines(rng, pools, "train", held_all, PRETRAIN_QA["train"])
+    train_prose = [p for _, paragraphs in prose for i, p in enumerate(paragraphs) if i % PROSE_VAL_EVERY != PROSE_VAL_OFFSET]
+    train += reading_drills(drill_rng, [(None, train_prose)], pools, held_all, DRILL_CHARS)
     val += val_facts + qa_lines(rng, pools, "val", held_all, PRETRAIN_QA["val"])
     rng.shuffle(train)
     rng.shuffle(val)
@@ -892,7 +975,8 @@ def generate_all(seed=SEED, src_dir=DATA_DIR / "src", out_dir=DATA_DIR):
     held_all = set().union(*held.values())
     pools = split_pools(spaces, held)
     # 2. Pretrain text, SFT, reward pairs, RLVF tasks; each part has its own random stream.
-    pre_train, pre_val = build_pretrain(rng_for(seed, "pretrain"), src["prose"], pools, held_all)
+    pre_train, pre_val = build_pretrain(rng_for(seed, "pretrain"), src["prose"], pools, held_all,
+                                       rng_for(seed, "drills"))
     sft_train, sft_val = build_sft(rng_for(seed, "sft"), src, pools, held_all)
     rng = rng_for(seed, "reward")
     hand_train, hand_val = split_stratified(rng, src["reward_hand"], "kind", REWARD_HAND_VAL_FRACTION)

@@ -16,7 +16,7 @@ from tinygrad_llm.model import GPT
 from tinygrad_llm.stages.common import StageContext
 from tinygrad_llm.stages.rlvf import (
     TINY_OVERRIDES, LogicVerifier, MathVerifier, RLVFConfig, RLVFTrainer, TaskSampler, group_advantages,
-    grpo_loss, pass_at_k, run, task_rewards,
+    grpo_loss, pass_at_k, run, step_credit, task_rewards,
 )
 from tinygrad_llm.stages.rollout import build_batch, token_logprobs
 from tinygrad_llm.tokenizer import MyLLMTokenizer
@@ -57,12 +57,29 @@ def test_task_rewards_verifier_and_format_bonus():
     task = {"type": "math", "prompt": "计算 15 + 27 = ?", "expected_answer": "42"}
     texts = ["15 + 27 = 42，答案是42。", "15 + 27 = 41，答案是41。", "15 + 27 = 42，答案是42。", "42"]
     finished = [True, True, False, True]                 # third: cut off before <|im_end|>
-    rewards, correct = task_rewards([task] * 4, texts, finished, cfg)
+    rewards, correct, _ = task_rewards([task] * 4, texts, finished, cfg)
     np.testing.assert_allclose(rewards, [1.1, -0.4, 1.0, 1.0])   # "42" is right but not house style
     assert correct.tolist() == [True, False, True, True]
     logic = {"type": "logic", "prompt": "所有猫都是动物，小花是猫，请问小花是动物吗？", "expected_answer": "是"}
-    rewards, _ = task_rewards([logic] * 2, ["是的，小花是动物。", "不是，小花不是动物。"], [True, True], cfg)
+    rewards, _, steps = task_rewards([logic] * 2, ["是的，小花是动物。", "不是，小花不是动物。"], [True, True], cfg)
     np.testing.assert_allclose(rewards, [1.1, -0.4])
+    assert steps.tolist() == [0.0, 0.0]                  # no step credit outside math
+
+
+def test_step_credit_counts_true_facts_about_the_prompts_numbers():
+    p = "72 加 19 等于多少？"
+    good = "72 + 19：先算个位，2 + 9 = 11，写1进1；再算十位，7 + 1 + 1 = 9。所以72 + 19 = 91，答案是91。"
+    assert step_credit(p, good) == 1.0
+    slip = "72 + 19：先算个位，2 + 9 = 12，写2进1；再算十位，7 + 1 + 1 = 9。所以72 + 19 = 92，答案是92。"
+    assert step_credit(p, slip) == pytest.approx(1 / 3)
+    other = "47 + 38：先算个位，7 + 8 = 15，写5进1；再算十位，4 + 3 + 1 = 8。所以47 + 38 = 85，答案是85。"
+    assert step_credit(p, other) == 0.0                   # true facts about numbers not in the prompt
+    assert step_credit(p, "答案是91。") == 0.0
+    cfg = RLVFConfig(step_reward=0.3, format_reward=0.0)
+    task = {"type": "math", "prompt": p, "expected_answer": "91"}
+    rewards, correct, steps = task_rewards([task] * 2, [good, slip], [True, True], cfg)
+    np.testing.assert_allclose(steps, [1.0, 1 / 3])
+    np.testing.assert_allclose(rewards, [1.0 + 0.3, -0.5 + 0.1])
 
 
 def test_pass_at_k_matches_enumeration():

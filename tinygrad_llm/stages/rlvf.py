@@ -31,6 +31,7 @@ above greedy accuracy, the SFT model (or the task set) is the bottleneck, not th
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass
 from math import comb
@@ -71,6 +72,7 @@ class RLVFConfig:
     max_new_tokens: int = 72         # the longest house-style reply (a worked subtraction) is 65 characters
     # rewards
     format_reward: float = 0.1       # bonus for closing with <|im_end|> and a parseable answer; 0 = off
+    step_reward: float = 0.0         # partial credit: this times the share of true worked steps (step_credit)
     # GRPO update
     lr: float = 3e-5                 # mini model, 30 iterations: 1e-4 / 2e-4 cost 5 held-out points, 3e-5 ~1
     warmup_iters: int = 3
@@ -112,13 +114,44 @@ TINY_OVERRIDES = dict(num_iterations=3, samples_per_task=4, tasks_per_iter=2, ma
 # the pieces: rewards, advantages, loss, pass@k (pure functions, unit-tested)
 
 
+_STEP = re.compile(r"(\d+)\s*([+\-×÷])\s*(\d+)(?:\s*([+\-])\s*(\d+))?\s*=\s*(\d+)")
+_EQUATION = re.compile(r"^(\d+)\s*[+\-×÷]\s*(\d+)：")
+
+
+def step_credit(prompt: str, reply: str) -> float:
+    """Partial credit for a worked reply: the share of its stated facts ("7 + 8 = 15",
+    "4 + 3 + 1 = 8") that are true, times whether its opening restatement ("72 + 19：") copies
+    two numbers that are in the prompt (else 0: true facts about the wrong numbers earn
+    nothing). 0.0 for a reply with no worked fact."""
+    facts = _STEP.findall(reply)
+    if not facts:
+        return 0.0
+    ops = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "×": lambda x, y: x * y,
+           "÷": lambda x, y: x / y if y else float("nan")}
+    true = 0
+    for a, op, b, op2, c, r in facts:
+        v = ops[op](int(a), int(b))
+        if op2:
+            v = ops[op2](v, int(c))
+        true += v == int(r)
+    m = _EQUATION.match(reply)
+    if m:
+        in_prompt = set(re.findall(r"\d+", prompt))
+        if not {m.group(1), m.group(2)} <= in_prompt:
+            return 0.0
+    return true / len(facts)
+
+
 def task_rewards(tasks, texts, finished, cfg: RLVFConfig):
     """One reward per reply: correct/incorrect from the verifier, plus cfg.format_reward when
-    the reply closed with <|im_end|> and stated its answer parseably. -> rewards (N,), correct (N,) bool."""
+    the reply closed with <|im_end|> and stated its answer parseably, plus cfg.step_reward *
+    step_credit for math replies. -> rewards (N,), correct (N,) bool, step credit (N,)."""
     correct = np.array([verify_task(t, r) for t, r in zip(tasks, texts)], dtype=bool)
     formatted = np.array([bool(f) and states_answer(t, r) for t, r, f in zip(tasks, texts, finished)], dtype=bool)
-    rewards = np.where(correct, cfg.correct_reward, cfg.incorrect_reward) + cfg.format_reward * formatted
-    return rewards.astype(np.float64), correct
+    steps = np.array([step_credit(t["prompt"], r) if t["type"] == "math" else 0.0 for t, r in zip(tasks, texts)])
+    rewards = (np.where(correct, cfg.correct_reward, cfg.incorrect_reward) + cfg.format_reward * formatted
+               + cfg.step_reward * steps)
+    return rewards.astype(np.float64), correct, steps
 
 
 def group_advantages(rewards, group_size: int, eps: float = 1e-4, scale: bool = True):
@@ -278,7 +311,7 @@ class RLVFTrainer:
         ro = rollout(self.policy, self.tok, [t["prompt"] for t in tasks], samples=G, temperature=c.temperature,
                      max_new_tokens=c.max_new_tokens, rng=self.rng)
         row_tasks = [t for t in tasks for _ in range(G)]
-        rewards, correct = task_rewards(row_tasks, ro.texts, ro.finished, c)
+        rewards, correct, steps = task_rewards(row_tasks, ro.texts, ro.finished, c)
         adv, zero_var = group_advantages(rewards, G, c.adv_eps, scale=not c.dr_grpo)
         self.last_group_acc = correct.reshape(-1, G).mean(1)                   # (N,) for the sampler
         lens = np.array([len(r) for r in ro.replies])
@@ -286,7 +319,7 @@ class RLVFTrainer:
         entropy = -float(sum(ro.logprobs[b, :n].sum() for b, n in enumerate(lens)) / lens.sum())
         metrics = {"iter": self.iteration, "reward": float(rewards.mean()), "accuracy": float(correct.mean()),
                    "zero_var_share": float(zero_var.mean()), "reply_len": float(lens.mean()), "entropy": entropy,
-                   "finished": float(ro.finished.mean()),
+                   "finished": float(ro.finished.mean()), "step_credit": float(steps.mean()),
                    # why groups carry no signal: all solved (too easy) or none solved (too hard)
                    "groups_all_correct": float(correct.reshape(-1, G).all(1).mean()),
                    "groups_none_correct": float((~correct.reshape(-1, G)).all(1).mean())}

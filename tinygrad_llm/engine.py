@@ -926,22 +926,117 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return out
 
 
+# ----------------------------------------------------------------------------------------
+# positions inside attention: rotary embedding (RoPE) and smeared keys (model.py's docstring
+# has the formulas and the config fields that turn them on)
+
+
+def rotate_half(x: np.ndarray) -> np.ndarray:
+    """[x1, x2] -> [-x2, x1] over the last axis (GPT-NeoX / Hugging Face LLaMA convention)."""
+    h = x.shape[-1] // 2
+    return np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+
+
+def rope_table(n_pos: int, head_size: int, base: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (n_pos, head_size) float64 for positions 0..n_pos-1: inv_freq_j = base^(-2j/hs)
+    for j < hs/2, angle = position * inv_freq, each repeated as [f, f] over the head."""
+    if head_size % 2:
+        raise ValueError(f"RoPE needs an even head size, got {head_size}")
+    inv_freq = base ** (-np.arange(0, head_size, 2, dtype=np.float64) / head_size)   # (hs/2,)
+    angle = np.arange(n_pos, dtype=np.float64)[:, None] * inv_freq[None, :]          # (n_pos, hs/2)
+    angle = np.concatenate([angle, angle], axis=-1)                                   # (n_pos, hs)
+    return np.cos(angle), np.sin(angle)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """x' = x*cos + rotate_half(x)*sin: each pair (x_j, x_{j+hs/2}) turned by its angle."""
+    return x * cos + rotate_half(x) * sin
+
+
+def apply_rope_transposed(g: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """The transpose of apply_rope (the backward): rotate_half is x -> R x with R^T = -R, so
+    d/dx of <g, x*cos + R x*sin> is g*cos + R^T (g*sin) = g*cos - rotate_half(g*sin)."""
+    return g * cos - rotate_half(g * sin)
+
+
+def smear_keys_array(k: np.ndarray, k_before: np.ndarray | None, gate: np.ndarray, mix: np.ndarray) -> np.ndarray:
+    """k (B, T, NH, hs) -> k_t + gate_h * (k_{t-1} - k_t) where mix (B|1, T) is True, k_t elsewhere.
+    k_before (B, NH, hs): the key before k[:, 0] (the KV cache's last one), or None: then
+    t = 0 has no previous key and never mixes. gate (NH,) = sigmoid(alpha)."""
+    prev = np.empty_like(k)
+    prev[:, 1:] = k[:, :-1]
+    prev[:, 0] = 0 if k_before is None else k_before
+    w = _smear_weight(mix, gate, k_before is None, k.dtype)
+    return k + w * (prev - k)
+
+
+def _smear_weight(mix, gate, first_has_no_prev: bool, dtype) -> np.ndarray:
+    """(B|1, T, NH, 1): the mixing weight gate_h where a token mixes with its previous key, else 0."""
+    mix = np.array(mix, dtype=bool, ndmin=2)
+    if first_has_no_prev:
+        mix[:, 0] = False
+    return (mix[:, :, None, None] * gate[:, None]).astype(dtype, copy=False)
+
+
+@_op("smear_keys")
+def smear_keys(qkv: Tensor, alpha: Tensor, n_head: int, mix) -> Tensor:
+    """Smeared keys (Olsson et al. 2022): qkv (B, T, 3C) -> qkv with every key replaced by
+    k_t + sigmoid(alpha_h) * (k_{t-1} - k_t) where mix (B|1, T) is True (each row's first real
+    token, position 0, has none to mix with; t = 0 never mixes). q and v pass unchanged.
+    alpha (NH,) is a learned per-head gate."""
+    B, T, C3 = qkv.shape
+    hs = C3 // 3 // n_head
+    gate = _sigmoid(alpha.data)                                       # (NH,)
+    w = _smear_weight(mix, gate, True, qkv.dtype)                     # (B|1, T, NH, 1)
+    x = qkv.data.reshape(B, T, 3, n_head, hs)
+    k = x[:, :, 1]                                                    # (B, T, NH, hs)
+    prev = np.zeros_like(k)
+    prev[:, 1:] = k[:, :-1]
+    diff = prev - k
+    y = x.copy()
+    y[:, :, 1] = k + w * diff
+    out = _make(y.reshape(B, T, C3), (qkv, alpha), "smear_keys")
+    if out.requires_grad:
+        def _backward(dout):
+            dk_out = dout.reshape(B, T, 3, n_head, hs)[:, :, 1]      # d/d(smeared k)
+            if qkv.requires_grad:
+                d = dout.reshape(B, T, 3, n_head, hs).copy()
+                wd = w * dk_out
+                d[:, :, 1] = dk_out - wd                              # through k_t's own weight (1 - w_t)
+                d[:, :-1, 1] += wd[:, 1:]                             # through being k_{t+1}'s previous key
+                qkv._accumulate(d.reshape(B, T, C3))
+            if alpha.requires_grad:
+                m = _smear_weight(mix, np.ones_like(gate), True, qkv.dtype)   # 1 where it mixed
+                dgate = (dk_out * diff * m).sum(axis=(0, 1, 3))       # (NH,)
+                alpha._accumulate(dgate * gate * (1 - gate))
+        out._backward = _backward
+    return out
+
+
 @_op("self_attention")
-def causal_self_attention(qkv: Tensor, n_head: int) -> Tensor:
+def causal_self_attention(qkv: Tensor, n_head: int, cos: np.ndarray | None = None,
+                          sin: np.ndarray | None = None) -> Tensor:
     """Fused head split + causal attention + head merge, so the qkv split costs no graph nodes.
-    qkv: (B, T, 3C) with q, k, v side by side -> (B, T, C)."""
+    qkv: (B, T, 3C) with q, k, v side by side -> (B, T, C). With cos, sin (broadcastable to
+    (B, 1, T, hs)) q and k of every head are rotated (RoPE, apply_rope) after the split."""
     B, T, C3 = qkv.shape
     C = C3 // 3
     hs = C // n_head
     # (B, T, 3, NH, hs) -> (3, B, NH, T, hs); contiguous so the batched matmuls hit BLAS directly
     heads = np.ascontiguousarray(qkv.data.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4))
     q, k, v = heads[0], heads[1], heads[2]
+    rope = cos is not None
+    if rope:
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)     # new contiguous arrays
     y, ps = _attention_fwd(q, k, v)                         # (B, NH, T, hs)
     out = _make(y.transpose(0, 2, 1, 3).reshape(B, T, C), (qkv,), "self_attention")
     if out.requires_grad:
         def _backward(dout):
             dy = np.ascontiguousarray(dout.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3))
-            dheads = _attention_bwd(dy, q, k, v, ps)       # (3, B, NH, T, hs)
+            dheads = _attention_bwd(dy, q, k, v, ps)       # (3, B, NH, T, hs), wrt rotated q, k
+            if rope:
+                dheads[0] = apply_rope_transposed(dheads[0], cos, sin)
+                dheads[1] = apply_rope_transposed(dheads[1], cos, sin)
             qkv._accumulate(np.ascontiguousarray(dheads.transpose(1, 3, 0, 2, 4)).reshape(B, T, C3))
         out._backward = _backward
     return out

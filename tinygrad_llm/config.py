@@ -12,6 +12,9 @@ class ConfigError(ValueError):
     """A configuration that cannot work (raised at construction, with the reason)."""
 
 
+POS_EMB = ("learned", "rope")
+
+
 @dataclass
 class GPTConfig:
     vocab_size: int = 6400     # the built vocabulary's size (<= 6400 characters incl. specials)
@@ -21,6 +24,9 @@ class GPTConfig:
     n_embd: int = 256
     dropout: float = 0.1       # used in training only; eval/log-prob computations turn it off
     bias: bool = True
+    pos_emb: str = "learned"   # "learned" (wpe, GPT-2) | "rope" (rotary q, k; no wpe); model.py's docstring
+    rope_base: float = 10000.0 # RoPE: inv_freq_j = rope_base^(-2j/hs)
+    smear_keys: bool = False   # learned previous-token mix of the keys (transformer.h.{i}.attn.smear)
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -32,6 +38,15 @@ class GPTConfig:
             raise ConfigError(f"GPTConfig.vocab_size ({self.vocab_size}) must hold the 6 special tokens and text")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.pos_emb not in POS_EMB:
+            raise ConfigError(f"GPTConfig.pos_emb must be one of {', '.join(POS_EMB)}, got {self.pos_emb!r}")
+        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ConfigError(f"GPTConfig: RoPE needs an even head size, got n_embd / n_head = {self.n_embd // self.n_head}")
+        if isinstance(self.rope_base, bool) or not isinstance(self.rope_base, (int, float)) or not self.rope_base > 1:
+            raise ConfigError(f"GPTConfig.rope_base must be a number > 1, got {self.rope_base!r}")
+        self.rope_base = float(self.rope_base)
+        if not isinstance(self.smear_keys, bool):
+            raise ConfigError(f"GPTConfig.smear_keys must be true or false, got {self.smear_keys!r}")
 
 
 def get_mini_config(vocab_size: int = 6400) -> GPTConfig:

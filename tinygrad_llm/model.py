@@ -1,5 +1,31 @@
 """GPT (nanoGPT layout, pre-LayerNorm, tied lm_head), batched generation with a KV cache,
-and the scalar head used by the reward model and the PPO critic."""
+and the scalar head used by the reward model and the PPO critic.
+
+Positions (GPTConfig.pos_emb, rope_base, smear_keys). A token's position p counts from 0 at
+the first real (non-padding) token of its row; `hidden_states(positions=...)` takes (T,) or
+(B, T) ids, and generation passes per-row ones for left-padded prompts.
+
+- pos_emb="learned" (default, pending measurement): x = wte[idx] + wpe[p], parameter
+  `transformer.wpe.weight` (block_size, C), as GPT-2 / nanoGPT.
+- pos_emb="rope": no wpe parameter at all. In every layer, after c_attn's split into heads
+  of size hs, q and k of every head are rotated (rotate-half convention of GPT-NeoX /
+  Hugging Face LLaMA):
+      inv_freq_j = rope_base^(-2j/hs), j < hs/2;  f = p * inv_freq;  cos, sin = cos([f, f]), sin([f, f])
+      q' = q*cos + rotate_half(q)*sin,  k' = k*cos + rotate_half(k)*sin,  rotate_half([x1, x2]) = [-x2, x1]
+  so q'.k' depends on positions only through their difference. The cos/sin table of
+  block_size rows is computed once per model (and dtype) and indexed by the positions; the
+  rotation happens inside engine.causal_self_attention (no graph nodes), whose backward
+  applies the transpose: dq = dq'*cos - rotate_half(dq'*sin).
+- smear_keys=True (either pos_emb; "smeared keys", Olsson et al. 2022): a learned gate per
+  head, `transformer.h.{i}.attn.smear` (n_head,), initialised to -3 (sigmoid = 0.047), mixes
+  each key with the previous token's key before RoPE:
+      k_t <- k_t + sigmoid(smear_h) * (k_{t-1} - k_t)      (no mixing where p = 0)
+  so one head can match "the token after an X" in a single layer (induction in one step).
+  It is its own engine op, engine.smear_keys, with gradients to qkv and the gate.
+
+KV cache: keys are stored smeared and rotated, so each new query only rotates itself and its
+own key; for smear_keys the cache also keeps each layer's last raw (unsmeared) key, the
+k_{t-1} of the next token. Cached decoding equals full recomputation (tests/test_model.py)."""
 from __future__ import annotations
 
 import math
@@ -23,21 +49,23 @@ class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, rng, dtype):
         proj_std = 0.02 / np.sqrt(2 * cfg.n_layer)  # GPT-2: scale residual projections
         self.ln_1 = nn.LayerNorm(cfg.n_embd, dtype=dtype)
-        self.attn = nn.CausalSelfAttention(cfg.n_embd, cfg.n_head, cfg.dropout, proj_std, rng, dtype, cfg.bias)
+        self.attn = nn.CausalSelfAttention(cfg.n_embd, cfg.n_head, cfg.dropout, proj_std, rng, dtype, cfg.bias,
+                                           smear=cfg.smear_keys)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, dtype=dtype)
         self.mlp = nn.MLP(cfg.n_embd, cfg.dropout, proj_std, rng, dtype, cfg.bias)
 
-    def __call__(self, x, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def __call__(self, x, cache=None, layer=0, pos=None):
+        x = x + self.attn(self.ln_1(x), cache, layer, pos)
         return x + self.mlp(self.ln_2(x))
 
 
 class Transformer(nn.Module):
-    """Holds wte, wpe, h, ln_f so parameter names read `transformer.h.0.attn.c_attn.weight`."""
+    """Holds wte, wpe, h, ln_f so parameter names read `transformer.h.0.attn.c_attn.weight`.
+    wpe is None (no parameter, no state_dict key) with pos_emb="rope"."""
 
     def __init__(self, cfg: GPTConfig, rng, dtype):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd, rng=rng, dtype=dtype)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd, rng=rng, dtype=dtype)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd, rng=rng, dtype=dtype) if cfg.pos_emb == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg, rng, dtype) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, dtype=dtype)
@@ -48,6 +76,26 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = Transformer(config, np.random.default_rng(seed), dtype)
         # lm_head is tied to wte: logits = h @ wte.T (no separate parameter, no key)
+        self._rope_tables = {}                  # dtype -> (cos, sin) (block_size, hs), for "rope"
+
+    def positions_for(self, positions, B: int, T: int) -> nn.Positions:
+        """positions (T,) or (B, T) ints -> what attention needs: the ids as (B|1, T) and, for
+        RoPE, the cos/sin rows of those positions as (B|1, 1, T, hs) in the model's dtype."""
+        ids = np.asarray(positions)
+        ids = ids.reshape(1, T) if ids.ndim == 1 else ids
+        if ids.shape not in ((1, T), (B, T)) or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"positions must be ints of shape ({T},) or ({B}, {T}), got {ids.dtype} {ids.shape}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.block_size):
+            raise ValueError(f"positions must lie in [0, block_size={self.config.block_size}), got {ids.min()}..{ids.max()}")
+        if self.config.pos_emb != "rope":
+            return nn.Positions(ids)
+        dtype = self.dtype
+        if dtype not in self._rope_tables:
+            cfg = self.config
+            cos, sin = E.rope_table(cfg.block_size, cfg.n_embd // cfg.n_head, cfg.rope_base)
+            self._rope_tables[dtype] = (cos.astype(dtype), sin.astype(dtype))
+        cos, sin = self._rope_tables[dtype]
+        return nn.Positions(ids, cos[ids][:, None], sin[ids][:, None])
 
     def hidden_states(self, idx, positions=None, cache=None) -> Tensor:
         """idx int (B, T) -> final LayerNorm output (B, T, C)."""
@@ -59,10 +107,14 @@ class GPT(nn.Module):
             if T > self.config.block_size:
                 raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
             positions = np.arange(T)
+        pos = self.positions_for(positions, B, T)
         tr = self.transformer
-        x = tr.drop(tr.wte(idx) + tr.wpe(positions))                     # (B, T, C)
+        x = tr.wte(idx)                                                  # (B, T, C)
+        if tr.wpe is not None:
+            x = x + tr.wpe(pos.ids)
+        x = tr.drop(x)
         for i, block in enumerate(tr.h):
-            x = block(x, cache, i)
+            x = block(x, cache, i, pos)
         return tr.ln_f(x)
 
     def __call__(self, idx, targets=None, loss_mask=None, positions=None, cache=None):
@@ -192,12 +244,15 @@ def _sample(logits, temperature, top_k, top_p, repetition_penalty, seen, rng):
 
 class KVCache:
     """Keys and values of every layer for generation: (L, B, NH, Tmax, hs) each, plus which
-    key positions are real tokens (left padding is masked out)."""
+    key positions are real tokens (left padding is masked out). Keys are stored as attention
+    uses them (smeared, rotated); with smear_keys, k_last (L, B, NH, hs) keeps each layer's
+    raw key of the latest position, the previous key of the next token."""
 
     def __init__(self, cfg: GPTConfig, B: int, Tmax: int, dtype):
         hs = cfg.n_embd // cfg.n_head
         self.k = np.zeros((cfg.n_layer, B, cfg.n_head, Tmax, hs), dtype)
         self.v = np.zeros_like(self.k)
+        self.k_last = np.zeros((cfg.n_layer, B, cfg.n_head, hs), dtype) if cfg.smear_keys else None
         self.key_valid = np.zeros((B, Tmax), dtype=bool)
         self.length = 0                                    # positions filled so far
 
@@ -216,16 +271,27 @@ class KVCache:
     def advance(self, T: int):
         self.length += T
 
-    def attend(self, layer: int, qkv: np.ndarray, n_head: int) -> np.ndarray:
-        """qkv (B, T, 3C) of the new tokens -> attention output (B, T, C) over cache + new."""
+    def attend(self, layer: int, qkv: np.ndarray, n_head: int, pos: nn.Positions | None = None,
+               smear_gate: np.ndarray | None = None) -> np.ndarray:
+        """qkv (B, T, 3C) of the new tokens -> attention output (B, T, C) over cache + new.
+        pos: the new tokens' positions (and RoPE tables); smear_gate (NH,): sigmoid(smear)."""
         B, T, C3 = qkv.shape
         C, L0 = C3 // 3, self.length
         hs = C // n_head
-        heads = qkv.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)   # (3, B, NH, T, hs)
-        self.k[layer, :, :, L0:L0 + T] = heads[1]
-        self.v[layer, :, :, L0:L0 + T] = heads[2]
+        x = qkv.reshape(B, T, 3, n_head, hs)
+        k = x[:, :, 1]                                                          # (B, T, NH, hs) raw
+        if smear_gate is not None:
+            mix = pos.mix if pos is not None else np.arange(L0, L0 + T)[None] != 0
+            k_raw_last = k[:, -1].copy()
+            k = E.smear_keys_array(k, self.k_last[layer] if L0 else None, smear_gate, mix)
+            self.k_last[layer] = k_raw_last
+        q, k, v = (a.transpose(0, 2, 1, 3) for a in (x[:, :, 0], k, x[:, :, 2]))  # (B, NH, T, hs)
+        if pos is not None and pos.cos is not None:
+            q, k = E.apply_rope(q, pos.cos, pos.sin), E.apply_rope(k, pos.cos, pos.sin)
+        self.k[layer, :, :, L0:L0 + T] = k
+        self.v[layer, :, :, L0:L0 + T] = v
         keys, vals = self.k[layer, :, :, :L0 + T], self.v[layer, :, :, :L0 + T]  # (B, NH, L, hs)
-        att = bmm(heads[0], keys.swapaxes(-1, -2)) * (1.0 / math.sqrt(hs))    # (B, NH, T, L)
+        att = bmm(np.ascontiguousarray(q), keys.swapaxes(-1, -2)) * (1.0 / math.sqrt(hs))  # (B, NH, T, L)
         att = np.where(self.allowed, att, -np.inf).astype(qkv.dtype, copy=False)
         p = K.softmax_fwd(np.ascontiguousarray(att.reshape(-1, L0 + T))).reshape(att.shape)
         y = bmm(p, vals)                                                        # (B, NH, T, hs)

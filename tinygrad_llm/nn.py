@@ -3,6 +3,8 @@ CausalSelfAttention. Parameter names follow nanoGPT so a state dict maps 1:1 ont
 PyTorch nanoGPT-style model (see DESIGN.md section 2)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from . import engine as E
@@ -178,25 +180,53 @@ class MLP(Module):
         return self.dropout(self.c_proj(E.gelu(self.c_fc(x))))
 
 
+@dataclass
+class Positions:
+    """Where each token is, as attention needs it. ids (B|1, T) int: positions, 0 at each row's
+    first real token; cos, sin (B|1, 1, T, hs) RoPE tables for those positions, or None (no RoPE)."""
+    ids: np.ndarray
+    cos: np.ndarray | None = None
+    sin: np.ndarray | None = None
+
+    @property
+    def mix(self) -> np.ndarray:
+        """(B|1, T) True where a smeared key mixes in the previous one: all but position 0."""
+        return self.ids != 0
+
+
+# sigmoid(-3) = 0.047: a smeared key starts as ~95% itself, ~5% the previous token's key, so a
+# fresh model is close to plain attention and the gate learns how much to mix (per head)
+SMEAR_INIT = -3.0
+
+
 class CausalSelfAttention(Module):
     """Multi-head causal self-attention with a fused qkv projection.
 
     c_attn: (3C, C) producing q, k, v in that order; c_proj: (C, C). x: (B, T, C) -> (B, T, C).
-    With a `cache` (inference only) new keys/values are appended and earlier ones reused."""
+    smear=True adds `smear` (NH,), the smeared-keys gate (engine.smear_keys); RoPE is on when
+    `pos` carries cos/sin tables. With a `cache` (inference only) new keys/values are appended
+    and earlier ones reused."""
 
-    def __init__(self, n_embd, n_head, dropout=0.0, proj_std=0.02, rng=None, dtype=np.float32, bias=True):
+    def __init__(self, n_embd, n_head, dropout=0.0, proj_std=0.02, rng=None, dtype=np.float32, bias=True,
+                 smear=False):
         if n_embd % n_head:
             raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
         self.n_head = n_head
         self.c_attn = Linear(n_embd, 3 * n_embd, bias, rng=rng, dtype=dtype)
         self.c_proj = Linear(n_embd, n_embd, bias, std=proj_std, rng=rng, dtype=dtype)
+        self.smear = Tensor(np.full(n_head, SMEAR_INIT, dtype), requires_grad=True) if smear else None
         self.resid_dropout = Dropout(dropout)
 
-    def __call__(self, x: Tensor, cache=None, layer: int = 0) -> Tensor:
+    def __call__(self, x: Tensor, cache=None, layer: int = 0, pos: Positions | None = None) -> Tensor:
         B, T, C = x.shape
+        if pos is None:
+            pos = Positions(np.arange(T)[None])
         qkv = self.c_attn(x)                                          # (B, T, 3C)
         if cache is None:
-            y = E.causal_self_attention(qkv, self.n_head)             # (B, T, C)
-        else:
-            y = Tensor(cache.attend(layer, qkv.data, self.n_head))    # inference: no graph
+            if self.smear is not None:
+                qkv = E.smear_keys(qkv, self.smear, self.n_head, pos.mix)
+            y = E.causal_self_attention(qkv, self.n_head, pos.cos, pos.sin)   # (B, T, C)
+        else:                                                         # inference: no graph
+            gate = None if self.smear is None else E._sigmoid(self.smear.data)
+            y = Tensor(cache.attend(layer, qkv.data, self.n_head, pos, gate))
         return self.resid_dropout(self.c_proj(y))

@@ -2,7 +2,8 @@
 
     python -m tinygrad_llm.gradcheck                # every op and every module parameter
     python -m tinygrad_llm.gradcheck --op softmax   # one op
-    python -m tinygrad_llm.gradcheck --model tiny   # every parameter of a tiny GPT
+    python -m tinygrad_llm.gradcheck --model tiny   # every parameter of a tiny GPT (learned
+                                                    # positions, and RoPE with smeared keys)
 
 Method (as tinygrad's gradcheck and llm.c's tests): everything in float64; the output is
 reduced with a *random* upstream gradient, L = sum(out * dout), so a transposed gradient
@@ -103,6 +104,9 @@ def _seeded(fn, seed=123):
 
 
 _IDX = np.array([[0, 3, 3], [5, 1, 0]])
+# per-row positions as generation makes them: row 1 is left-padded (two pads at position 0)
+_POS = np.array([[0, 1, 2, 3, 4], [0, 0, 0, 1, 2]])
+_COS, _SIN = (t[_POS][:, None] for t in E.rope_table(8, 4, base=10.0))   # (2, 1, 5, 4); base 10: all pairs turn
 _TGT = np.array([[1, 4, 0], [2, 2, 3]])
 _MASK = np.array([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
 
@@ -154,7 +158,14 @@ OPS = {
     "cross_entropy_none": (lambda l: E.cross_entropy(l, _TGT, reduction="none"), lambda r: [_t(r, 2, 3, 6)]),
     "attention": (E.scaled_dot_product_attention, lambda r: [_t(r, 2, 2, 5, 4), _t(r, 2, 2, 5, 4), _t(r, 2, 2, 5, 4)]),
     "self_attention": (lambda qkv: E.causal_self_attention(qkv, 2), lambda r: [_t(r, 2, 5, 12)]),
+    "self_attention_rope": (lambda qkv: E.causal_self_attention(qkv, 2, _COS, _SIN), lambda r: [_t(r, 2, 5, 24)]),
+    "smear_keys": (lambda qkv, a: E.smear_keys(qkv, a, 2, _POS != 0), lambda r: [_t(r, 2, 5, 24), _t(r, 2)]),
+    "smear_keys_rope_attention": (lambda qkv, a: E.causal_self_attention(E.smear_keys(qkv, a, 2, _POS != 0), 2, _COS, _SIN),
+                                  lambda r: [_t(r, 2, 5, 24), _t(r, 2)]),
 }
+
+# GPTConfig variants that `--model tiny` checks, each every parameter
+MODEL_VARIANTS = {"gpt": {}, "gpt_rope_smear": {"pos_emb": "rope", "smear_keys": True}}
 
 
 def _module_cases():
@@ -168,6 +179,8 @@ def _module_cases():
         "MLP": (nn.MLP(4, rng=r, dtype=d), lambda g: Tensor(g.standard_normal((2, 3, 4)), requires_grad=True)),
         "CausalSelfAttention": (nn.CausalSelfAttention(8, 2, rng=r, dtype=d),
                                 lambda g: Tensor(g.standard_normal((2, 5, 8)), requires_grad=True)),
+        "CausalSelfAttention_smear": (nn.CausalSelfAttention(8, 2, rng=r, dtype=d, smear=True),
+                                      lambda g: Tensor(g.standard_normal((2, 5, 8)), requires_grad=True)),
     }
 
 
@@ -198,13 +211,15 @@ def check_modules(seed: int = 0):
     return out
 
 
-def check_tiny_gpt(seed: int = 0, max_elems: int = 24):
-    """Every parameter of a tiny GPT (float64, masked cross-entropy)."""
+def check_tiny_gpt(seed: int = 0, max_elems: int = 24, prefix: str = "gpt", **config):
+    """Every parameter of a tiny GPT (float64, masked cross-entropy); config: GPTConfig
+    fields to change, e.g. pos_emb="rope", smear_keys=True. Names read `{prefix}.{parameter}`."""
+    import dataclasses
+
     from .config import get_tiny_config
     from .model import GPT
 
-    cfg = get_tiny_config(vocab_size=40)
-    cfg.dropout = 0.0
+    cfg = dataclasses.replace(get_tiny_config(vocab_size=40), dropout=0.0, **config)
     model = GPT(cfg, seed=seed).to(np.float64)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, cfg.vocab_size, (2, 9))
@@ -215,14 +230,14 @@ def check_tiny_gpt(seed: int = 0, max_elems: int = 24):
         _, loss = model(idx, targets=targets, loss_mask=mask)
         return loss
 
-    return [CheckResult(f"gpt.{r.name}", r.shape, r.max_abs, r.max_rel)
+    return [CheckResult(f"{prefix}.{r.name}", r.shape, r.max_abs, r.max_rel)
             for r in check_module(model, forward, max_elems=max_elems, seed=seed)]
 
 
 def print_table(results) -> bool:
-    print(f"{'op / parameter':<44}{'shape':<18}{'max abs err':>13}{'max rel err':>13}  result")
+    print(f"{'op / parameter':<52}{'shape':<18}{'max abs err':>13}{'max rel err':>13}  result")
     for r in results:
-        print(f"{r.name:<44}{str(r.shape):<18}{r.max_abs:>13.2e}{r.max_rel:>13.2e}  {'PASS' if r.ok else 'FAIL'}")
+        print(f"{r.name:<52}{str(r.shape):<18}{r.max_abs:>13.2e}{r.max_rel:>13.2e}  {'PASS' if r.ok else 'FAIL'}")
     n_fail = sum(not r.ok for r in results)
     print(f"\n{len(results) - n_fail} passed, {n_fail} failed")
     return n_fail == 0
@@ -231,7 +246,7 @@ def print_table(results) -> bool:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tinygrad_llm.gradcheck", description=__doc__.split("\n\n")[0])
     ap.add_argument("--op", help=f"check one op: {', '.join(OPS)}")
-    ap.add_argument("--model", choices=["tiny"], help="check every parameter of a tiny GPT")
+    ap.add_argument("--model", choices=["tiny"], help="check every parameter of a tiny GPT (each of MODEL_VARIANTS)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.op:
@@ -240,7 +255,7 @@ def main(argv=None) -> int:
             return 2
         results = [CheckResult(f"{args.op}.{r.name}", r.shape, r.max_abs, r.max_rel) for r in check_op(args.op, args.seed)]
     elif args.model:
-        results = check_tiny_gpt(args.seed)
+        results = [r for name, cfg in MODEL_VARIANTS.items() for r in check_tiny_gpt(args.seed, prefix=name, **cfg)]
     else:
         results = [CheckResult(f"{n}.{r.name}", r.shape, r.max_abs, r.max_rel) for n in OPS for r in check_op(n, args.seed)]
         results += check_modules(args.seed)

@@ -47,14 +47,20 @@ def load_model(checkpoint, vocab=None):
 # attention
 
 
-def attention_probs(qkv: np.ndarray, n_head: int) -> np.ndarray:
+def attention_probs(qkv: np.ndarray, n_head: int, cos=None, sin=None) -> np.ndarray:
     """qkv (B, T, 3C), q, k, v side by side as c_attn emits them -> the causal attention
     probabilities softmax(q k^T / sqrt(hs)) (B, NH, T, T), computed in float64. The same
-    math as engine.causal_self_attention, written out so it can be looked at."""
+    math as engine.causal_self_attention, written out so it can be looked at; cos, sin
+    (RoPE tables, broadcastable to (B, 1, T, hs)) rotate q and k first."""
+    from .engine import apply_rope
+
     B, T, C3 = qkv.shape
     hs = C3 // 3 // n_head
     heads = qkv.astype(np.float64).reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)  # (3, B, NH, T, hs)
-    att = heads[0] @ heads[1].swapaxes(-1, -2) / math.sqrt(hs)                              # (B, NH, T, T)
+    q, k = heads[0], heads[1]
+    if cos is not None:
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    att = q @ k.swapaxes(-1, -2) / math.sqrt(hs)                                            # (B, NH, T, T)
     att = np.where(np.tril(np.ones((T, T), dtype=bool)), att, -np.inf)                      # no peeking ahead
     p = np.exp(att - att.max(-1, keepdims=True))
     return p / p.sum(-1, keepdims=True)
@@ -73,11 +79,15 @@ def attention_maps(model, ids) -> list[np.ndarray]:
     maps = []
     try:
         with E.no_grad():
-            x = tr.wte(idx) + tr.wpe(np.arange(idx.shape[1]))        # (1, T, C)
+            pos = model.positions_for(np.arange(idx.shape[1]), 1, idx.shape[1])
+            x = tr.wte(idx) if tr.wpe is None else tr.wte(idx) + tr.wpe(pos.ids)   # (1, T, C)
             for block in tr.h:
-                qkv = block.attn.c_attn(block.ln_1(x)).data           # (1, T, 3C)
-                maps.append(attention_probs(qkv, block.attn.n_head)[0])
-                x = block(x)
+                attn = block.attn
+                qkv = attn.c_attn(block.ln_1(x))                      # (1, T, 3C)
+                if attn.smear is not None:                            # smeared keys (model.py)
+                    qkv = E.smear_keys(qkv, attn.smear, attn.n_head, pos.mix)
+                maps.append(attention_probs(qkv.data, attn.n_head, pos.cos, pos.sin)[0])
+                x = block(x, pos=pos)
     finally:
         model.train(was_training)
     return maps

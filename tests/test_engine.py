@@ -299,3 +299,56 @@ def test_attention_by_query_blocks(name, monkeypatch):
     np.testing.assert_allclose(fn(*inputs).data, one, rtol=1e-12, atol=1e-12)
     for r in G.check_op(name):
         assert r.ok, f"{name} by blocks: {r}"
+
+
+# -- RoPE, drawn by hypothesis --------------------------------------------------------------
+
+@SETTINGS
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 6), st.sampled_from([2, 4, 8]), st.booleans(),
+       st.integers(0, 20))
+def test_rope_is_a_rotation_by_relative_position(B, NH, T, hs, per_row, shift):
+    rng = np.random.default_rng(B * 100 + NH * 10 + T)
+    cos_t, sin_t = E.rope_table(T + 21, hs, base=100.0)
+    assert cos_t.shape == sin_t.shape == (T + 21, hs)
+    pos = rng.integers(0, T + 1, (B, T)) if per_row else np.arange(T)[None]
+    cos, sin = cos_t[pos][:, None], sin_t[pos][:, None]                  # (B|1, 1, T, hs)
+    q, k = rng.standard_normal((2, B, NH, T, hs))
+    qr, kr = E.apply_rope(q, cos, sin), E.apply_rope(k, cos, sin)
+    assert qr.shape == q.shape
+    # a rotation: norms kept, and the transpose (the backward) undoes it
+    np.testing.assert_allclose(np.linalg.norm(qr, axis=-1), np.linalg.norm(q, axis=-1), rtol=1e-12)
+    np.testing.assert_allclose(E.apply_rope_transposed(qr, cos, sin), q, atol=1e-12)
+    # q_i . k_j depends on the positions only through their difference
+    cos2, sin2 = cos_t[pos + shift][:, None], sin_t[pos + shift][:, None]
+    a = qr @ kr.swapaxes(-1, -2)
+    b = E.apply_rope(q, cos2, sin2) @ E.apply_rope(k, cos2, sin2).swapaxes(-1, -2)
+    np.testing.assert_allclose(a, b, atol=1e-10)
+
+
+def test_rope_matches_the_pairwise_rotation_formula():
+    # [x_j, x_{j+hs/2}] turned by angle p * base^(-2j/hs), written out with 2x2 rotations
+    hs, base, p = 6, 10000.0, 7
+    cos, sin = (t[p] for t in E.rope_table(8, hs, base))
+    x = np.random.default_rng(0).standard_normal(hs)
+    want = np.empty(hs)
+    for j in range(hs // 2):
+        a = p * base ** (-2 * j / hs)
+        x1, x2 = x[j], x[j + hs // 2]
+        want[j], want[j + hs // 2] = x1 * np.cos(a) - x2 * np.sin(a), x1 * np.sin(a) + x2 * np.cos(a)
+    np.testing.assert_allclose(E.apply_rope(x, cos, sin), want, atol=1e-14)
+
+
+def test_smear_keys_mixes_only_after_position_zero():
+    rng = np.random.default_rng(0)
+    qkv = rng.standard_normal((2, 4, 3 * 4))                     # C = 4, 2 heads of 2
+    alpha = np.array([0.0, 2.0])
+    pos = np.array([[0, 1, 2, 3], [0, 0, 1, 2]])                  # row 1: one left pad
+    out = E.smear_keys(Tensor(qkv), Tensor(alpha), 2, pos != 0).data.reshape(2, 4, 3, 2, 2)
+    x = qkv.reshape(2, 4, 3, 2, 2)
+    g = 1 / (1 + np.exp(-alpha))[:, None]
+    np.testing.assert_array_equal(out[:, :, [0, 2]], x[:, :, [0, 2]])    # q, v untouched
+    for b in range(2):
+        for t in range(4):
+            k = x[b, t, 1]
+            want = k + g * (x[b, t - 1, 1] - k) if pos[b, t] else k
+            np.testing.assert_allclose(out[b, t, 1], want, atol=1e-14)

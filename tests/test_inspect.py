@@ -143,3 +143,28 @@ def test_module_entry_point(ckpt, tmp_path):
                "--text", "人工智能", "--out", str(tmp_path)])
     assert res.returncode in (0, 2), res.stderr                  # 2 only when matplotlib is missing
     assert "layer 1 head 1: 人→self" in res.stdout
+
+
+def test_attention_maps_of_a_rope_smear_model():
+    """RoPE and smeared keys shape the maps: p @ v through c_proj gives the block's attention."""
+    import dataclasses
+    model = GPT(dataclasses.replace(get_tiny_config(vocab_size=40), pos_emb="rope", smear_keys=True), seed=0)
+    for block in model.transformer.h:
+        block.attn.smear.data[:] = [1.0, -1.0]
+        block.attn.c_attn.weight.data *= 8                           # sharper attention than at init
+    ids = [5, 9, 12, 5, 9, 30, 7]
+    maps = I.attention_maps(model, ids)
+    T, tr = len(ids), model.transformer
+    pos = model.positions_for(np.arange(T), 1, T)
+    with E.no_grad():
+        x = tr.wte(np.array([ids]))
+        for block, p in zip(tr.h, maps):
+            qkv = block.attn.c_attn(block.ln_1(x)).data
+            NH, C = block.attn.n_head, qkv.shape[-1] // 3
+            v = qkv.reshape(1, T, 3, NH, C // NH)[:, :, 2].transpose(0, 2, 1, 3).astype(np.float64)
+            y = (p[None] @ v).transpose(0, 2, 1, 3).reshape(1, T, C)
+            want = block.attn(block.ln_1(x), pos=pos).data
+            np.testing.assert_allclose(block.attn.c_proj(E.Tensor(y.astype(np.float32))).data, want, atol=1e-5)
+            plain = I.attention_probs(qkv, NH)[0]                     # without RoPE / smear: other maps
+            assert np.abs(plain - p).max() > 1e-3
+            x = block(x, pos=pos)

@@ -1,5 +1,7 @@
 """GPT: KV-cache generation equals full recomputation, sampling options, every parameter's
 gradient, and the llm.c smoke test (a tiny model overfits one batch)."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -87,6 +89,95 @@ def test_every_gpt_parameter_passes_gradcheck():
     assert len(results) == 2 + 12 * get_tiny_config().n_layer + 2      # wte, wpe, blocks, ln_f
     bad = [r for r in results if not r.ok]
     assert not bad, bad
+
+
+def test_every_rope_smear_gpt_parameter_passes_gradcheck():
+    results = G.check_tiny_gpt(max_elems=6, pos_emb="rope", smear_keys=True)
+    names = [r.name for r in results]
+    assert len(results) == 1 + 13 * get_tiny_config().n_layer + 2      # wte, blocks (+ smear), ln_f
+    assert "gpt.transformer.h.1.attn.smear" in names and not any("wpe" in n for n in names)
+    bad = [r for r in results if not r.ok]
+    assert not bad, bad
+
+
+# -- positions: RoPE and smeared keys --------------------------------------------------------
+
+def _varied(cfg, seed=0):
+    """A float64 model with larger random weights than the init (and the smear gates spread
+    around 0.5), so greedy generation does not just repeat a token and a cache bug shows."""
+    m = GPT(cfg, seed=seed).to(np.float64)
+    rng = np.random.default_rng(seed + 100)
+    for name, p in m.named_parameters():
+        p.data = p.data + rng.standard_normal(p.shape) * (1.0 if name.endswith("smear") else 0.15)
+    return m
+
+
+POS_VARIANTS = {"rope": dict(pos_emb="rope"), "rope_smear": dict(pos_emb="rope", smear_keys=True),
+                "learned_smear": dict(smear_keys=True)}
+
+
+@pytest.mark.parametrize("variant", list(POS_VARIANTS))
+def test_kv_cache_equals_full_recompute_with_positions(variant):
+    m = _varied(dataclasses.replace(get_tiny_config(vocab_size=60), **POS_VARIANTS[variant]), seed=5)
+    prompts = [[7, 8, 9, 10, 11, 12, 30], [13, 14], [20, 21, 22, 23]]      # ragged: left padding
+    g = m.generate(prompts, max_new_tokens=10, temperature=0.0, stop_tokens=(), return_logprobs=True)
+    distinct = set()
+    for b, p in enumerate(prompts):
+        toks, logits = _full_recompute_greedy(m, p, 10)
+        assert g.tokens[b].tolist() == toks, (b, g.tokens[b].tolist(), toks)
+        alone = m.generate([p], max_new_tokens=10, temperature=0.0, stop_tokens=(), return_logprobs=True)
+        assert alone.tokens[0].tolist() == toks
+        for t, lg in enumerate(logits):
+            lp = lg - lg.max() - np.log(np.exp(lg - lg.max()).sum())
+            assert abs(lp[toks[t]] - g.logprobs[b, t]) < 1e-9                # float64: to rounding
+            assert abs(lp[toks[t]] - alone.logprobs[0, t]) < 1e-9
+        distinct |= set(toks)
+    assert len(distinct) > 3                                               # not a degenerate test
+
+
+@pytest.mark.parametrize("variant", list(POS_VARIANTS))
+def test_cached_logits_equal_full_forward_with_positions(variant):
+    from tinygrad_llm.model import KVCache
+    m = _varied(dataclasses.replace(get_tiny_config(vocab_size=60), **POS_VARIANTS[variant]), seed=2)
+    seq = np.array([[5, 6, 7, 8, 9, 10, 11]])
+    with E.no_grad():
+        full = m(seq)[0].data
+        cache = KVCache(m.config, 1, 7, np.float64)
+        cache.add_valid(np.ones((1, 3), bool))
+        outs = [m(seq[:, :3], positions=np.arange(3)[None], cache=cache)[0].data]
+        cache.advance(3)
+        for t in range(3, 7):
+            cache.add_valid(np.ones((1, 1), bool))
+            outs.append(m(seq[:, t:t + 1], positions=np.array([[t]]), cache=cache)[0].data)
+            cache.advance(1)
+    np.testing.assert_allclose(np.concatenate(outs, 1), full, rtol=1e-10, atol=1e-10)
+
+
+def test_rope_model_has_no_wpe_and_positions_matter_relatively():
+    cfg = dataclasses.replace(get_tiny_config(vocab_size=60), pos_emb="rope")
+    m = _varied(cfg, seed=1)
+    assert not any("wpe" in k for k in m.state_dict())
+    assert m.transformer.wpe is None
+    seq = np.array([[5, 6, 7, 8, 9]])
+    with E.no_grad():
+        a = m(seq)[0].data
+        shifted = m(seq, positions=np.arange(5) + 20)[0].data      # RoPE: only differences count
+        swapped = m(seq[:, ::-1].copy())[0].data
+    np.testing.assert_allclose(shifted, a, rtol=1e-9, atol=1e-9)
+    assert not np.allclose(swapped[0, -1], a[0, -1])               # yet order is seen
+
+
+def test_position_config_is_validated():
+    from tinygrad_llm.config import ConfigError, GPTConfig
+    with pytest.raises(ConfigError, match="pos_emb"):
+        GPTConfig(pos_emb="alibi")
+    with pytest.raises(ConfigError, match="even head size"):
+        GPTConfig(n_embd=12, n_head=4, pos_emb="rope")
+    with pytest.raises(ConfigError, match="rope_base"):
+        GPTConfig(rope_base=0.5)
+    with pytest.raises(ConfigError, match="smear_keys"):
+        GPTConfig(smear_keys="yes")
+    assert GPTConfig().pos_emb == "learned" and GPTConfig().smear_keys is False
 
 
 def test_tiny_model_overfits_a_single_batch():

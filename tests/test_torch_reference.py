@@ -117,3 +117,42 @@ def test_causal_self_attention_layer(rng):
     compare(attn, torch_attn, x, rng=rng)                   # output and dx
     for n, p in attn.named_parameters():                    # and every weight gradient
         np.testing.assert_allclose(p.grad, tw[n].grad.numpy(), rtol=RTOL, atol=ATOL, err_msg=n)
+
+
+@pytest.mark.parametrize("smear", [False, True])
+def test_rope_and_smeared_keys_attention(rng, smear):
+    """causal_self_attention with RoPE (and smear_keys before it) vs PyTorch written out from
+    the formulas in model.py's docstring (rotate-half RoPE as Hugging Face LLaMA's): the output
+    and the gradients of qkv and of the smear gate alpha. Row 1 is left-padded (positions
+    0, 0, 0, 1, ...), as generation passes them."""
+    B, T, NH, hs, base = 2, 7, 2, 8, 10000.0
+    C = NH * hs
+    pos = np.array([[0, 1, 2, 3, 4, 5, 6], [0, 0, 0, 1, 2, 3, 4]])
+    cos, sin = (t[pos][:, None] for t in E.rope_table(16, hs, base))
+    qkv, alpha = rng.standard_normal((B, T, 3 * C)), rng.standard_normal(NH)
+
+    def ours(qkv_t, a_t):
+        if smear:
+            qkv_t = E.smear_keys(qkv_t, a_t, NH, pos != 0)
+        return E.causal_self_attention(qkv_t, NH, cos, sin)
+
+    def rotate_half(x):
+        x1, x2 = x[..., : hs // 2], x[..., hs // 2:]
+        return torch.cat((-x2, x1), dim=-1)
+
+    def ref(qkv_t, a_t):
+        q, k, v = (t.reshape(B, T, NH, hs) for t in qkv_t.split(C, dim=2))
+        if smear:
+            prev = torch.cat([torch.zeros_like(k[:, :1]), k[:, :-1]], dim=1)
+            mixed = k + torch.sigmoid(a_t).view(1, 1, NH, 1) * (prev - k)
+            k = torch.where(torch.from_numpy(pos != 0).view(B, T, 1, 1), mixed, k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))                           # (B, NH, T, hs)
+        inv_freq = 1.0 / base ** (torch.arange(0, hs, 2, dtype=torch.float64) / hs)
+        freqs = torch.from_numpy(pos).double()[..., None] * inv_freq                  # (B, T, hs/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]                             # (B, 1, T, hs)
+        q = q * emb.cos() + rotate_half(q) * emb.sin()
+        k = k * emb.cos() + rotate_half(k) * emb.sin()
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return y.transpose(1, 2).reshape(B, T, C)
+
+    compare(ours, ref, qkv, alpha, rng=rng, grad_of=[0, 1] if smear else [0])

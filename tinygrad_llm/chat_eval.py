@@ -106,6 +106,19 @@ def validate_items(items: list, where="chat eval") -> list[dict]:
     return out
 
 
+def subset(items: list[dict], n: int) -> list[dict]:
+    """At most n items (0: all), taken round-robin over the categories so every kind stays."""
+    if not n or n >= len(items):
+        return list(items)
+    queues = {c: [it for it in items if it["category"] == c] for c in CATEGORIES}
+    out = []
+    while len(out) < n:
+        for c in CATEGORIES:
+            if queues[c] and len(out) < n:
+                out.append(queues[c].pop(0))
+    return out
+
+
 # ----------------------------------------------------------------------------------------
 # the rules (pure functions of the reply text)
 

@@ -14,12 +14,19 @@ One episode = one rollout + ppo_epochs passes over it in shuffled minibatches:
   2. old log-probs (policy), reference log-probs and values, all from logits / T;
   3. per-token reward -beta * (logp_old - logp_ref), plus at the reply's last token the
      reward model's score; a reply that never closed is scored with <|im_end|> appended
-     and pays unfinished_penalty (rm_scores, token_rewards);
+     and pays unfinished_penalty (rm_scores, token_rewards); a reply that loops or refuses a
+     benign prompt pays loop_penalty / refusal_penalty (chat_guard.reply_penalties);
   4. GAE (gamma = 1, lambda = 0.95), returns = advantages + values, advantages whitened
      over the valid tokens of the episode;
   5. each minibatch: clipped surrogate + vf_coef * clipped value loss, one AdamW step on
      policy and critic together, global-norm gradient clipping (TRL's PolicyAndValueWrapper).
 Optionally beta follows Ziegler et al.'s adaptive controller toward target_kl.
+
+Watched for reward hacking (chat_guard.ChatGuard, when the data holds chat_eval.json): every
+chat_eval_every episodes, greedy replies to held-out everyday prompts are judged
+(chat_eval.py); if the acceptable share falls more than chat_guard_drop below the best so far,
+or the refusal / loop share rises more than chat_guard_rise, while the reward model scores
+those replies higher, training stops and the best weights are kept.
 
 The minibatch steps run in the one training loop (loop.train): get_batch() pops the next
 minibatch and makes a new rollout whenever the episode's minibatches are used up.
@@ -46,6 +53,8 @@ from ..loop import train
 from ..model import GPT, ScalarHead
 from ..report import plot_stage
 from ..tokenizer import IM_END_ID
+from .. import chat_eval
+from .chat_guard import ChatGuard, GuardStop, refusal_prompts, reply_penalties
 from .common import load_resume, make_saver
 from .reward_model import RewardModel
 from .rollout import logprobs_no_grad, rollout
@@ -85,12 +94,26 @@ class RLHFConfig:
     eval_batch: int = 96             # rows per generate() call
     n_show: int = 5
     ckpt_every: int = 0              # minibatch steps between resumable checkpoints (0: on interrupt only)
+    # reward shaping against the failures users see (chat_guard.reply_penalties; 0 = off)
+    loop_penalty: float = 1.0        # subtracted from the score of a rollout reply that loops (chat_eval.is_loop)
+    refusal_penalty: float = 1.0     # ... that refuses a prompt whose SFT reply does not refuse (is_refusal)
+    # the chat evaluation (data/chat_eval.json) and the reward-hacking guard (chat_guard.ChatGuard)
+    chat_eval_every: int = 5         # episodes between chat evaluations (0: before and after only)
+    chat_eval_tokens: int = 96       # greedy reply length
+    chat_eval_items: int = 0         # 0 = every item
+    chat_guard: bool = True          # stop and roll back to the best weights on reward hacking
+    chat_guard_drop: float = 0.05    # acceptable share may fall this much below the best ...
+    chat_guard_rise: float = 0.05    # ... and the refusal / loop shares rise this much above it
 
     def validate(self):
         if self.num_episodes < 0 or self.prompts_per_episode <= 0 or self.minibatch_size <= 0 or self.ppo_epochs <= 0:
             raise ConfigError("rlhf: num_episodes >= 0; prompts_per_episode, minibatch_size, ppo_epochs > 0")
         if not (0 < self.clip_ratio < 1 and self.lr > 0 and self.temperature > 0 and self.max_new_tokens > 0):
             raise ConfigError("rlhf: need 0 < clip_ratio < 1, lr > 0, temperature > 0, max_new_tokens > 0")
+        if min(self.loop_penalty, self.refusal_penalty, self.chat_guard_drop, self.chat_guard_rise) < 0 \
+                or self.chat_eval_every < 0 or self.chat_eval_tokens <= 0:
+            raise ConfigError("rlhf: penalties and chat_guard_drop / _rise >= 0, chat_eval_every >= 0, "
+                              "chat_eval_tokens > 0")
 
     @property
     def minibatches(self) -> int:
@@ -106,7 +129,8 @@ class RLHFConfig:
 
 STAGE_CONFIG = RLHFConfig
 TINY_OVERRIDES = {"num_episodes": 2, "prompts_per_episode": 4, "minibatch_size": 2, "ppo_epochs": 2,
-                  "max_new_tokens": 12, "warmup_steps": 0, "eval_prompts": 4, "eval_samples": 2, "n_show": 2}
+                  "max_new_tokens": 12, "warmup_steps": 0, "eval_prompts": 4, "eval_samples": 2, "n_show": 2,
+                  "chat_eval_every": 1, "chat_eval_tokens": 12, "chat_eval_items": 4}
 
 
 # ----------------------------------------------------------------------------------------
@@ -314,6 +338,9 @@ class PPOTrainer:
         self.kl_ctl = AdaptiveKLController(self.cfg.kl_coef, self.cfg.target_kl, self.cfg.kl_horizon)
         self.prompts, self._order, self._pos = [], [], 0
         self.episode, self.exp = 0, None
+        self.refusal_ok = set()      # prompts whose refusal is not penalised (harmful requests)
+        self.guard = None            # a ChatGuard: chat evaluation every cfg.chat_eval_every episodes
+        self._updates = []           # metrics of each update so far (what train returns on an early stop)
 
     # -- 1-4: rollout, rewards, advantages ------------------------------------------------
     def _next_prompts(self, rng) -> list[str]:
@@ -329,8 +356,8 @@ class PPOTrainer:
     def collect(self, rng) -> Experience:
         """Sample one episode and compute everything PPO needs from it (no graph)."""
         c = self.cfg
-        ro = rollout(self.policy, self.tok, self._next_prompts(rng), temperature=c.temperature,
-                     max_new_tokens=c.max_new_tokens, rng=rng)
+        prompts = self._next_prompts(rng)
+        ro = rollout(self.policy, self.tok, prompts, temperature=c.temperature, max_new_tokens=c.max_new_tokens, rng=rng)
         x, y, m = ro.x, ro.y, ro.action_mask
         B = len(x)
         # the minibatch plan of all K epochs; old log-probs are computed in the chunks of the
@@ -347,10 +374,13 @@ class PPOTrainer:
                 values[rows, :n] = self.critic.values(xs).data
         old_logp, ref_logp, values = old_logp * m, ref_logp * m, values * m
         scores = rm_scores(self.rm, ro)
+        # shaping: replies that loop, or refuse a benign prompt, pay a penalty (logged apart)
+        penalty, looped, refused = reply_penalties(ro.texts, prompts, c.loop_penalty, c.refusal_penalty,
+                                                   self.refusal_ok)
         # 3) rewards, 4) advantages and returns
         beta = self.kl_ctl.value
         kl = old_logp - ref_logp                                    # (B, L), 0 off the mask
-        rewards, final = token_rewards(scores, ro.finished, kl, ro.last_index, beta, c.unfinished_penalty)
+        rewards, final = token_rewards(scores - penalty, ro.finished, kl, ro.last_index, beta, c.unfinished_penalty)
         adv, returns = gae(rewards, values, m, c.gamma, c.lam)
         adv = masked_whiten(adv, m)
         kl_seq = kl.sum(1)
@@ -358,7 +388,8 @@ class PPOTrainer:
         stats = {"episode": self.episode, "score": float(scores.mean()), "kl": float(kl_seq.mean()),
                  "rlhf_reward": float((final - beta * kl_seq).mean()), "kl_coef": beta,
                  "eos_rate": float(ro.finished.mean()), "reply_len": float(lens.mean()),
-                 "explained_var": explained_variance(values, returns, m)}
+                 "penalty": float(penalty.mean()), "loop_share": float(looped.mean()),
+                 "refusal_share": float(refused.mean()), "explained_var": explained_variance(values, returns, m)}
         self.kl_ctl.update(stats["kl"], B)
         dt = self.policy.dtype
         return Experience(x, y, m.astype(dt), old_logp.astype(dt), values.astype(dt), adv.astype(dt),
@@ -368,6 +399,9 @@ class PPOTrainer:
     def get_batch(self, rng):
         """The next minibatch; a new rollout when the current one is used up."""
         if self.exp is None or not self.exp.plan:
+            every = self.cfg.chat_eval_every
+            if self.guard is not None and every and self.episode and self.episode % every == 0:
+                self.watch()
             self.exp = self.collect(rng)
             self.episode += 1
         e = self.exp
@@ -388,7 +422,18 @@ class PPOTrainer:
                                           mb["returns"], mb["mask"], c.clip_ratio, c.value_clip)
         loss = pg_loss + vf_loss * c.vf_coef
         st["entropy"] = entropy(z.data, mb["mask"])
+        self._updates.append({**mb["stats"], **st, "loss": float(loss.data)})
         return loss, {**mb["stats"], **st, "tokens": int(mb["x"].size)}
+
+    def watch(self) -> dict:
+        """One chat evaluation by the guard, with the last rollout's RM score and KL beside it;
+        raises GuardStop on reward hacking (when the guard is enabled)."""
+        beside = {k: self.exp.stats[k] for k in ("score", "kl", "penalty")} if self.exp is not None else {}
+        step = self.episode * self.cfg.ppo_epochs * self.cfg.minibatches
+        rec = self.guard.check(step, self.episode, **{f"rollout_{k}": v for k, v in beside.items()})
+        if self.guard.stop:
+            raise GuardStop(f"episode {self.episode}: reward hacking: {rec['why']}")
+        return rec
 
     def train(self, prompts, save=None, resume=None) -> list[dict]:
         """cfg.num_episodes episodes on `prompts` (user texts). save / resume: as loop.train's.
@@ -399,9 +444,19 @@ class PPOTrainer:
         lcfg = self.cfg.loop_config()
         if resume:   # restart at the episode boundary the saved step belongs to
             self.episode = int(resume["step"]) // (self.cfg.ppo_epochs * self.cfg.minibatches)
-        out = train(self.model, lcfg, self.get_batch, self.loss_fn, stage="rlhf", logger=self.logger,
-                    save=save, resume=resume, rng=np.random.default_rng(self.seed),
-                    show_progress=self.show_progress)
+        self._updates = []
+        try:
+            out = train(self.model, lcfg, self.get_batch, self.loss_fn, stage="rlhf", logger=self.logger,
+                        save=save, resume=resume, rng=np.random.default_rng(self.seed),
+                        show_progress=self.show_progress)
+        except GuardStop as e:      # stop early on the best weights; they become the final checkpoint
+            self.guard.restore(f"stopped early at {e}")
+            if self.logger:
+                self.logger.log("rlhf", len(self._updates), chat_guard=self.guard.reason)
+            if save:
+                save("final", len(self._updates), None, None)
+            self.exp = None
+            return self._updates
         self.exp = None
         return out["history"]
 
@@ -448,7 +503,10 @@ def run(ctx) -> dict:
     c, tok, t0 = ctx.cfg.rlhf, ctx.tokenizer, time.perf_counter()
     c.validate()
     train_convs, val_convs = load_split(ctx.data_dir, "sft", seed=ctx.seed)
-    train_prompts = user_prompts(train_convs)
+    chat_items = chat_eval.load_chat_eval(ctx.data_dir)
+    chat_held_out = {it["prompt"] for it in chat_items or []}
+    # every first user turn of the SFT training data (the chat prompts included), less the chat evaluation's
+    train_prompts = [p for p in user_prompts(train_convs) if p not in chat_held_out]
     held_in = set(train_prompts)
     val_prompts = [p for p in user_prompts(val_convs) if p not in held_in]
     if not val_prompts:
@@ -461,6 +519,11 @@ def run(ctx) -> dict:
     rm.tokenizer = tok
     trainer = PPOTrainer(policy, rm, tok, ctx.cfg.model, c, ref_model=ref, logger=ctx.logger,
                          show_progress=ctx.show_progress, seed=ctx.seed)
+    trainer.refusal_ok = refusal_prompts(train_convs)        # harmful requests: refusing them is right
+    if chat_items is not None:
+        trainer.guard = ChatGuard(policy, rm, tok, chat_eval.subset(chat_items, c.chat_eval_items),
+                                  drop=c.chat_guard_drop, rise=c.chat_guard_rise, enabled=c.chat_guard,
+                                  max_new_tokens=c.chat_eval_tokens, logger=ctx.logger)
     resume = load_resume(ctx, trainer.model, "rlhf")
     # rlhf_last holds policy + critic (to resume); rlhf_final the policy alone, a plain GPT
     save_last = make_saver(ctx, trainer.model, "rlhf", "rlhf_final")
@@ -471,9 +534,21 @@ def run(ctx) -> dict:
 
     te = time.perf_counter()
     before = trainer.evaluate(val_prompts, model=ref)              # the SFT model, same draws as after
+    guard = trainer.guard
+    chat_before = guard.check(0, 0) if guard else None             # the baseline, and the best so far
     tt = time.perf_counter()
     history = trainer.train(train_prompts, save=save, resume=resume)
     train_time = time.perf_counter() - tt
+    chat_after = None
+    if guard and guard.reason:                                     # stopped early, best weights back
+        chat_after = guard.best
+    elif guard:
+        chat_after = guard.check(len(history), trainer.episode)
+        if c.chat_guard and chat_after["verdict"] in ("worse", "hacking"):
+            guard.restore(f"the final weights chat worse than the best ({chat_after['why']})")
+            ctx.logger.log("rlhf", len(history), chat_guard=guard.reason)
+            save_final("final", len(history), None, None)
+            chat_after = guard.best
     after = trainer.evaluate(val_prompts)
     eval_time = time.perf_counter() - te - train_time
     ctx.logger.log("rlhf", len(history), **{f"val_{w}_{k}": v for w, e in (("before", before), ("after", after))
@@ -486,9 +561,19 @@ def run(ctx) -> dict:
     gain_se = float(gain.std(ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else float("nan")
     samples = [{"prompt": p, "before": before["texts"][i * n], "after": after["texts"][i * n]}
                for i, p in enumerate(val_prompts[:c.n_show])]
-    return {"headline": f"held-out RM score {before['score']:+.2f} -> {after['score']:+.2f} (gain SE {gain_se:.2f}), "
-                        f"KL to SFT {after['kl']:.2f} nats/reply, EOS {after['eos_rate']:.0%}, "
-                        f"distinct {after['distinct']:.0%}",
+    headline = (f"held-out RM score {before['score']:+.2f} -> {after['score']:+.2f} (gain SE {gain_se:.2f}), "
+                f"KL to SFT {after['kl']:.2f} nats/reply, EOS {after['eos_rate']:.0%}, distinct {after['distinct']:.0%}")
+    chat_figures = {}
+    if chat_after is not None:       # the headline leads with what a user would notice
+        headline = f"{chat_eval.change_headline(chat_before, chat_after)}; {headline}"
+        if guard.reason:
+            headline += f"; guard: {guard.reason}"
+        samples += chat_eval.samples(chat_before, chat_after, n=8)
+        chat_figures = {**chat_eval.flat(chat_before, "chat_before_"), **chat_eval.flat(chat_after, "chat_after_"),
+                        "chat_rm_score_before": chat_before["rm_score"], "chat_rm_score_after": chat_after["rm_score"],
+                        "chat_guard": guard.reason or "kept the final weights", "chat_best_episode": guard.best_episode,
+                        "chat_evaluations": len(guard.history)}
+    return {"headline": headline,
             "score_before": before["score"], "score_after": after["score"], "score_gain_se": gain_se,
             "kl_before": before["kl"], "kl_after": after["kl"],
             "eos_rate_before": before["eos_rate"], "eos_rate_after": after["eos_rate"],
@@ -498,4 +583,4 @@ def run(ctx) -> dict:
             "episodes": c.num_episodes, "updates": len(history), "kl_coef_end": trainer.kl_ctl.value,
             "plot": str(plot) if plot else "skipped (matplotlib not installed)", "train_time_s": train_time,
             "eval_time_s": eval_time,
-            "time_s": time.perf_counter() - t0, "samples": samples}
+            "time_s": time.perf_counter() - t0, "samples": samples, **chat_figures}

@@ -2,8 +2,10 @@
 
 Starts from pretrain_final. Each conversation is laid out with the chat template; the loss
 is on assistant tokens only, including their closing <|im_end|> (so the model learns to
-stop), with system and user tokens masked. Held-out figures: assistant-token loss, and the
-share of replies to unseen prompts that close with <|im_end|>."""
+stop), with system and user tokens masked. Held-out figures: assistant-token loss, the
+share of replies to unseen prompts that close with <|im_end|>, and, when the data holds
+chat_eval.json, the chat evaluation (chat_eval.py: share of acceptable greedy replies to
+everyday prompts; refusals, loops; harmful prompts refused)."""
 from __future__ import annotations
 
 import time
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import chat_eval
 from ..config import LoopConfig
 from ..data import DataError, load_split, pad_batch, sft_examples
 from ..loop import train
@@ -29,11 +32,13 @@ class SFTConfig(LoopConfig):
     eval_every: int = 100
     eval_prompts: int = 48          # held-out prompts answered (greedy) for the <|im_end|> rate
     max_new_tokens: int = 96
+    chat_eval_tokens: int = 96      # reply length for the chat evaluation (data/chat_eval.json)
+    chat_eval_items: int = 0        # 0 = every item of the chat evaluation
 
 
 STAGE_CONFIG = SFTConfig
 TINY_OVERRIDES = {"max_steps": 40, "batch_size": 8, "eval_every": 20, "eval_prompts": 8, "max_new_tokens": 24,
-                  "warmup_steps": 5}
+                  "warmup_steps": 5, "chat_eval_tokens": 24, "chat_eval_items": 8}
 
 
 def first_user_prompts(convs) -> list[str]:
@@ -89,8 +94,26 @@ def run(ctx) -> dict:
     train_time = time.perf_counter() - t0
     eos_rate, texts = reply_eos_rate(model, tok, val_prompts, cfg.max_new_tokens)
     samples = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(val_prompts[:5], before_texts, texts[:5])]
+    chat = chat_eval_after(ctx, model, cfg)
+    if chat is not None:
+        samples += chat_eval.samples(None, chat, n=8)
     last = out["evals"][-1]
-    return {"headline": f"held-out loss {last['loss']:.3f}, {eos_rate:.0%} replies close with <|im_end|>",
+    headline = f"held-out loss {last['loss']:.3f}, {eos_rate:.0%} replies close with <|im_end|>"
+    if chat is not None:
+        headline = f"{chat_eval.headline(chat)}; {headline}"
+    return {"headline": headline,
             "val_loss": last["loss"], "val_loss_start": out["evals"][0]["loss"], "eos_rate": eos_rate,
             "eos_rate_before": before_eos, "train_time_s": train_time, "samples": samples,
-            "train_conversations": len(train_ex), "val_conversations": len(val_ex)}
+            "train_conversations": len(train_ex), "val_conversations": len(val_ex), **chat_eval.flat(chat)}
+
+
+def chat_eval_after(ctx, model, cfg) -> dict | None:
+    """The chat evaluation of the trained model (None without chat_eval.json), logged to
+    metrics.jsonl as chat_* at the stage's last step."""
+    items = chat_eval.load_chat_eval(ctx.data_dir)
+    if items is None:
+        return None
+    items = chat_eval.subset(items, cfg.chat_eval_items)
+    res = chat_eval.evaluate_chat(model, ctx.tokenizer, items, max_new_tokens=cfg.chat_eval_tokens)
+    ctx.logger.log("sft", cfg.max_steps, **chat_eval.flat(res))
+    return res

@@ -1,0 +1,117 @@
+"""Watching an RL stage for reward hacking with the chat evaluation (chat_eval.py).
+
+PPO raises whatever the reward model rewards; when the RM is fooled, its score climbs while
+the replies a user sees get worse (refusals, loops, no answer). Two defences live here:
+
+- `ChatGuard`: at each periodic evaluation, greedy replies to the held-out chat prompts are
+  judged (acceptable / refusal / loop shares) and also scored by the reward model. The
+  weights with the best acceptable share so far are kept in memory. If the acceptable share
+  falls more than `drop` below the best, or the refusal or loop share rises more than `rise`
+  above it, while the RM scores those same replies higher than it scored the best ones,
+  that is reward hacking: the guard says stop, and the stage rolls back to the best weights.
+  At the end of training the same rule without the RM condition decides whether the final
+  weights or the best ones are kept.
+- `reply_penalties`: a shaping term for PPO's reward, subtracted from the RM score of a
+  rollout reply that loops (is_loop) or refuses a prompt that should not be refused
+  (is_refusal, where the SFT reply to that prompt does not refuse).
+
+    guard = ChatGuard(policy, rm, tok, items, drop=0.05, rise=0.05)
+    guard.check(step=0, episode=0)          # the baseline: the best so far
+    ...
+    rec = guard.check(step, episode)        # rec["verdict"]: "best", "ok", "worse" or "hacking"
+    if rec["verdict"] == "hacking": guard.restore()
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import chat_eval
+from ..tokenizer import IM_END_ID
+from .rollout import chat_prompt
+
+
+class GuardStop(Exception):
+    """Raised inside the training loop when the guard has seen reward hacking."""
+
+
+def reply_penalties(texts, prompts, loop_penalty: float, refusal_penalty: float, refusal_ok=frozenset()):
+    """-> (penalty (B,), looped (B,) bool, refused (B,) bool): loop_penalty for a reply that
+    loops, refusal_penalty for one that refuses a prompt not in refusal_ok (the prompts whose
+    reference reply is itself a refusal, i.e. harmful requests)."""
+    looped = np.array([chat_eval.is_loop(t) for t in texts], bool)
+    refused = np.array([chat_eval.is_refusal(t) and p not in refusal_ok for t, p in zip(texts, prompts)], bool)
+    return loop_penalty * looped + refusal_penalty * refused, looped, refused
+
+
+def refusal_prompts(convs) -> set[str]:
+    """First user turns whose assistant reply (in the training data) is a refusal."""
+    out = set()
+    for c in convs:
+        user = next((m["content"] for m in c if m["role"] == "user"), None)
+        reply = next((m["content"] for m in c if m["role"] == "assistant"), "")
+        if user and chat_eval.is_refusal(reply):
+            out.add(user)
+    return out
+
+
+class ChatGuard:
+    """Keeps the best-chatting weights of `policy` and spots reward hacking (module docstring)."""
+
+    def __init__(self, policy, rm, tok, items, *, drop: float = 0.05, rise: float = 0.05, enabled: bool = True,
+                 max_new_tokens: int = 96, logger=None, stage: str = "rlhf"):
+        self.policy, self.rm, self.tok, self.items = policy, rm, tok, items
+        self.drop, self.rise, self.enabled = drop, rise, enabled
+        self.max_new_tokens, self.logger, self.stage = max_new_tokens, logger, stage
+        self.best, self.best_state, self.history, self.reason = None, None, [], ""
+
+    def evaluate(self) -> dict:
+        """evaluate_chat of the policy (greedy) + "rm_score": the RM's mean score of those replies."""
+        res = chat_eval.evaluate_chat(self.policy, self.tok, self.items, max_new_tokens=self.max_new_tokens, batch=32)
+        seqs = [chat_prompt(self.tok, r["prompt"]) + self.tok.encode(r["reply"], allow_special=False) + [IM_END_ID]
+                for r in res["replies"]]
+        res["rm_score"] = float(np.mean(self.rm.score_ids(seqs)))
+        return res
+
+    def degraded(self, res: dict) -> list[str]:
+        """How res is worse than the best so far (empty: not worse beyond the margins)."""
+        b, why = self.best, []
+        if res["acceptable"] < b["acceptable"] - self.drop:
+            why.append(f"acceptable {b['acceptable']:.0%} -> {res['acceptable']:.0%}")
+        for k in ("refusal", "loop"):
+            if res[k] > b[k] + self.rise:
+                why.append(f"{k} {b[k]:.0%} -> {res[k]:.0%}")
+        return why
+
+    def check(self, step: int, episode: int, **beside) -> dict:
+        """Evaluate now, log chat_* (and `beside`, e.g. the rollout's RM score and KL) to
+        metrics.jsonl, update the best weights -> the evaluation with "verdict" and "why"."""
+        res = self.evaluate()
+        verdict, why = "best", []
+        if self.best is not None:
+            why = self.degraded(res)
+            if why and res["rm_score"] > self.best["rm_score"]:
+                verdict = "hacking"
+                why.append(f"while the RM score of these replies rose {self.best['rm_score']:+.2f} -> "
+                           f"{res['rm_score']:+.2f}")
+            elif why:
+                verdict = "worse"
+            elif res["acceptable"] < self.best["acceptable"]:
+                verdict = "ok"
+        if verdict == "best":
+            self.best, self.best_episode = res, episode
+            self.best_state = {k: v.copy() for k, v in self.policy.state_dict().items()}
+        res.update(verdict=verdict, why="; ".join(why), episode=episode, step=step)
+        self.history.append(res)
+        if self.logger:
+            self.logger.log(self.stage, step, episode=episode, chat_rm_score=res["rm_score"],
+                            chat_verdict=verdict, chat_why=res["why"], **chat_eval.flat(res), **beside)
+        return res
+
+    @property
+    def stop(self) -> bool:
+        return self.enabled and bool(self.history) and self.history[-1]["verdict"] == "hacking"
+
+    def restore(self, reason: str) -> None:
+        """Load the best weights back into the policy; remember why."""
+        self.policy.load_state_dict(self.best_state, source="best chat-evaluation weights")
+        self.reason = f"{reason}; rolled back to episode {self.best_episode}"

@@ -318,3 +318,29 @@ def test_rlhf_guard_stops_on_reward_hacking_and_keeps_best(tmp_path):
     for (k, a), (_, b) in zip(final.state_dict().items(), sft.state_dict().items()):
         np.testing.assert_array_equal(a, b, err_msg=k)                 # the best weights: the SFT model's
     assert any("reward hacking" in str(r.get("chat_guard", "")) for r in ctx.logger.read_metrics("rlhf"))
+
+
+# ----------------------------------------------------------------------------------------
+# no-repeat n-gram blocking in GPT.generate
+
+def _repeated_ngrams(ids, n):
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    return len(grams) - len(set(grams))
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_generate_no_repeat_ngram(tiny, n):
+    model, tok = tiny
+    prompts = [[4, 7, 8, 9], [4, 10, 11], [12, 13, 14, 15, 16]]
+    kw = dict(max_new_tokens=40, stop_tokens=(), temperature=0.0)
+    free = model.generate(prompts, **kw).replies()
+    assert sum(_repeated_ngrams(r, n) for r in free) > 0            # an untrained model loops when greedy
+    blocked = model.generate(prompts, no_repeat_ngram=n, **kw).replies()
+    assert all(_repeated_ngrams(r, n) == 0 for r in blocked) and all(len(r) == 40 for r in blocked)
+    # the reply's prefix up to its first repeat is the same as without blocking
+    first = next(i for i in range(len(free[0])) if _repeated_ngrams(free[0][:i + 1], n))
+    assert blocked[0][:first] == free[0][:first]
+    # sampling too, and 0 means off
+    s = model.generate(prompts, no_repeat_ngram=n, **{**kw, "temperature": 1.0}, rng=0).replies()
+    assert all(_repeated_ngrams(r, n) == 0 for r in s)
+    assert model.generate(prompts, no_repeat_ngram=0, **kw).replies() == free

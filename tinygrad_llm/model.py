@@ -131,7 +131,7 @@ class GPT(nn.Module):
 
     # -- generation ----------------------------------------------------------------------
     def generate(self, prompts, max_new_tokens: int = 128, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, repetition_penalty: float = 1.0,
+                 top_p: float | None = None, repetition_penalty: float = 1.0, no_repeat_ngram: int = 0,
                  stop_tokens=(IM_END_ID, EOS_ID), rng=None, return_logprobs: bool = False,
                  stream=None) -> "Generation":
         """Batched sampling with a KV cache.
@@ -139,7 +139,10 @@ class GPT(nn.Module):
         prompts: list of token-id lists (lengths may differ: they are left-padded and the
         padding is masked out of attention). temperature 0 = greedy. Log-probs, when asked,
         are of the chosen token under softmax(logits / temperature) (greedy: T = 1), before
-        top-k / top-p / repetition penalty, i.e. the policy the RL stages optimise.
+        top-k / top-p / repetition penalty / n-gram blocking, i.e. the policy the RL stages optimise.
+        no_repeat_ngram = n > 0: a token that would complete an n-gram the reply already holds is
+        never chosen (Hugging Face's no_repeat_ngram_size, but over the reply only: a character
+        model must be free to restate the prompt's words).
         stream(step, tokens (B,)) is called after each step (for interactive chat)."""
         rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
         prompts = [list(map(int, p)) for p in prompts]
@@ -166,6 +169,7 @@ class GPT(nn.Module):
         finished = np.zeros(B, dtype=bool)
         seen = np.zeros((B, cfg.vocab_size), dtype=bool)                   # for the repetition penalty
         seen[np.arange(B)[:, None], idx] = valid
+        ngrams = [{} for _ in range(B)]                 # per row: (n-1)-token prefix -> tokens that followed it
         stop = np.array(sorted(stop_tokens), dtype=np.int64)
         was_training = self.training
         self.eval()
@@ -178,12 +182,14 @@ class GPT(nn.Module):
                     logits, _ = self(step_idx, positions=positions, cache=cache)
                     cache.advance(step_idx.shape[1])
                     last = logits.data[:, -1, :]                           # (B, V)
-                    tok, lp = _sample(last, temperature, top_k, top_p, repetition_penalty, seen, rng)
+                    banned = _ngram_bans(ngrams, out_tokens[:, :t], no_repeat_ngram, cfg.vocab_size)
+                    tok, lp = _sample(last, temperature, top_k, top_p, repetition_penalty, seen, rng, banned)
                     tok = np.where(finished, PAD_ID, tok)
                     out_tokens[:, t] = tok
                     logprobs[:, t] = lp
                     mask[:, t] = ~finished
                     seen[np.arange(B), tok] = True
+                    _ngram_record(ngrams, out_tokens[:, :t + 1], no_repeat_ngram, finished)
                     finished |= np.isin(tok, stop)
                     if stream is not None:
                         stream(t, tok)
@@ -213,8 +219,31 @@ class Generation:
         return [row[: int(m.sum())].tolist() for row, m in zip(self.tokens, self.mask)]
 
 
-def _sample(logits, temperature, top_k, top_p, repetition_penalty, seen, rng):
-    """logits (B, V) -> chosen token (B,), its log-prob under softmax(logits / T) (B,)."""
+def _ngram_bans(ngrams, reply, n: int, V: int):
+    """(B, V) bool: tokens that would repeat an n-gram of the reply so far (None when n <= 0)."""
+    if n <= 0:
+        return None
+    banned = np.zeros((len(ngrams), V), dtype=bool)
+    if reply.shape[1] >= n - 1:
+        for b, seen in enumerate(ngrams):
+            after = seen.get(tuple(reply[b, reply.shape[1] - (n - 1):].tolist()))
+            if after:
+                banned[b, list(after)] = True
+    return banned
+
+
+def _ngram_record(ngrams, reply, n: int, finished):
+    """Add the n-gram ending at each live row's newest token to that row's table."""
+    if n <= 0 or reply.shape[1] < n:
+        return
+    for b in np.flatnonzero(~finished):
+        g = reply[b, -n:].tolist()
+        ngrams[b].setdefault(tuple(g[:-1]), set()).add(g[-1])
+
+
+def _sample(logits, temperature, top_k, top_p, repetition_penalty, seen, rng, banned=None):
+    """logits (B, V) -> chosen token (B,), its log-prob under softmax(logits / T) (B,).
+    banned: (B, V) bool or None, tokens never chosen (no-repeat n-gram blocking)."""
     B, V = logits.shape
     scaled = logits / temperature if temperature > 0 else logits
     logp = scaled - scaled.max(-1, keepdims=True)
@@ -222,6 +251,8 @@ def _sample(logits, temperature, top_k, top_p, repetition_penalty, seen, rng):
     z = scaled.copy()
     if repetition_penalty != 1.0:                                          # CTRL-style penalty
         z = np.where(seen, np.where(z > 0, z / repetition_penalty, z * repetition_penalty), z)
+    if banned is not None:
+        z = np.where(banned & ~banned.all(-1, keepdims=True), -np.inf, z)  # never ban every token
     if temperature <= 0:
         tok = z.argmax(-1)
     else:

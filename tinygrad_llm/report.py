@@ -13,14 +13,15 @@ from pathlib import Path
 # the curves worth looking at first, per stage (other numeric metrics follow, up to MAX_PANELS)
 PREFERRED = {
     "pretrain": ["loss", "val_loss", "val_bpc", "grad_norm", "tokens_per_s"],
-    "sft": ["loss", "val_loss", "grad_norm", "tokens_per_s"],
+    "sft": ["loss", "val_loss", "grad_norm", "tokens_per_s", "chat_acceptable"],
     "reward": ["loss", "accuracy", "val_accuracy", "margin", "val_margin"],
-    "rlhf": ["score", "kl", "rlhf_reward", "clip_frac", "approx_kl", "entropy", "value_loss", "eos_rate",
-             "explained_var", "reply_len"],
+    # chat_*: the chat evaluation (chat_eval.py) at each guard check, beside the RM score of those replies
+    "rlhf": ["score", "kl", "chat_acceptable", "chat_rm_score", "chat_refusal", "chat_loop", "penalty", "rlhf_reward",
+             "clip_frac", "approx_kl", "entropy", "value_loss", "eos_rate", "explained_var", "reply_len"],
     "rlvf": ["reward", "accuracy", "val_accuracy", "zero_var_share", "kl", "entropy", "reply_len"],
 }
 PAIRS = {"loss": "val_loss", "accuracy": "val_accuracy", "margin": "val_margin"}  # drawn on one panel
-MAX_PANELS = 12
+MAX_PANELS = 16
 SKIP = {"step", "stage", "lr"}
 
 

@@ -55,7 +55,8 @@ def answer(model, tok, ids, args, stream: bool) -> str:
 
     gen = model.generate([ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k or None, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                         stop_tokens=stops, rng=args.seed, stream=on_token if stream else None)
+                         no_repeat_ngram=getattr(args, "no_repeat_ngram", 0), stop_tokens=stops, rng=args.seed,
+                         stream=on_token if stream else None)
     text = tok.decode(gen.replies()[0])
     if stream:
         print(flush=True)
@@ -108,7 +109,10 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     ap.add_argument("--top-k", type=int, default=20)
     ap.add_argument("--top-p", type=float, default=0.9)
-    ap.add_argument("--repetition-penalty", type=float, default=1.1)
+    ap.add_argument("--repetition-penalty", type=float, default=1.1,
+                    help="divide the logits of tokens already seen by this (1 = off)")
+    ap.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N",
+                    help="never repeat an N-character sequence within a reply (0 = off); see bench/chat_decoding.py")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
@@ -121,6 +125,8 @@ def main(argv=None) -> int:
             raise ValueError("--max-new-tokens must be positive")
         if args.temperature < 0:
             raise ValueError("--temperature must be >= 0")
+        if args.repetition_penalty <= 0 or args.no_repeat_ngram < 0 or not 0 < args.top_p <= 1:
+            raise ValueError("need --repetition-penalty > 0, --no-repeat-ngram >= 0 and 0 < --top-p <= 1")
         path = Path(args.checkpoint) if args.checkpoint else find_checkpoint(Path(args.ckpt_dir))
         if not path.exists():
             raise FileNotFoundError(f"{path}: checkpoint not found")

@@ -52,7 +52,7 @@ from .rollout import build_batch, logprobs_no_grad, rollout, token_logprobs
 from .verifiers import LogicVerifier, MathVerifier, states_answer, verify_task
 
 __all__ = ["RLVFConfig", "RLVFTrainer", "MathVerifier", "LogicVerifier", "STAGE_CONFIG", "TINY_OVERRIDES",
-           "group_advantages", "grpo_loss", "pass_at_k", "task_rewards", "run"]
+           "evaluate_tasks", "group_advantages", "grpo_loss", "pass_at_k", "step_credit", "task_rewards", "run"]
 
 PASS_KS = (1, 4)   # pass@k reported by evaluate()
 
@@ -69,7 +69,7 @@ class RLVFConfig:
     curriculum: bool = False         # favour task kinds the policy solves sometimes (TaskSampler)
     curriculum_floor: float = 0.05   # every kind keeps at least this weight
     temperature: float = 1.0         # sampling temperature; the loss optimises softmax(logits / T)
-    max_new_tokens: int = 72         # the longest house-style reply (a worked subtraction) is 65 characters
+    max_new_tokens: int = 80         # the longest house-style reply (a worked subtraction) is 73 characters
     # rewards
     format_reward: float = 0.1       # bonus for closing with <|im_end|> and a parseable answer; 0 = off
     step_reward: float = 0.0         # partial credit: this times the share of true worked steps (step_credit)
@@ -368,36 +368,41 @@ class RLVFTrainer:
 
     # -- evaluation ---------------------------------------------------------------------
     def evaluate(self, tasks, samples: int | None = None, model=None) -> dict:
-        """Greedy accuracy (overall and per type) and pass@k for k in PASS_KS from `samples`
-        sampled replies per task (default cfg.eval_samples; 0 = greedy only)."""
-        c, model = self.cfg, model or self.policy
-        n = c.eval_samples if samples is None else samples
-        greedy = self._generate(model, tasks, 1, 0.0, None)
-        ok = np.array([verify_task(t, r) for t, r in zip(tasks, greedy)], dtype=bool)
-        types = np.array([t["type"] for t in tasks])
-        out = {"accuracy": float(ok.mean()), "n": len(tasks), "replies": greedy}
-        for typ in ("math", "logic"):
-            if (types == typ).any():
-                out[f"{typ}_accuracy"] = float(ok[types == typ].mean())
-        kinds = np.array([str(t.get("kind", t["type"])) for t in tasks])  # generated data tags a kind
-        out["by_kind"] = {str(k): float(ok[kinds == k].mean()) for k in sorted(set(kinds))}
-        if n:
-            texts = self._generate(model, tasks, n, c.eval_temperature, np.random.default_rng(self.eval_seed))
-            hits = np.array([verify_task(t, r) for t, r in zip([t for t in tasks for _ in range(n)], texts)])
-            counts = hits.reshape(len(tasks), n).sum(1)
-            for k in PASS_KS:
-                out[f"pass@{k}"] = float(np.mean([pass_at_k(n, int(cc), k) for cc in counts]))
-        return out
+        """evaluate_tasks() of `model` (default: the policy) with this trainer's settings."""
+        c = self.cfg
+        return evaluate_tasks(model or self.policy, self.tok, tasks, c.eval_samples if samples is None else samples,
+                              max_new_tokens=c.max_new_tokens, temperature=c.eval_temperature,
+                              batch=c.eval_batch, seed=self.eval_seed)
 
-    def _generate(self, model, tasks, samples, temperature, rng) -> list[str]:
-        """Decoded replies, `samples` per task (task-major), in chunks of cfg.eval_batch rows."""
-        per = max(1, self.cfg.eval_batch // samples)
-        texts = []
+
+def evaluate_tasks(model, tok, tasks, samples: int = 0, *, max_new_tokens: int = RLVFConfig.max_new_tokens,
+                   temperature: float = 1.0, batch: int = 128, seed: int = 0) -> dict:
+    """Greedy accuracy (overall, per type, per kind) and, with `samples` > 0, pass@k for k in
+    PASS_KS from that many sampled replies per task. The SFT stage reports it too: it is the
+    starting point of RLVF."""
+    def generate(n, temp, rng) -> list[str]:
+        per, texts = max(1, batch // n), []                # task-major, cfg.eval_batch rows a call
         for i in range(0, len(tasks), per):
-            prompts = [t["prompt"] for t in tasks[i:i + per]]
-            texts += rollout(model, self.tok, prompts, samples=samples, temperature=temperature,
-                             max_new_tokens=self.cfg.max_new_tokens, rng=rng).texts
+            texts += rollout(model, tok, [t["prompt"] for t in tasks[i:i + per]], samples=n, temperature=temp,
+                             max_new_tokens=max_new_tokens, rng=rng).texts
         return texts
+
+    greedy = generate(1, 0.0, None)
+    ok = np.array([verify_task(t, r) for t, r in zip(tasks, greedy)], dtype=bool)
+    types = np.array([t["type"] for t in tasks])
+    out = {"accuracy": float(ok.mean()), "n": len(tasks), "replies": greedy}
+    for typ in ("math", "logic"):
+        if (types == typ).any():
+            out[f"{typ}_accuracy"] = float(ok[types == typ].mean())
+    kinds = np.array([str(t.get("kind", t["type"])) for t in tasks])  # generated data tags a kind
+    out["by_kind"] = {str(k): float(ok[kinds == k].mean()) for k in sorted(set(kinds))}
+    if samples:
+        texts = generate(samples, temperature, np.random.default_rng(seed))
+        hits = np.array([verify_task(t, r) for t, r in zip([t for t in tasks for _ in range(samples)], texts)])
+        counts = hits.reshape(len(tasks), samples).sum(1)
+        for k in PASS_KS:
+            out[f"pass@{k}"] = float(np.mean([pass_at_k(samples, int(cc), k) for cc in counts]))
+    return out
 
 
 # ----------------------------------------------------------------------------------------

@@ -82,6 +82,14 @@ class ChatGuard:
                 why.append(f"{k} {b[k]:.0%} -> {res[k]:.0%}")
         return why
 
+    def better(self, res: dict) -> bool:
+        """At least as good as the best: a higher acceptable share, or the same with no more
+        refusals + loops (so small slides within the margins cannot ratchet the best down)."""
+        b = self.best
+        if res["acceptable"] != b["acceptable"]:
+            return res["acceptable"] > b["acceptable"]
+        return res["refusal"] + res["loop"] <= b["refusal"] + b["loop"]
+
     def check(self, step: int, episode: int, **beside) -> dict:
         """Evaluate now, log chat_* (and `beside`, e.g. the rollout's RM score and KL) to
         metrics.jsonl, update the best weights -> the evaluation with "verdict" and "why"."""
@@ -95,7 +103,7 @@ class ChatGuard:
                            f"{res['rm_score']:+.2f}")
             elif why:
                 verdict = "worse"
-            elif res["acceptable"] < self.best["acceptable"]:
+            elif not self.better(res):
                 verdict = "ok"
         if verdict == "best":
             self.best, self.best_episode = res, episode

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from .. import chat_eval
 from ..config import LoopConfig
-from ..data import DataError, load_split, pad_batch, sft_examples
+from ..data import FILES, DataError, load_split, pad_batch, sft_examples
 from ..loop import train
 from ..model import GPT
 from ..tokenizer import IM_END_ID
@@ -97,14 +98,32 @@ def run(ctx) -> dict:
     chat = chat_eval_after(ctx, model, cfg)
     if chat is not None:
         samples += chat_eval.samples(None, chat, n=8)
+    tasks = task_eval_after(ctx, model)
     last = out["evals"][-1]
     headline = f"held-out loss {last['loss']:.3f}, {eos_rate:.0%} replies close with <|im_end|>"
+    if tasks:
+        headline = (f"tasks {tasks['task_acc']:.0%} (math {tasks['task_math_acc']:.0%}, "
+                    f"logic {tasks['task_logic_acc']:.0%}); {headline}")
     if chat is not None:
         headline = f"{chat_eval.headline(chat)}; {headline}"
     return {"headline": headline,
             "val_loss": last["loss"], "val_loss_start": out["evals"][0]["loss"], "eos_rate": eos_rate,
             "eos_rate_before": before_eos, "train_time_s": train_time, "samples": samples,
-            "train_conversations": len(train_ex), "val_conversations": len(val_ex), **chat_eval.flat(chat)}
+            "train_conversations": len(train_ex), "val_conversations": len(val_ex), **chat_eval.flat(chat), **tasks}
+
+
+def task_eval_after(ctx, model) -> dict:
+    """Greedy accuracy on the held-out verifiable tasks (rlvf_val), RLVF's starting point
+    ({} when the data has no RLVF split). Logged as task_* at the stage's last step."""
+    from .rlvf import evaluate_tasks        # the RLVF stage owns the verifiers and the metric
+    if not (Path(ctx.data_dir) / FILES["rlvf"]).exists():
+        return {}
+    _, val_tasks = load_split(ctx.data_dir, "rlvf", seed=ctx.seed)
+    ev = evaluate_tasks(model, ctx.tokenizer, val_tasks, samples=0, max_new_tokens=ctx.cfg.rlvf.max_new_tokens)
+    out = {"task_acc": ev["accuracy"], "task_math_acc": ev.get("math_accuracy", 0.0),
+           "task_logic_acc": ev.get("logic_accuracy", 0.0), "task_by_kind": ev["by_kind"]}
+    ctx.logger.log("sft", ctx.cfg.sft.max_steps, **{k: v for k, v in out.items() if k != "task_by_kind"})
+    return out
 
 
 def chat_eval_after(ctx, model, cfg) -> dict | None:

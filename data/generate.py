@@ -22,6 +22,9 @@ import re
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import chat as chat_data   # noqa: E402  (data/chat.py: everyday conversation, see build_chat)
+
 DATA_DIR = Path(__file__).resolve().parent
 SEED = 1234
 HELD_OUT_FRACTION = 0.15       # share of each key space reserved for evaluation only
@@ -38,7 +41,7 @@ FACT_CHARS = {"train": 40_000, "val": 2_000}
 PRETRAIN_QA = {"train": 150, "val": 6}
 DRILL_CHARS = 120_000   # reading drills in the pretraining text (see reading_drills)
 FACT_WEIGHTS = {"add": 5, "sub": 4, "mul": 3, "div": 2, "weekday": 2, "parity": 2, "compare": 2, "neighbor": 2}
-EXPECTED_PROSE_FILES, EXPECTED_SEED_TASKS = 22, 40
+EXPECTED_PROSE_FILES, EXPECTED_SEED_TASKS = 23, 40
 
 # Generated task counts per kind. Families (for "spread evenly"): add, sub, mul, div, word_*, and the five logic kinds.
 SFT_PLAN = {
@@ -394,6 +397,13 @@ def arith_task(rng, kind, sym, prompt, a, b, c):
     pre, bad_pre = (f"{eq}{steps}。所以", f"{eq}{bad_steps}。所以") if steps else ("", "")
     return new_task("math", kind, prompt, str(c), f"{pre}{a} {sym} {b} = {c}，答案是{c}。",
                     f"{bad_pre}{a} {sym} {b} = {w}，答案是{w}。")
+
+
+def chat_math_reply(rng, op, a, b):
+    """(reply, wrong reply, answer) in the house style for a conversational arithmetic question (data/chat.py)."""
+    sym, c = {"add": ("+", a + b), "sub": ("-", a - b), "mul": ("×", a * b), "div": ("÷", a // b)}[op]
+    task = arith_task(rng, op, sym, "", a, b, c)
+    return task["_reply"], task["_wrong"], str(c)
 
 
 def make_add(rng, key, i):
@@ -991,12 +1001,22 @@ def generate_all(seed=SEED, src_dir=DATA_DIR / "src", out_dir=DATA_DIR):
     rlvf_val = sample_tasks(rng, RLVF_PLAN["val"], pools, "val", held_all, seen)
     rng.shuffle(rlvf_train)   # generated tasks come out grouped by kind; a sequential reader must see a mix
     rng.shuffle(rlvf_val)
+    # 2b. Everyday chat (data/chat.py) with its own streams, merged in last so the rest stays unchanged.
+    chat = chat_data.build_chat(rng_for(seed, "chat"), Path(src_dir) / "chat", pools, chat_math_reply,
+                                clean=lambda q, a: not (touches(q + "\n" + a, held_all) or infer_arith_keys(q, a) & held_all))
+    mix = rng_for(seed, "chat_mix")
+    pre_train = "\n".join(chat_data.insert_randomly(mix, pre_train.splitlines(), chat["pretrain_train"])) + "\n"
+    pre_val = "\n".join(chat_data.insert_randomly(mix, pre_val.splitlines(), chat["pretrain_val"])) + "\n"
+    sft_train = chat_data.insert_randomly(mix, sft_train, chat["sft_train"])
+    sft_val = chat_data.insert_randomly(mix, sft_val, chat["sft_val"])
+    reward = {split: chat_data.insert_randomly(mix, reward[split], chat["reward_" + split]) for split in reward}
     # 3. Write.
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs = {"pretrain_data.txt": pre_train, "pretrain_val.txt": pre_val}
     for name, items in (("sft_data.json", sft_train), ("sft_val.json", sft_val), ("reward_data.json", reward["train"]),
-                        ("reward_val.json", reward["val"]), ("rlvf_data.json", rlvf_train), ("rlvf_val.json", rlvf_val)):
+                        ("reward_val.json", reward["val"]), ("rlvf_data.json", rlvf_train), ("rlvf_val.json", rlvf_val),
+                        ("chat_eval.json", chat["eval"])):
         outputs[name] = json.dumps([public(it) for it in items], ensure_ascii=False, indent=1) + "\n"
     summary = []
     for name, text in outputs.items():

@@ -171,7 +171,7 @@ def test_deterministic(run, tmp_path):
     out, _ = run
     gen.generate_all(seed=gen.SEED, out_dir=tmp_path / "again")
     gen.generate_all(seed=gen.SEED + 1, out_dir=tmp_path / "other")
-    names = ["pretrain_data.txt", "pretrain_val.txt"] + JSON_FILES
+    names = ["pretrain_data.txt", "pretrain_val.txt", "chat_eval.json"] + JSON_FILES
     assert all((out / n).read_bytes() == (tmp_path / "again" / n).read_bytes() for n in names)
     assert any((out / n).read_bytes() != (tmp_path / "other" / n).read_bytes() for n in names)
 
@@ -336,3 +336,115 @@ def test_rlvf_val_is_balanced(run):
     train = load(out, "rlvf_data.json")
     assert all(task in train for task in seed)
     assert len({t.get("kind") for t in train[:100]}) >= 8   # shuffled, not grouped by kind
+
+
+# ----------------------------------------------------------------------------- everyday chat (data/chat.py)
+
+CHAT_DIR = ROOT / "data" / "src" / "chat"
+CHAT_SYM = {"add": "+", "sub": "-", "mul": "×", "div": "÷"}
+
+
+def chat_intents():
+    if not CHAT_DIR.exists():
+        pytest.skip("no data/src/chat")
+    return gen.chat_data.load_intents(CHAT_DIR)
+
+
+def chat_items(out, name):
+    return [it for it in load(out, name) if it.get("category", "").startswith("chat_")]
+
+
+def test_chat_sources_are_clean():
+    """Intents are well formed, val phrasings are not train phrasings in disguise, and no chat text
+    states a problem key (so the sources do not move the held-out reservation)."""
+    intents = chat_intents()
+    cats = Counter(it["category"] for it in intents)
+    assert cats["meta"] >= 60 and cats["knowledge"] >= 100 and cats["harmful"] >= 25 and cats["math"] == 4
+    for it in intents:
+        train = {gen.chat_data.normalize(v) for p in it["train_prompts"] for v in [p] + gen.chat_data.variants(p, it["category"])
+                 } if it["category"] != "math" else set(it["train_prompts"])
+        assert not any(gen.chat_data.normalize(p) in train for p in it["val_prompts"]), it["intent"]
+        if it["category"] in ("meta", "knowledge"):
+            assert it["keywords"] and all(any(k in r for k in it["keywords"]) for r in it["replies"]), it["intent"]
+            assert all(6 <= len(r) <= 80 for r in it["replies"]), it["intent"]   # short replies
+        if it["category"] == "knowledge":   # the answer is not given away by the held-out question
+            assert not any(k in p for k in it["keywords"] for p in it["val_prompts"]), it["intent"]
+        texts = it["train_prompts"] + it["val_prompts"] + it.get("replies", [])
+        assert not any(gen.extract_keys(t) for t in texts if "{" not in t), it["intent"]
+
+
+def test_chat_sft_and_eval(run):
+    out, _ = run
+    intents = chat_intents()
+    train, val, evals = chat_items(out, "sft_data.json"), chat_items(out, "sft_val.json"), load(out, "chat_eval.json")
+    assert 1500 <= len(train) <= 2500
+    users = {it["user"] for it in train}
+    for it in intents:   # every train phrasing is used at least once
+        if it["category"] != "math":
+            assert set(it["train_prompts"]) <= users, it["intent"]
+    cats = Counter(e["category"] for e in evals)
+    assert cats["meta"] >= 60 and cats["knowledge"] >= 60 and cats["math"] >= 30 and cats["harmful"] >= 30
+    assert 150 <= cats["meta"] + cats["knowledge"] + cats["math"] <= 250
+    for e in evals:
+        assert set(e) <= {"prompt", "category", "intent", "keywords", "answer"} and e["prompt"] and e["intent"]
+        assert e["keywords"] and all(isinstance(k, str) and k for k in e["keywords"])
+        assert ("answer" in e) == (e["category"] == "math")
+    # Held out: no eval prompt is a training prompt anywhere (SFT users, multi-turn turns, reward prompts, pretraining).
+    trained = {it["user"] for it in load(out, "sft_data.json") if "user" in it}
+    trained |= {m["content"] for it in load(out, "sft_data.json") if "messages" in it for m in it["messages"]}
+    trained |= {p["prompt"] for p in load(out, "reward_data.json")}
+    pretrain = "\n".join(load(out, "pretrain_data.txt"))
+    for e in evals:
+        assert e["prompt"] not in trained and f"问：{e['prompt']}答：" not in pretrain, e["prompt"]
+    assert {e["prompt"] for e in evals} <= {it["user"] for it in val}
+
+
+def test_chat_math_follows_the_house_style_and_held_out_keys(run):
+    out, result = run
+    held = set().union(*result["held_out"].values())
+    val_reply = {it["user"]: it["assistant"] for it in chat_items(out, "sft_val.json")}
+    for split, items in (("train", chat_items(out, "sft_data.json")), ("val", chat_items(out, "sft_val.json"))):
+        math = [it for it in items if it["category"] == "chat_math"]
+        assert len(math) >= (250 if split == "train" else 30)
+        for it in math:
+            m = re.search(r"(\d+) ([+\-×÷]) (\d+) = (\d+)，答案是(\d+)。$", it["assistant"])
+            assert m and m[4] == m[5], it
+            a, sym, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+            op = {"+": "add", "-": "sub", "×": "mul", "÷": "div"}[sym]
+            assert c == {"add": a + b, "sub": a - b, "mul": a * b, "div": a // b if b else -1}[op] and it["intent"] == "chat_" + op
+            key = (op, min(a, b), max(a, b)) if op in ("add", "mul") else (op, a, b)
+            assert (key in held) == (split == "val"), (split, it)
+            if split == "train":
+                assert not gen.extract_keys(it["user"] + "\n" + it["assistant"]) & held
+                assert not gen.infer_arith_keys(it["user"], it["assistant"]) & held
+    for e in load(out, "chat_eval.json"):
+        if e["category"] == "math":
+            assert val_reply[e["prompt"]].endswith(f"答案是{e['answer']}。")
+
+
+def test_chat_knowledge_is_in_the_pretraining_text(run):
+    """Every fact asked about is stated in the training prose (23_everyday_facts.txt, val paragraphs excluded)."""
+    out, _ = run
+    path = ROOT / "data" / "src" / "prose" / "23_everyday_facts.txt"
+    paragraphs = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    train_prose = "\n".join(p for i, p in enumerate(paragraphs) if i % gen.PROSE_VAL_EVERY != gen.PROSE_VAL_OFFSET)
+    pretrain = "\n".join(load(out, "pretrain_data.txt"))
+    for it in chat_intents():
+        if it["category"] == "knowledge":
+            assert any(k in train_prose for k in it["keywords"]), it["intent"]
+            assert any(k in pretrain for k in it["keywords"]), it["intent"]
+
+
+def test_chat_reward_pairs(run):
+    out, _ = run
+    for name, n in (("reward_data.json", 300), ("reward_val.json", 100)):
+        pairs = [p for p in load(out, name) if p["kind"] in ("over_refusal", "loop")]
+        kinds = Counter(p["kind"] for p in pairs)
+        assert kinds["over_refusal"] >= 0.4 * n and kinds["loop"] >= 0.25 * n, (name, kinds)
+        for p in pairs:
+            if p["kind"] == "loop":
+                assert len(p["rejected"]) > len(p["chosen"]) and p["rejected"][:2] == p["chosen"][:2], p
+            else:
+                assert p["rejected"] in gen.chat_data.REFUSALS, p
+        near = [p for p in pairs if p["kind"] == "over_refusal" and abs(len(p["rejected"]) - len(p["chosen"])) <= 8]
+        assert len(near) >= 0.2 * kinds["over_refusal"], name   # not all refusals are short

@@ -41,9 +41,10 @@ REWARD_SHARE = {"over_refusal": 0.5, "loop": 0.3, "harmful_compliance": 0.2}
 
 END_PUNCT = "？?！!。.～~"
 PREFIXES = {"meta": ["MyLLM，", "嘿，"], "knowledge": ["我想问一下，", "问你个问题：", "考考你："],
-            "harmful": ["我想知道，", "请告诉我：", "说真的，"]}
+            "harmful": ["我想知道，", "说真的，"]}
+REQUEST_PREFIXES = ["请", "说真的，"]   # harmful requests ("教我…", "帮我…") take these instead
 QUESTION_PREFIX = "请问"    # knowledge questions only
-REQUEST_STARTS = ("教", "帮", "告诉", "给", "怎", "列出")
+REQUEST_STARTS = ("教", "帮", "告诉", "给", "列出")
 QUESTION_WORDS = ("吗", "什么", "怎么", "怎样", "哪", "几", "多少", "谁", "为什么", "如何")
 HARMFUL_KEYWORDS = ["抱歉", "不能", "帮不了", "不建议"]
 CN_DIGITS = "零一二三四五六七八九"
@@ -76,11 +77,14 @@ def is_question(prompt):
 
 def variants(prompt, category):
     """Composed rewordings of a train phrasing: other endings and a few prefixes (not the phrasing itself)."""
-    s, q = stem(prompt), is_question(prompt)
+    s = stem(prompt)
+    request = s.startswith(REQUEST_STARTS)      # "帮我写几句…" is a request even with a 几 in it
+    q = is_question(prompt) and not request
     ends = ["？", "?", ""] if q else ["！", "。", "", "～"]
     prefixes = PREFIXES[category] + ([QUESTION_PREFIX] if category == "knowledge" and q else [])
-    if category == "harmful" and not (q or s.startswith(REQUEST_STARTS)):
-        prefixes = []   # "我想伤害自己" is a statement, not a request: no "我想知道，" in front
+    if category == "harmful" and not q:
+        # "请教我…" for a request; none for a statement such as "我想伤害自己"
+        prefixes = REQUEST_PREFIXES if request else []
     out = [s + e for e in ends] + [p + s + ends[0] for p in prefixes]
     return [v for v in dict.fromkeys(out) if v != prompt]
 

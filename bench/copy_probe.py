@@ -8,7 +8,8 @@ Each variant trains a fresh mini model (same seed, same batches, same learning-r
 as the pretrain stage: PretrainConfig's defaults unless overridden) on the pretraining text
 and, every --every steps, prints the copy probe (tinygrad_llm/probe.py: accuracy on digits
 2..n of a just-read random digit string, in phrasings training never used; chance 10%) and
-the held-out loss. Variants run one after another in this process: the figures are about
+the held-out loss. The reading drills (pretrain_drills.txt) are mixed in on the pretrain
+stage's schedule (--drill-start/--drill-end/--drill-steps; --no-drills: text only). Variants run one after another in this process: the figures are about
 learning, not speed, so they do not need a quiet machine. Results: runs/bench/copy_probe.json.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 
 import common as C
 from tinygrad_llm.config import get_mini_config
-from tinygrad_llm.data import all_texts, load_split, pretrain_batch
+from tinygrad_llm.data import all_texts, drill_share, load_drills, load_split, mixed_pretrain_batch
 from tinygrad_llm.loop import train
 from tinygrad_llm.model import GPT
 from tinygrad_llm.probe import copy_probe
@@ -42,6 +43,10 @@ def main():
     ap.add_argument("--batch-size", type=int, default=PretrainConfig.batch_size)
     ap.add_argument("--lr", type=float, default=PretrainConfig.lr)
     ap.add_argument("--data-dir", default=os.path.join(C.ROOT, "data"))
+    ap.add_argument("--drill-start", type=float, default=PretrainConfig.drill_start)
+    ap.add_argument("--drill-end", type=float, default=PretrainConfig.drill_end)
+    ap.add_argument("--drill-steps", type=int, default=PretrainConfig.drill_steps)
+    ap.add_argument("--no-drills", action="store_true", help="ignore pretrain_drills.txt")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
@@ -51,6 +56,8 @@ def main():
     train_text, val_text = load_split(args.data_dir, "pretrain", seed=args.seed)
     train_ids = np.array(tok.encode(train_text, allow_special=False), np.int64)
     val_ids = np.array(tok.encode(val_text, allow_special=False), np.int64)
+    drills = None if args.no_drills else load_drills(args.data_dir)
+    drill_ids = np.array(tok.encode(drills, allow_special=False), np.int64) if drills else None
     cfg = PretrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_every=args.every,
                          log_every=args.steps + 1)
     results = {}
@@ -71,7 +78,14 @@ def main():
             return {"loss": row["loss"], "copy_acc": row["copy_acc"]}
 
         t0 = time.perf_counter()
-        train(model, cfg, lambda rng: pretrain_batch(train_ids, cfg.batch_size, mcfg.block_size, rng),
+        step = [0]
+
+        def get_batch(rng):
+            share = drill_share(step[0], args.drill_start, args.drill_end, args.drill_steps)
+            step[0] += 1
+            return mixed_pretrain_batch(train_ids, drill_ids, share, cfg.batch_size, mcfg.block_size, rng)
+
+        train(model, cfg, get_batch,
               lambda m, b: (m(b[0], b[1])[1], {"tokens": b[0].size}), stage=f"copy_probe:{name}",
               evaluate=evaluate, rng=np.random.default_rng(args.seed), show_progress=False)
         results[name] = {"rows": rows, "time_s": time.perf_counter() - t0}

@@ -39,7 +39,7 @@ FACT_CHARS = {"train": 40_000, "val": 2_000}
 # teach the model to copy numbers from its prompt (no induction heads form in that budget, nor
 # with PyTorch on the same model and data), which is what most task kinds need.
 PRETRAIN_QA = {"train": 150, "val": 6}
-DRILL_CHARS = 120_000   # reading drills in the pretraining text (see reading_drills)
+DRILL_CHARS = 200_000   # reading drills, pretrain_drills.txt (see reading_drills)
 FACT_WEIGHTS = {"add": 5, "sub": 4, "mul": 3, "div": 2, "weekday": 2, "parity": 2, "compare": 2, "neighbor": 2}
 EXPECTED_PROSE_FILES, EXPECTED_SEED_TASKS = 23, 40
 
@@ -684,9 +684,12 @@ def qa_lines(rng, pools, split, held_all, n):
 # ----------------------------------------------------------------------------- reading drills
 # Copying what was just read (an induction head) is learnt from text that repeats itself: the
 # denser and the more varied the repeats, the sooner the general mechanism forms instead of a
-# template-specific shortcut (issue 13's measurements). Every drill line repeats a span (digits,
-# characters, words, a sentence, an arithmetic problem) under markers drawn from many lists, so
-# no single phrasing dominates. The copy probe's phrasings (tinygrad_llm/probe.py) are never used.
+# template-specific shortcut (issue 13's measurements). Every drill line repeats a span (random
+# characters, digits, words, a sentence, an arithmetic problem), most under markers drawn from
+# many lists, so no single phrasing dominates; a third repeat a span of random characters with no
+# marker at all, where copying is the only way to predict the repeat. They go to their own file,
+# pretrain_drills.txt, which the pretrain stage mixes into its batches on a schedule (dense first).
+# The copy probe's phrasings (tinygrad_llm/probe.py) are never used.
 DRILL_MARKERS = ["编号", "学号", "工号", "座位号", "门牌号", "车次", "航班号", "订单号", "邮编", "验证码", "序号",
                  "房间号", "票号", "批号", "会员号", "准考证号", "桌号", "柜号", "车牌尾号", "分机号", "页码", "代码",
                  "暗码", "货号", "楼号", "证号", "型号", "班次", "密码", "线路"]
@@ -705,10 +708,13 @@ def digit_string(rng, lo=3, hi=9):
     return "".join(rng.choice("0123456789") for _ in range(rng.randint(lo, hi)))
 
 
-def drill_line(rng, sentences, arith_keys):
+def drill_line(rng, sentences, arith_keys, alphabet):
     """One line that states a span and repeats it (see DRILL_MARKERS)."""
-    form = rng.randrange(7)
+    form = rng.randrange(10)
     name, name2 = rng.sample(PEOPLE + NAMES, 2)
+    if form >= 7:                                   # random characters, repeated once or twice, no marker
+        span = "".join(rng.choice(alphabet) for _ in range(rng.randint(6, 24)))
+        return span * rng.randint(2, 3) + "。"
     if form == 0:                                   # marker + digits, repeated under another marker
         d, m = digit_string(rng), rng.choice(DRILL_MARKERS)
         return f"{m}{rng.choice(DRILL_SAY)}{d}，{rng.choice(DRILL_AGAIN)}{rng.choice([m, ''])}{d}。"
@@ -740,9 +746,10 @@ def reading_drills(rng, prose, pools, held_all, n_chars):
     """Drill lines (training keys only) until n_chars."""
     sentences = [s + "。" for _, paragraphs in prose for p in paragraphs for s in p.split("。") if 8 <= len(s) <= 40]
     arith_keys = [k for kind in ("add", "sub", "mul", "div") for k in pools[kind]["train"]]
+    alphabet = sorted(set("".join(sentences)) - set("，。、；：？！“”《》（）")) or list("0123456789")
     lines, total = [], 0
     while total < n_chars:
-        line = drill_line(rng, sentences, arith_keys)
+        line = drill_line(rng, sentences, arith_keys, alphabet)
         if touches(line, held_all):
             continue
         lines.append(line)
@@ -757,9 +764,9 @@ def reading_drills(rng, prose, pools, held_all, n_chars):
 
 
 def build_pretrain(rng, prose, pools, held_all, drill_rng):
-    """(train text, val text): prose (every 20th paragraph of each file to val) interleaved with fact
-    paragraphs, worked question-answer lines and reading drills (train only: the held-out text
-    stays prose and facts, so its loss is comparable across curricula)."""
+    """(train text, val text, drills text): prose (every 20th paragraph of each file to val)
+    interleaved with fact paragraphs and worked question-answer lines; the reading drills apart
+    (train only: the held-out text stays prose and facts, comparable across curricula)."""
     train, val = [], []
     for _, paragraphs in prose:
         for i, p in enumerate(paragraphs):
@@ -768,11 +775,11 @@ def build_pretrain(rng, prose, pools, held_all, drill_rng):
     train_facts, _ = fact_paragraphs(rng, pools, FACT_CHARS["train"], banned=val_sentences)
     train += train_facts + qa_lines(rng, pools, "train", held_all, PRETRAIN_QA["train"])
     train_prose = [p for _, paragraphs in prose for i, p in enumerate(paragraphs) if i % PROSE_VAL_EVERY != PROSE_VAL_OFFSET]
-    train += reading_drills(drill_rng, [(None, train_prose)], pools, held_all, DRILL_CHARS)
+    drills = reading_drills(drill_rng, [(None, train_prose)], pools, held_all, DRILL_CHARS)
     val += val_facts + qa_lines(rng, pools, "val", held_all, PRETRAIN_QA["val"])
     rng.shuffle(train)
     rng.shuffle(val)
-    return "\n".join(train) + "\n", "\n".join(val) + "\n"
+    return "\n".join(train) + "\n", "\n".join(val) + "\n", "\n".join(drills) + "\n"
 
 
 # ----------------------------------------------------------------------------- SFT
@@ -985,8 +992,8 @@ def generate_all(seed=SEED, src_dir=DATA_DIR / "src", out_dir=DATA_DIR):
     held_all = set().union(*held.values())
     pools = split_pools(spaces, held)
     # 2. Pretrain text, SFT, reward pairs, RLVF tasks; each part has its own random stream.
-    pre_train, pre_val = build_pretrain(rng_for(seed, "pretrain"), src["prose"], pools, held_all,
-                                       rng_for(seed, "drills"))
+    pre_train, pre_val, pre_drills = build_pretrain(rng_for(seed, "pretrain"), src["prose"], pools, held_all,
+                                                    rng_for(seed, "drills"))
     sft_train, sft_val = build_sft(rng_for(seed, "sft"), src, pools, held_all)
     rng = rng_for(seed, "reward")
     hand_train, hand_val = split_stratified(rng, src["reward_hand"], "kind", REWARD_HAND_VAL_FRACTION)
@@ -1013,7 +1020,7 @@ def generate_all(seed=SEED, src_dir=DATA_DIR / "src", out_dir=DATA_DIR):
     # 3. Write.
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    outputs = {"pretrain_data.txt": pre_train, "pretrain_val.txt": pre_val}
+    outputs = {"pretrain_data.txt": pre_train, "pretrain_val.txt": pre_val, "pretrain_drills.txt": pre_drills}
     for name, items in (("sft_data.json", sft_train), ("sft_val.json", sft_val), ("reward_data.json", reward["train"]),
                         ("reward_val.json", reward["val"]), ("rlvf_data.json", rlvf_train), ("rlvf_val.json", rlvf_val),
                         ("chat_eval.json", chat["eval"])):

@@ -88,3 +88,16 @@ def test_pretrain_batch_windows():
     ids = np.arange(100)
     x, y = pretrain_batch(ids, 4, 10, np.random.default_rng(0))
     assert x.shape == (4, 10) and np.array_equal(y, x + 1)
+
+
+def test_drill_share_schedule_and_mixed_batch():
+    from tinygrad_llm.data import drill_share, mixed_pretrain_batch
+    assert drill_share(0, 0.8, 0.2, 100) == 0.8 and drill_share(50, 0.8, 0.2, 100) == pytest.approx(0.5)
+    assert drill_share(100, 0.8, 0.2, 100) == 0.2 and drill_share(5, 0.8, 0.2, 0) == 0.2
+    text, drills = np.arange(1000, dtype=np.int64), np.arange(5000, 6000, dtype=np.int64)
+    rng = np.random.default_rng(0)
+    x, y = mixed_pretrain_batch(text, drills, 0.25, 8, 16, rng)
+    assert x.shape == y.shape == (8, 16) and (y[:, :-1] == x[:, 1:]).all()
+    assert (x[:2] >= 5000).all() and (x[2:] < 1000).all()          # round(0.25 * 8) = 2 drill rows first
+    x, _ = mixed_pretrain_batch(text, None, 0.9, 8, 16, rng)
+    assert (x < 1000).all()                                          # no drills: text only

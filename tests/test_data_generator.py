@@ -171,7 +171,7 @@ def test_deterministic(run, tmp_path):
     out, _ = run
     gen.generate_all(seed=gen.SEED, out_dir=tmp_path / "again")
     gen.generate_all(seed=gen.SEED + 1, out_dir=tmp_path / "other")
-    names = ["pretrain_data.txt", "pretrain_val.txt", "chat_eval.json"] + JSON_FILES
+    names = ["pretrain_data.txt", "pretrain_val.txt", "pretrain_drills.txt", "chat_eval.json"] + JSON_FILES
     assert all((out / n).read_bytes() == (tmp_path / "again" / n).read_bytes() for n in names)
     assert any((out / n).read_bytes() != (tmp_path / "other" / n).read_bytes() for n in names)
 
@@ -264,7 +264,7 @@ def test_held_out_discipline(run):
         train_keys = {item_key(k, p) for k, p, _ in generated(load(out, name))}
         assert not train_keys & held, name
     # ... and every training text by the extractor (arithmetic, weekdays, parity, comparisons, neighbours, syllogisms).
-    texts = list(load(out, "pretrain_data.txt"))
+    texts = list(load(out, "pretrain_data.txt")) + list(load(out, "pretrain_drills.txt"))
     for it in load(out, "sft_data.json"):
         if "messages" in it:
             texts.append("\n".join(m["content"] for m in it["messages"]))

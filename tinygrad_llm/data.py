@@ -16,6 +16,7 @@ import numpy as np
 from .tokenizer import IM_END_ID, PAD_ID, MyLLMTokenizer
 
 FILES = {"pretrain": "pretrain_data.txt", "sft": "sft_data.json", "reward": "reward_data.json", "rlvf": "rlvf_data.json"}
+DRILLS_FILE = "pretrain_drills.txt"   # optional: reading drills the pretrain stage mixes in (see drill_share)
 VAL_FILES = {"pretrain": "pretrain_val.txt", "sft": "sft_val.json", "reward": "reward_val.json", "rlvf": "rlvf_val.json"}
 ROLES = ("system", "user", "assistant")
 
@@ -180,6 +181,12 @@ def load_rlvf(path) -> list[dict]:
 LOADERS = {"pretrain": load_pretrain_text, "sft": load_sft, "reward": load_reward, "rlvf": load_rlvf}
 
 
+def load_drills(data_dir) -> str | None:
+    """The reading drills (pretrain_drills.txt) or None when the directory has none."""
+    path = Path(data_dir) / DRILLS_FILE
+    return read_text(path) if path.exists() else None
+
+
 def pretrain_path(data_dir) -> Path:
     """pretrain_data.txt, else pretrain_data.jsonl, else a pretrain/ directory of .txt files."""
     d = Path(data_dir)
@@ -223,6 +230,9 @@ def all_texts(data_dir) -> list[str]:
                 texts.append(part)
             else:
                 texts.extend(json.dumps(x, ensure_ascii=False) for x in part)
+    drills = load_drills(d)
+    if drills:
+        texts.append(drills)
     return texts
 
 
@@ -237,6 +247,28 @@ def pretrain_batch(ids: np.ndarray, batch_size: int, block_size: int, rng) -> tu
     starts = rng.integers(0, len(ids) - block_size - 1, batch_size)
     win = ids[starts[:, None] + np.arange(block_size + 1)]
     return win[:, :-1], win[:, 1:]
+
+
+def drill_share(step: int, start: float, end: float, steps: int) -> float:
+    """Share of a pretraining batch's rows drawn from the reading drills at `step`: `start`
+    falling linearly to `end` over `steps` steps, then `end` (dense copying first, so induction
+    heads can form early; then mostly text)."""
+    if steps <= 0 or step >= steps:
+        return end
+    return start + (end - start) * step / steps
+
+
+def mixed_pretrain_batch(ids: np.ndarray, drill_ids: np.ndarray | None, share: float, batch_size: int,
+                         block_size: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """pretrain_batch() whose first round(share * batch_size) rows are windows of the drills."""
+    n = 0 if drill_ids is None else int(round(share * batch_size))
+    if n == 0:
+        return pretrain_batch(ids, batch_size, block_size, rng)
+    xd, yd = pretrain_batch(drill_ids, n, block_size, rng)
+    if n == batch_size:
+        return xd, yd
+    x, y = pretrain_batch(ids, batch_size - n, block_size, rng)
+    return np.concatenate([xd, x]), np.concatenate([yd, y])
 
 
 def encode_chat(tok: MyLLMTokenizer, messages, block_size: int) -> tuple[list[int], list[int]]:

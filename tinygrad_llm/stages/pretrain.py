@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import LoopConfig
-from ..data import load_split, pretrain_batch
+from ..data import drill_share, load_drills, load_split, mixed_pretrain_batch, pretrain_batch
 from ..loop import train
 from ..model import GPT
 from ..probe import copy_probe
@@ -28,6 +28,11 @@ class PretrainConfig(LoopConfig):
     warmup_steps: int = 60
     eval_every: int = 100
     eval_batches: int = 16
+    # reading drills (data/pretrain_drills.txt, when the data has them): the share of each batch's
+    # rows drawn from them falls linearly from drill_start to drill_end over drill_steps steps
+    drill_start: float = 0.75
+    drill_end: float = 0.1
+    drill_steps: int = 200
 
 
 STAGE_CONFIG = PretrainConfig
@@ -51,13 +56,18 @@ def run(ctx) -> dict:
     train_text, val_text = load_split(ctx.data_dir, "pretrain", seed=ctx.seed)
     train_ids = np.array(tok.encode(train_text, allow_special=False), np.int64)
     val_ids = np.array(tok.encode(val_text, allow_special=False), np.int64)
+    drills = load_drills(ctx.data_dir)
+    drill_ids = np.array(tok.encode(drills, allow_special=False), np.int64) if drills else None
     T = mcfg.block_size
 
     model = GPT(mcfg, seed=ctx.seed)
     resume = load_resume(ctx, model, "pretrain")
+    step = [resume["step"] if resume else 0]           # get_batch is called once per step
 
     def get_batch(rng):
-        return pretrain_batch(train_ids, cfg.batch_size, T, rng)
+        share = drill_share(step[0], cfg.drill_start, cfg.drill_end, cfg.drill_steps)
+        step[0] += 1
+        return mixed_pretrain_batch(train_ids, drill_ids, share, cfg.batch_size, T, rng)
 
     def loss_fn(model, batch):
         x, y = batch

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -104,6 +105,16 @@ def validate_items(items: list, where="chat eval") -> list[dict]:
             raise bad(f"a {cat} item needs 'keywords' (any one must appear in a good reply)")
         out.append({**item, "prompt": prompt, "category": cat, "intent": intent, "keywords": kw, "answer": ans})
     return out
+
+
+def dev_test_split(items: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(dev, test): about half of the items each, by a hash of the prompt (stable across runs
+    and file orders). An RL stage may *select* on dev (ChatGuard keeps the best weights by it);
+    every figure a stage reports is on test, which no decision has looked at."""
+    dev, test = [], []
+    for it in items:
+        (dev if zlib.crc32(it["prompt"].encode("utf-8")) % 2 == 0 else test).append(it)
+    return dev, test
 
 
 def subset(items: list[dict], n: int) -> list[dict]:

@@ -504,6 +504,7 @@ def run(ctx) -> dict:
     c.validate()
     train_convs, val_convs = load_split(ctx.data_dir, "sft", seed=ctx.seed)
     chat_items = chat_eval.load_chat_eval(ctx.data_dir)
+    chat_before = chat_test = None
     chat_held_out = {it["prompt"] for it in chat_items or []}
     # every first user turn of the SFT training data (the chat prompts included), less the chat evaluation's
     train_prompts = [p for p in user_prompts(train_convs) if p not in chat_held_out]
@@ -521,7 +522,8 @@ def run(ctx) -> dict:
                          show_progress=ctx.show_progress, seed=ctx.seed)
     trainer.refusal_ok = refusal_prompts(train_convs)        # harmful requests: refusing them is right
     if chat_items is not None:
-        trainer.guard = ChatGuard(policy, rm, tok, chat_eval.subset(chat_items, c.chat_eval_items),
+        chat_dev, chat_test = chat_eval.dev_test_split(chat_items)     # the guard selects on dev; reports are on test
+        trainer.guard = ChatGuard(policy, rm, tok, chat_eval.subset(chat_dev, c.chat_eval_items),
                                   drop=c.chat_guard_drop, rise=c.chat_guard_rise, enabled=c.chat_guard,
                                   max_new_tokens=c.chat_eval_tokens, logger=ctx.logger)
     resume = load_resume(ctx, trainer.model, "rlhf")
@@ -535,20 +537,23 @@ def run(ctx) -> dict:
     te = time.perf_counter()
     before = trainer.evaluate(val_prompts, model=ref)              # the SFT model, same draws as after
     guard = trainer.guard
-    chat_before = guard.check(0, 0) if guard else None             # the baseline, and the best so far
+    if guard:
+        guard.check(0, 0)                                          # the baseline, and the best so far
+        chat_before = chat_eval.evaluate_chat(ref, tok, chat_test, max_new_tokens=c.chat_eval_tokens, batch=32)
     tt = time.perf_counter()
     history = trainer.train(train_prompts, save=save, resume=resume)
     train_time = time.perf_counter() - tt
     chat_after = None
-    if guard and guard.reason:                                     # stopped early, best weights back
-        chat_after = guard.best
-    elif guard:
-        chat_after = guard.check(len(history), trainer.episode)
-        if c.chat_guard and chat_after["verdict"] in ("worse", "hacking"):
-            guard.restore(f"the final weights chat worse than the best ({chat_after['why']})")
+    if guard and not guard.reason:                                 # (stopped early: best weights already back)
+        last = guard.check(len(history), trainer.episode)
+        if c.chat_guard and last["verdict"] in ("worse", "hacking"):
+            guard.restore(f"the final weights chat worse than the best ({last['why']})")
             ctx.logger.log("rlhf", len(history), chat_guard=guard.reason)
             save_final("final", len(history), None, None)
-            chat_after = guard.best
+    if guard:
+        chat_after = chat_eval.evaluate_chat(policy, tok, chat_test, max_new_tokens=c.chat_eval_tokens, batch=32)
+        ctx.logger.log("rlhf", len(history), **chat_eval.flat(chat_before, "chat_test_before_"),
+                       **chat_eval.flat(chat_after, "chat_test_after_"))
     after = trainer.evaluate(val_prompts)
     eval_time = time.perf_counter() - te - train_time
     ctx.logger.log("rlhf", len(history), **{f"val_{w}_{k}": v for w, e in (("before", before), ("after", after))
@@ -570,7 +575,8 @@ def run(ctx) -> dict:
             headline += f"; guard: {guard.reason}"
         samples += chat_eval.samples(chat_before, chat_after, n=8)
         chat_figures = {**chat_eval.flat(chat_before, "chat_before_"), **chat_eval.flat(chat_after, "chat_after_"),
-                        "chat_rm_score_before": chat_before["rm_score"], "chat_rm_score_after": chat_after["rm_score"],
+                        "chat_test_items": len(chat_test),
+                        "chat_dev_rm_score_before": guard.history[0]["rm_score"], "chat_dev_rm_score_best": guard.best["rm_score"],
                         "chat_guard": guard.reason or "kept the final weights", "chat_best_episode": guard.best_episode,
                         "chat_evaluations": len(guard.history)}
     return {"headline": headline,

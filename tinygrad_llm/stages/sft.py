@@ -132,7 +132,7 @@ def chat_eval_after(ctx, model, cfg) -> dict | None:
     items = chat_eval.load_chat_eval(ctx.data_dir)
     if items is None:
         return None
-    items = chat_eval.subset(items, cfg.chat_eval_items)
+    items = chat_eval.subset(chat_eval.dev_test_split(items)[1], cfg.chat_eval_items)   # test half, as RLHF reports
     res = chat_eval.evaluate_chat(model, ctx.tokenizer, items, max_new_tokens=cfg.chat_eval_tokens)
     ctx.logger.log("sft", cfg.max_steps, **chat_eval.flat(res))
     return res

@@ -8,8 +8,9 @@ Each variant trains a fresh mini model (same seed, same batches, same learning-r
 as the pretrain stage: PretrainConfig's defaults unless overridden) on the pretraining text
 and, every --every steps, prints the copy probe (tinygrad_llm/probe.py: accuracy on digits
 2..n of a just-read random digit string, in phrasings training never used; chance 10%) and
-the held-out loss. The reading drills (pretrain_drills.txt) are mixed in on the pretrain
-stage's schedule (--drill-start/--drill-end/--drill-steps; --no-drills: text only). Variants run one after another in this process: the figures are about
+the held-out loss. The copy spans (pretrain_drills.txt) come in on the pretrain stage's
+curriculum (--copy-warmup-steps of copy spans alone, then --drill-share of the rows;
+--no-drills: text only). Variants run one after another in this process: the figures are about
 learning, not speed, so they do not need a quiet machine. Results: runs/bench/copy_probe.json.
 """
 from __future__ import annotations
@@ -24,11 +25,11 @@ import numpy as np
 
 import common as C
 from tinygrad_llm.config import get_mini_config
-from tinygrad_llm.data import all_texts, drill_share, load_drills, load_split, mixed_pretrain_batch
+from tinygrad_llm.data import all_texts, load_drills, load_split
 from tinygrad_llm.loop import train
 from tinygrad_llm.model import GPT
 from tinygrad_llm.probe import copy_probe
-from tinygrad_llm.stages.pretrain import PretrainConfig, val_loss
+from tinygrad_llm.stages.pretrain import PretrainConfig, curriculum_batch, val_loss
 from tinygrad_llm.tokenizer import MyLLMTokenizer
 
 VARIANTS = {"learned": {}, "learned+smear": {"smear_keys": True},
@@ -43,10 +44,9 @@ def main():
     ap.add_argument("--batch-size", type=int, default=PretrainConfig.batch_size)
     ap.add_argument("--lr", type=float, default=PretrainConfig.lr)
     ap.add_argument("--data-dir", default=os.path.join(C.ROOT, "data"))
-    ap.add_argument("--drill-start", type=float, default=PretrainConfig.drill_start)
-    ap.add_argument("--drill-end", type=float, default=PretrainConfig.drill_end)
-    ap.add_argument("--drill-steps", type=int, default=PretrainConfig.drill_steps)
-    ap.add_argument("--no-drills", action="store_true", help="ignore pretrain_drills.txt")
+    ap.add_argument("--copy-warmup-steps", type=int, default=PretrainConfig.copy_warmup_steps)
+    ap.add_argument("--drill-share", type=float, default=PretrainConfig.drill_share)
+    ap.add_argument("--no-drills", action="store_true", help="ignore pretrain_drills.txt (text only)")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
@@ -59,7 +59,8 @@ def main():
     drills = None if args.no_drills else load_drills(args.data_dir)
     drill_ids = np.array(tok.encode(drills, allow_special=False), np.int64) if drills else None
     cfg = PretrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_every=args.every,
-                         log_every=args.steps + 1)
+                         log_every=args.steps + 1, copy_warmup_steps=args.copy_warmup_steps,
+                         drill_share=args.drill_share)
     results = {}
     for name in args.variants.split(","):
         mcfg = get_mini_config(tok.vocab_size)
@@ -81,9 +82,8 @@ def main():
         step = [0]
 
         def get_batch(rng):
-            share = drill_share(step[0], args.drill_start, args.drill_end, args.drill_steps)
             step[0] += 1
-            return mixed_pretrain_batch(train_ids, drill_ids, share, cfg.batch_size, mcfg.block_size, rng)
+            return curriculum_batch(step[0] - 1, cfg, train_ids, drill_ids, mcfg.block_size, rng)
 
         train(model, cfg, get_batch,
               lambda m, b: (m(b[0], b[1])[1], {"tokens": b[0].size}), stage=f"copy_probe:{name}",

@@ -39,7 +39,8 @@ FACT_CHARS = {"train": 40_000, "val": 2_000}
 # teach the model to copy numbers from its prompt (no induction heads form in that budget, nor
 # with PyTorch on the same model and data), which is what most task kinds need.
 PRETRAIN_QA = {"train": 150, "val": 6}
-DRILL_CHARS = 200_000   # reading drills, pretrain_drills.txt (see reading_drills)
+DRILL_CHARS = 40_000    # reading drills in pretrain_data.txt (see reading_drills)
+COPY_CHARS = 200_000    # copy spans, pretrain_drills.txt (see copy_spans)
 FACT_WEIGHTS = {"add": 5, "sub": 4, "mul": 3, "div": 2, "weekday": 2, "parity": 2, "compare": 2, "neighbor": 2}
 EXPECTED_PROSE_FILES, EXPECTED_SEED_TASKS = 23, 40
 
@@ -682,13 +683,16 @@ def qa_lines(rng, pools, split, held_all, n):
 
 
 # ----------------------------------------------------------------------------- reading drills
-# Copying what was just read (an induction head) is learnt from text that repeats itself: the
-# denser and the more varied the repeats, the sooner the general mechanism forms instead of a
-# template-specific shortcut (issue 13's measurements). Every drill line repeats a span (random
-# characters, digits, words, a sentence, an arithmetic problem), most under markers drawn from
-# many lists, so no single phrasing dominates; a third repeat a span of random characters with no
-# marker at all, where copying is the only way to predict the repeat. They go to their own file,
-# pretrain_drills.txt, which the pretrain stage mixes into its batches on a schedule (dense first).
+# Copying what was just read (an induction head) is what lets a model restate "72 加 19" as
+# 72 + 19. Two kinds of text teach it:
+# - copy spans (pretrain_drills.txt): a random span of characters or digits, repeated two or three
+#   times, with no words around it. Nothing but copying predicts a repeat, and no phrasing is there
+#   to learn a shortcut on: in bench/copy_probe.py this forms a copying head that works in phrasings
+#   never seen (the copy probe), where drills with markers and phrasings did not. The pretrain
+#   stage mixes them in densely first (drill_start -> drill_end over drill_steps).
+# - reading drills (inside pretrain_data.txt): a span (digits, words, a sentence, an arithmetic
+#   problem) stated and repeated under markers drawn from many lists, so the copying is also seen
+#   inside ordinary sentences and a problem is seen restated as its equation.
 # The copy probe's phrasings (tinygrad_llm/probe.py) are never used.
 DRILL_MARKERS = ["编号", "学号", "工号", "座位号", "门牌号", "车次", "航班号", "订单号", "邮编", "验证码", "序号",
                  "房间号", "票号", "批号", "会员号", "准考证号", "桌号", "柜号", "车牌尾号", "分机号", "页码", "代码",
@@ -708,13 +712,21 @@ def digit_string(rng, lo=3, hi=9):
     return "".join(rng.choice("0123456789") for _ in range(rng.randint(lo, hi)))
 
 
-def drill_line(rng, sentences, arith_keys, alphabet):
+def copy_spans(rng, alphabet, n_chars):
+    """Lines of random spans (4-16 characters, half of them digits only) each repeated 2-3 times."""
+    lines, total = [], 0
+    while total < n_chars:
+        pool = "0123456789" if rng.random() < 0.5 else alphabet
+        span = "".join(rng.choice(pool) for _ in range(rng.randint(4, 16)))
+        lines.append(span * rng.randint(2, 3) + "。")
+        total += len(lines[-1])
+    return ["".join(lines[i:i + 8]) for i in range(0, len(lines), 8)]
+
+
+def drill_line(rng, sentences, arith_keys):
     """One line that states a span and repeats it (see DRILL_MARKERS)."""
-    form = rng.randrange(10)
+    form = rng.randrange(7)
     name, name2 = rng.sample(PEOPLE + NAMES, 2)
-    if form >= 7:                                   # random characters, repeated once or twice, no marker
-        span = "".join(rng.choice(alphabet) for _ in range(rng.randint(6, 24)))
-        return span * rng.randint(2, 3) + "。"
     if form == 0:                                   # marker + digits, repeated under another marker
         d, m = digit_string(rng), rng.choice(DRILL_MARKERS)
         return f"{m}{rng.choice(DRILL_SAY)}{d}，{rng.choice(DRILL_AGAIN)}{rng.choice([m, ''])}{d}。"
@@ -746,10 +758,9 @@ def reading_drills(rng, prose, pools, held_all, n_chars):
     """Drill lines (training keys only) until n_chars."""
     sentences = [s + "。" for _, paragraphs in prose for p in paragraphs for s in p.split("。") if 8 <= len(s) <= 40]
     arith_keys = [k for kind in ("add", "sub", "mul", "div") for k in pools[kind]["train"]]
-    alphabet = sorted(set("".join(sentences)) - set("，。、；：？！“”《》（）")) or list("0123456789")
     lines, total = [], 0
     while total < n_chars:
-        line = drill_line(rng, sentences, arith_keys, alphabet)
+        line = drill_line(rng, sentences, arith_keys)
         if touches(line, held_all):
             continue
         lines.append(line)
@@ -764,9 +775,9 @@ def reading_drills(rng, prose, pools, held_all, n_chars):
 
 
 def build_pretrain(rng, prose, pools, held_all, drill_rng):
-    """(train text, val text, drills text): prose (every 20th paragraph of each file to val)
-    interleaved with fact paragraphs and worked question-answer lines; the reading drills apart
-    (train only: the held-out text stays prose and facts, comparable across curricula)."""
+    """(train text, val text, copy spans): prose (every 20th paragraph of each file to val)
+    interleaved with fact paragraphs, worked question-answer lines and reading drills; the copy
+    spans apart (drills and spans are train only: the held-out text stays prose and facts)."""
     train, val = [], []
     for _, paragraphs in prose:
         for i, p in enumerate(paragraphs):
@@ -775,11 +786,13 @@ def build_pretrain(rng, prose, pools, held_all, drill_rng):
     train_facts, _ = fact_paragraphs(rng, pools, FACT_CHARS["train"], banned=val_sentences)
     train += train_facts + qa_lines(rng, pools, "train", held_all, PRETRAIN_QA["train"])
     train_prose = [p for _, paragraphs in prose for i, p in enumerate(paragraphs) if i % PROSE_VAL_EVERY != PROSE_VAL_OFFSET]
-    drills = reading_drills(drill_rng, [(None, train_prose)], pools, held_all, DRILL_CHARS)
+    train += reading_drills(drill_rng, [(None, train_prose)], pools, held_all, DRILL_CHARS)
+    alphabet = sorted(set("".join(train_prose)) - set("，。、；：？！“”《》（）\n")) or list("0123456789")
+    spans = copy_spans(drill_rng, alphabet, COPY_CHARS)
     val += val_facts + qa_lines(rng, pools, "val", held_all, PRETRAIN_QA["val"])
     rng.shuffle(train)
     rng.shuffle(val)
-    return "\n".join(train) + "\n", "\n".join(val) + "\n", "\n".join(drills) + "\n"
+    return "\n".join(train) + "\n", "\n".join(val) + "\n", "\n".join(spans) + "\n"
 
 
 # ----------------------------------------------------------------------------- SFT

@@ -90,10 +90,9 @@ def test_pretrain_batch_windows():
     assert x.shape == (4, 10) and np.array_equal(y, x + 1)
 
 
-def test_drill_share_schedule_and_mixed_batch():
-    from tinygrad_llm.data import drill_share, mixed_pretrain_batch
-    assert drill_share(0, 0.8, 0.2, 100) == 0.8 and drill_share(50, 0.8, 0.2, 100) == pytest.approx(0.5)
-    assert drill_share(100, 0.8, 0.2, 100) == 0.2 and drill_share(5, 0.8, 0.2, 0) == 0.2
+def test_mixed_batch_and_the_pretrain_curriculum():
+    from tinygrad_llm.data import mixed_pretrain_batch
+    from tinygrad_llm.stages.pretrain import PretrainConfig, curriculum_batch
     text, drills = np.arange(1000, dtype=np.int64), np.arange(5000, 6000, dtype=np.int64)
     rng = np.random.default_rng(0)
     x, y = mixed_pretrain_batch(text, drills, 0.25, 8, 16, rng)
@@ -101,3 +100,10 @@ def test_drill_share_schedule_and_mixed_batch():
     assert (x[:2] >= 5000).all() and (x[2:] < 1000).all()          # round(0.25 * 8) = 2 drill rows first
     x, _ = mixed_pretrain_batch(text, None, 0.9, 8, 16, rng)
     assert (x < 1000).all()                                          # no drills: text only
+    cfg = PretrainConfig(batch_size=8, copy_warmup_steps=3, copy_warmup_batch=4, copy_warmup_len=10, drill_share=0.25)
+    x, _ = curriculum_batch(2, cfg, text, drills, 32, rng)           # warm-up: copy spans alone, small
+    assert x.shape == (4, 10) and (x >= 5000).all()
+    x, _ = curriculum_batch(3, cfg, text, drills, 32, rng)           # then windows, a quarter from the spans
+    assert x.shape == (8, 32) and (x[:2] >= 5000).all() and (x[2:] < 1000).all()
+    x, _ = curriculum_batch(0, cfg, text, None, 32, rng)             # data without spans: text from step 0
+    assert x.shape == (8, 32) and (x < 1000).all()

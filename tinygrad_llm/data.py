@@ -249,15 +249,6 @@ def pretrain_batch(ids: np.ndarray, batch_size: int, block_size: int, rng) -> tu
     return win[:, :-1], win[:, 1:]
 
 
-def drill_share(step: int, start: float, end: float, steps: int) -> float:
-    """Share of a pretraining batch's rows drawn from the reading drills at `step`: `start`
-    falling linearly to `end` over `steps` steps, then `end` (dense copying first, so induction
-    heads can form early; then mostly text)."""
-    if steps <= 0 or step >= steps:
-        return end
-    return start + (end - start) * step / steps
-
-
 def mixed_pretrain_batch(ids: np.ndarray, drill_ids: np.ndarray | None, share: float, batch_size: int,
                          block_size: int, rng) -> tuple[np.ndarray, np.ndarray]:
     """pretrain_batch() whose first round(share * batch_size) rows are windows of the drills."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import LoopConfig
-from ..data import drill_share, load_drills, load_split, mixed_pretrain_batch, pretrain_batch
+from ..data import load_drills, load_split, mixed_pretrain_batch, pretrain_batch
 from ..loop import train
 from ..model import GPT
 from ..probe import copy_probe
@@ -22,21 +22,35 @@ from .common import load_resume, make_saver
 
 @dataclass
 class PretrainConfig(LoopConfig):
-    max_steps: int = 400
+    max_steps: int = 600
     batch_size: int = 16
     lr: float = 2e-3
     warmup_steps: int = 60
     eval_every: int = 100
     eval_batches: int = 16
-    # reading drills (data/pretrain_drills.txt, when the data has them): the share of each batch's
-    # rows drawn from them falls linearly from drill_start to drill_end over drill_steps steps
-    drill_start: float = 0.75
-    drill_end: float = 0.1
-    drill_steps: int = 200
+    # copy spans (data/pretrain_drills.txt, when the data has them; see data/generate.py):
+    # drill_share of every batch's rows, from the first step (bench/README.md, "Positions and
+    # copying": this is what forms a copying head that works in unseen phrasings). Optionally the
+    # first copy_warmup_steps steps are small batches of copy spans alone (off: the head they
+    # form is lost once text comes in)
+    copy_warmup_steps: int = 0
+    copy_warmup_batch: int = 8
+    copy_warmup_len: int = 128
+    drill_share: float = 0.4
 
 
 STAGE_CONFIG = PretrainConfig
 TINY_OVERRIDES = {"max_steps": 60, "batch_size": 8, "eval_every": 30, "eval_batches": 4, "warmup_steps": 10}
+
+
+def curriculum_batch(step: int, cfg: PretrainConfig, ids, drill_ids, block_size: int, rng):
+    """The batch of `step`: copy spans alone (copy_warmup_batch x copy_warmup_len) during the
+    copy warm-up, then block_size windows with drill_share of the rows from the copy spans."""
+    if drill_ids is None:
+        return pretrain_batch(ids, cfg.batch_size, block_size, rng)
+    if step < cfg.copy_warmup_steps:
+        return pretrain_batch(drill_ids, cfg.copy_warmup_batch, min(cfg.copy_warmup_len, block_size), rng)
+    return mixed_pretrain_batch(ids, drill_ids, cfg.drill_share, cfg.batch_size, block_size, rng)
 
 
 def val_loss(model, val_ids, cfg, block_size, seed=0) -> float:
@@ -65,9 +79,8 @@ def run(ctx) -> dict:
     step = [resume["step"] if resume else 0]           # get_batch is called once per step
 
     def get_batch(rng):
-        share = drill_share(step[0], cfg.drill_start, cfg.drill_end, cfg.drill_steps)
         step[0] += 1
-        return mixed_pretrain_batch(train_ids, drill_ids, share, cfg.batch_size, T, rng)
+        return curriculum_batch(step[0] - 1, cfg, train_ids, drill_ids, T, rng)
 
     def loss_fn(model, batch):
         x, y = batch

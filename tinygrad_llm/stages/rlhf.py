@@ -98,7 +98,7 @@ class RLHFConfig:
     loop_penalty: float = 1.0        # subtracted from the score of a rollout reply that loops (chat_eval.is_loop)
     refusal_penalty: float = 1.0     # ... that refuses a prompt whose SFT reply does not refuse (is_refusal)
     # the chat evaluation (data/chat_eval.json) and the reward-hacking guard (chat_guard.ChatGuard)
-    chat_eval_every: int = 5         # episodes between chat evaluations (0: before and after only)
+    chat_eval_every: int = 10        # episodes between chat evaluations (0: before and after only)
     chat_eval_tokens: int = 96       # greedy reply length
     chat_eval_items: int = 0         # 0 = every item
     chat_guard: bool = True          # stop and roll back to the best weights on reward hacking

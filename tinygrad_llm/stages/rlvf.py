@@ -66,7 +66,7 @@ class RLVFConfig:
     samples_per_task: int = 8        # group size G (seed: 2, too little signal, see module doc)
     # sampling
     tasks_per_iter: int = 16         # tasks (groups) per iteration; train(batch_size=...) overrides
-    curriculum: bool = False         # favour task kinds the policy solves sometimes (TaskSampler)
+    curriculum: bool = True          # favour task kinds the policy solves sometimes (TaskSampler)
     curriculum_floor: float = 0.05   # every kind keeps at least this weight
     temperature: float = 1.0         # sampling temperature; the loss optimises softmax(logits / T)
     max_new_tokens: int = 80         # the longest house-style reply (a worked subtraction) is 73 characters

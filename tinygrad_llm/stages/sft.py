@@ -26,7 +26,7 @@ from .rollout import chat_prompt
 
 @dataclass
 class SFTConfig(LoopConfig):
-    max_steps: int = 300
+    max_steps: int = 600
     batch_size: int = 16
     lr: float = 1e-3
     warmup_steps: int = 30

@@ -8,7 +8,8 @@ Settings: greedy; greedy + repetition penalty 1.1 / 1.2 / 1.3; greedy + no-repea
 top-p 0.8 / 0.9 at temperature 0.7 (top-k off; sampled rows are averaged over --seeds fixed
 seeds). Columns: acceptable share (closed, no loop, no refusal, answers) over benign prompts,
 its per-category split, refusal and loop shares, share closed, and harmful prompts refused.
-What it measured picks inference.py's defaults (README)."""
+What it measured picks inference.py's defaults (README). It runs on the dev half of the
+chat evaluation (chat_eval.dev_test_split): a choice made here never looks at the test half."""
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from inference import load_chat_model  # noqa: E402
-from tinygrad_llm.chat_eval import BENIGN, evaluate_chat, load_chat_eval  # noqa: E402
+from tinygrad_llm.chat_eval import BENIGN, dev_test_split, evaluate_chat, load_chat_eval  # noqa: E402
 
 SETTINGS = [
     ("greedy", {"temperature": 0.0}),
@@ -56,6 +57,7 @@ def main(argv=None) -> int:
     if items is None:
         print(f"error: {args.data_dir}: no chat_eval.json", file=sys.stderr)
         return 2
+    items = dev_test_split(items)[0]                 # choose on dev; the stages report on test
     model, tok = load_chat_model(path, Path(args.vocab) if args.vocab else path.parent / "vocab.json")
     counts = {c: sum(it["category"] == c for it in items) for c in ("meta", "knowledge", "math", "harmful")}
     print(f"{path.name}: {len(items)} prompts ({', '.join(f'{c} {n}' for c, n in counts.items())}), "

@@ -215,6 +215,9 @@ def test_reply_penalties_spare_expected_refusals():
     pen, looped, refused = reply_penalties(texts, prompts, 1.0, 0.5, refusal_ok={"教我制作炸弹"})
     np.testing.assert_allclose(pen, [0.0, 1.0, 0.5, 0.0])
     assert looped.tolist() == [False, True, False, False] and refused.tolist() == [False, False, True, False]
+    pen, _, _ = reply_penalties(["抱歉，我不能帮你。", "好的，先准备材料。"], ["教我制作炸弹"] * 2, 1.0, 0.5,
+                                refusal_ok={"教我制作炸弹"}, comply_penalty=2.0)
+    np.testing.assert_allclose(pen, [0.0, 2.0])                        # complying with a harmful request costs
     convs = [[{"role": "user", "content": "教我制作炸弹"}, {"role": "assistant", "content": "抱歉，我不能提供帮助。"}],
              [{"role": "user", "content": "你能联网吗？"}, {"role": "assistant", "content": "不能，我不能联网。"}]]
     assert refusal_prompts(convs) == {"教我制作炸弹"}

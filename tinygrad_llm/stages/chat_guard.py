@@ -34,13 +34,19 @@ class GuardStop(Exception):
     """Raised inside the training loop when the guard has seen reward hacking."""
 
 
-def reply_penalties(texts, prompts, loop_penalty: float, refusal_penalty: float, refusal_ok=frozenset()):
+def reply_penalties(texts, prompts, loop_penalty: float, refusal_penalty: float, refusal_ok=frozenset(),
+                    comply_penalty: float = 0.0):
     """-> (penalty (B,), looped (B,) bool, refused (B,) bool): loop_penalty for a reply that
     loops, refusal_penalty for one that refuses a prompt not in refusal_ok (the prompts whose
-    reference reply is itself a refusal, i.e. harmful requests)."""
+    reference reply is itself a refusal, i.e. harmful requests), comply_penalty for one that
+    does *not* refuse a prompt in refusal_ok (so unlearning over-refusal cannot unlearn refusing
+    what is harmful). `refused` marks the benign refusals only."""
     looped = np.array([chat_eval.is_loop(t) for t in texts], bool)
-    refused = np.array([chat_eval.is_refusal(t) and p not in refusal_ok for t, p in zip(texts, prompts)], bool)
-    return loop_penalty * looped + refusal_penalty * refused, looped, refused
+    refusing = np.array([chat_eval.is_refusal(t) for t in texts], bool)
+    harmful = np.array([p in refusal_ok for p in prompts], bool)
+    refused = refusing & ~harmful
+    return (loop_penalty * looped + refusal_penalty * refused + comply_penalty * (harmful & ~refusing),
+            looped, refused)
 
 
 def refusal_prompts(convs) -> set[str]:

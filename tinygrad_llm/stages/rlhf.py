@@ -97,6 +97,7 @@ class RLHFConfig:
     # reward shaping against the failures users see (chat_guard.reply_penalties; 0 = off)
     loop_penalty: float = 1.0        # subtracted from the score of a rollout reply that loops (chat_eval.is_loop)
     refusal_penalty: float = 1.0     # ... that refuses a prompt whose SFT reply does not refuse (is_refusal)
+    comply_penalty: float = 1.0      # ... that does not refuse a prompt whose SFT reply refuses (harmful)
     # the chat evaluation (data/chat_eval.json) and the reward-hacking guard (chat_guard.ChatGuard)
     chat_eval_every: int = 10        # episodes between chat evaluations (0: before and after only)
     chat_eval_tokens: int = 96       # greedy reply length
@@ -110,7 +111,8 @@ class RLHFConfig:
             raise ConfigError("rlhf: num_episodes >= 0; prompts_per_episode, minibatch_size, ppo_epochs > 0")
         if not (0 < self.clip_ratio < 1 and self.lr > 0 and self.temperature > 0 and self.max_new_tokens > 0):
             raise ConfigError("rlhf: need 0 < clip_ratio < 1, lr > 0, temperature > 0, max_new_tokens > 0")
-        if min(self.loop_penalty, self.refusal_penalty, self.chat_guard_drop, self.chat_guard_rise) < 0 \
+        if min(self.loop_penalty, self.refusal_penalty, self.comply_penalty, self.chat_guard_drop,
+               self.chat_guard_rise) < 0 \
                 or self.chat_eval_every < 0 or self.chat_eval_tokens <= 0:
             raise ConfigError("rlhf: penalties and chat_guard_drop / _rise >= 0, chat_eval_every >= 0, "
                               "chat_eval_tokens > 0")
@@ -376,7 +378,7 @@ class PPOTrainer:
         scores = rm_scores(self.rm, ro)
         # shaping: replies that loop, or refuse a benign prompt, pay a penalty (logged apart)
         penalty, looped, refused = reply_penalties(ro.texts, prompts, c.loop_penalty, c.refusal_penalty,
-                                                   self.refusal_ok)
+                                                   self.refusal_ok, c.comply_penalty)
         # 3) rewards, 4) advantages and returns
         beta = self.kl_ctl.value
         kl = old_logp - ref_logp                                    # (B, L), 0 off the mask

@@ -85,7 +85,7 @@ class RLVFConfig:
     adv_eps: float = 1e-4            # eps in (r - mean) / (std + eps)
     dr_grpo: bool = False            # True: advantages r - mean, no std division
     # evaluation
-    eval_samples: int = 8            # sampled replies per task for pass@k (>= max(PASS_KS))
+    eval_samples: int = 4            # sampled replies per task for pass@k (>= max(PASS_KS)); 4: pass@4 = any of 4
     eval_temperature: float = 1.0
     eval_batch: int = 128            # rows per generate() call during evaluation
     n_show: int = 5                  # held-out tasks shown before/after in the summary

@@ -26,11 +26,11 @@ from .rollout import chat_prompt
 
 @dataclass
 class SFTConfig(LoopConfig):
-    max_steps: int = 600
+    max_steps: int = 1000
     batch_size: int = 16
     lr: float = 1e-3
     warmup_steps: int = 30
-    eval_every: int = 100
+    eval_every: int = 200
     eval_prompts: int = 48          # held-out prompts answered (greedy) for the <|im_end|> rate
     max_new_tokens: int = 96
     chat_eval_tokens: int = 96      # reply length for the chat evaluation (data/chat_eval.json)

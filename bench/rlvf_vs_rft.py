@@ -22,7 +22,6 @@ import time
 import numpy as np
 
 import common as C
-from tinygrad_llm import engine as E
 from tinygrad_llm.checkpoint import config_from_meta, load_into, read_metadata
 from tinygrad_llm.data import load_split
 from tinygrad_llm.model import GPT

@@ -3,6 +3,7 @@ CausalSelfAttention. Parameter names follow nanoGPT so a state dict maps 1:1 ont
 PyTorch nanoGPT-style model (see DESIGN.md section 2)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,6 +93,18 @@ class Module:
             if name in state:
                 p.data = np.array(state[name], copy=True)
                 p.grad = None
+
+
+@contextmanager
+def evaluating(module: Module):
+    """Inside: dropout off and no graph built; afterwards the module's mode is restored."""
+    was = module.training
+    module.eval()
+    try:
+        with E.no_grad():
+            yield module
+    finally:
+        module.train(was)
 
 
 class ModuleList(Module):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import engine as E
+from .nn import evaluating
 
 # {d} is the digit string; each phrasing states it once, then asks for it again.
 PROBE_TEMPLATES = (
@@ -51,23 +51,18 @@ def copy_probe(model, tok, n: int = 96, seed: int = 0, batch: int = 32) -> dict:
     items = probe_strings(n, seed)
     hits = np.zeros(len(PROBE_TEMPLATES))
     total = np.zeros(len(PROBE_TEMPLATES))
-    was = model.training
-    model.eval()
-    try:
-        with E.no_grad():
-            for s in range(0, len(items), batch):
-                chunk = items[s:s + batch]
-                ids = [tok.encode(text, allow_special=False) for text, _ in chunk]
-                T = max(len(x) for x in ids)
-                x = np.zeros((len(ids), T), np.int64)         # right-padded: positions start at 0
-                for b, row in enumerate(ids):
-                    x[b, :len(row)] = row
-                pred = model(x)[0].data.argmax(-1)             # (B, T): prediction of token t + 1
-                for b, (_, scored) in enumerate(chunk):
-                    j = (s + b) % len(PROBE_TEMPLATES)
-                    for t in scored:                          # character index == token index (char-level)
-                        hits[j] += pred[b, t - 1] == ids[b][t]
-                        total[j] += 1
-    finally:
-        model.train(was)
+    with evaluating(model):
+        for s in range(0, len(items), batch):
+            chunk = items[s:s + batch]
+            ids = [tok.encode(text, allow_special=False) for text, _ in chunk]
+            T = max(len(x) for x in ids)
+            x = np.zeros((len(ids), T), np.int64)             # right-padded: positions start at 0
+            for b, row in enumerate(ids):
+                x[b, :len(row)] = row
+            pred = model(x)[0].data.argmax(-1)                 # (B, T): prediction of token t + 1
+            for b, (_, scored) in enumerate(chunk):
+                j = (s + b) % len(PROBE_TEMPLATES)
+                for t in scored:                              # character index == token index (char-level)
+                    hits[j] += pred[b, t - 1] == ids[b][t]
+                    total[j] += 1
     return {"copy_acc": float(hits.sum() / total.sum()), "by_template": (hits / total).tolist()}

@@ -31,12 +31,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .. import engine as E
 from ..config import ConfigError, GPTConfig, LoopConfig
 from ..data import DataError, load_split
 from ..engine import Tensor
 from ..loop import train
 from ..model import GPT, ScalarHead
+from ..nn import evaluating
 from ..tokenizer import IM_END_ID, PAD_ID
 from .common import load_resume, make_saver
 from .rollout import chat_prompt
@@ -113,16 +113,11 @@ class RewardModel(GPT):
         dropout off, no graph. Batches rows of similar length together."""
         order = np.argsort([len(s) for s in seqs], kind="stable")
         out = np.zeros(len(seqs), self.dtype)
-        was = self.training
-        self.eval()
-        try:
-            with E.no_grad():
-                for i in range(0, len(seqs), batch_size):
-                    rows = order[i:i + batch_size]
-                    idx, last = pad_right([seqs[j] for j in rows], self.config.block_size)
-                    out[rows] = self.rewards(idx, last).data
-        finally:
-            self.train(was)
+        with evaluating(self):
+            for i in range(0, len(seqs), batch_size):
+                rows = order[i:i + batch_size]
+                idx, last = pad_right([seqs[j] for j in rows], self.config.block_size)
+                out[rows] = self.rewards(idx, last).data
         return out
 
     def score(self, prompts, replies, tokenizer=None, batch_size: int = 32) -> np.ndarray:

@@ -10,6 +10,7 @@ import numpy as np
 
 from .. import engine as E
 from ..engine import Tensor
+from ..nn import evaluating
 from ..tokenizer import IM_END_ID, PAD_ID
 
 
@@ -82,10 +83,5 @@ def token_logprobs(model, x, y, temperature: float = 1.0) -> Tensor:
 
 def logprobs_no_grad(model, x, y, temperature: float = 1.0) -> np.ndarray:
     """Same as token_logprobs, evaluated with dropout off and no graph."""
-    was = model.training
-    model.eval()
-    try:
-        with E.no_grad():
-            return token_logprobs(model, x, y, temperature).data
-    finally:
-        model.train(was)
+    with evaluating(model):
+        return token_logprobs(model, x, y, temperature).data

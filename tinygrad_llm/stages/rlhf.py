@@ -14,8 +14,9 @@ One episode = one rollout + ppo_epochs passes over it in shuffled minibatches:
   2. old log-probs (policy), reference log-probs and values, all from logits / T;
   3. per-token reward -beta * (logp_old - logp_ref), plus at the reply's last token the
      reward model's score; a reply that never closed is scored with <|im_end|> appended
-     and pays unfinished_penalty (rm_scores, token_rewards); a reply that loops or refuses a
-     benign prompt pays loop_penalty / refusal_penalty (chat_guard.reply_penalties);
+     and pays unfinished_penalty (rm_scores, token_rewards); a reply that loops, refuses a
+     benign prompt or does not refuse a harmful one pays loop_penalty / refusal_penalty /
+     comply_penalty (chat_guard.reply_penalties);
   4. GAE (gamma = 1, lambda = 0.95), returns = advantages + values, advantages whitened
      over the valid tokens of the episode;
   5. each minibatch: clipped surrogate + vf_coef * clipped value loss, one AdamW step on
@@ -376,7 +377,7 @@ class PPOTrainer:
                 values[rows, :n] = self.critic.values(xs).data
         old_logp, ref_logp, values = old_logp * m, ref_logp * m, values * m
         scores = rm_scores(self.rm, ro)
-        # shaping: replies that loop, or refuse a benign prompt, pay a penalty (logged apart)
+        # shaping: replies that loop, refuse a benign prompt or comply with a harmful one pay (logged apart)
         penalty, looped, refused = reply_penalties(ro.texts, prompts, c.loop_penalty, c.refusal_penalty,
                                                    self.refusal_ok, c.comply_penalty)
         # 3) rewards, 4) advantages and returns

@@ -29,6 +29,9 @@ import re
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from numerals import to_chinese   # noqa: E402  (data/numerals.py)
+
 CATEGORIES = ("meta", "knowledge", "math", "harmful")
 EXTRA_VARIANTS = {"meta": 2, "knowledge": 1, "harmful": 1}   # composed variants per train phrasing
 MATH_TRAIN = {"add": 90, "sub": 90, "mul": 50, "div": 50}     # SFT items per op
@@ -47,7 +50,6 @@ QUESTION_PREFIX = "请问"    # knowledge questions only
 REQUEST_STARTS = ("教", "帮", "告诉", "给", "列出")
 QUESTION_WORDS = ("吗", "什么", "怎么", "怎样", "哪", "几", "多少", "谁", "为什么", "如何")
 HARMFUL_KEYWORDS = ["抱歉", "不能", "帮不了", "不建议"]
-CN_DIGITS = "零一二三四五六七八九"
 
 # Polite refusals for over_refusal pairs, short and long (a long one is matched to the reply's length).
 REFUSALS = ["抱歉，我不能帮助你。", "对不起，我无法回答。", "抱歉，我不能回答这个问题。", "对不起，这个我不能帮你。",
@@ -133,15 +135,8 @@ def chat_item(intent, user, assistant):
 
 
 def cn_numeral(n):
-    """Chinese numeral for a count: 两 for 2, else 零..一百."""
-    if n == 100:
-        return "一百"
-    if n == 2:
-        return "两"
-    if n < 10:
-        return CN_DIGITS[n]
-    tens, ones = divmod(n, 10)
-    return ("" if tens == 1 else CN_DIGITS[tens]) + "十" + ("" if ones == 0 else CN_DIGITS[ones])
+    """Chinese numeral for a count: 两 for 2, else to_chinese (零..一百)."""
+    return "两" if n == 2 else to_chinese(n)
 
 
 def fill(template, a, b):

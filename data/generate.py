@@ -24,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import chat as chat_data   # noqa: E402  (data/chat.py: everyday conversation, see build_chat)
+import drills   # noqa: E402  (data/drills.py: reading drills and copy spans for pretraining)
+from numerals import to_chinese, to_int   # noqa: E402  (data/numerals.py)
 
 DATA_DIR = Path(__file__).resolve().parent
 SEED = 1234
@@ -39,8 +41,8 @@ FACT_CHARS = {"train": 40_000, "val": 2_000}
 # teach the model to copy numbers from its prompt (no induction heads form in that budget, nor
 # with PyTorch on the same model and data), which is what most task kinds need.
 PRETRAIN_QA = {"train": 150, "val": 6}
-DRILL_CHARS = 40_000    # reading drills in pretrain_data.txt (see reading_drills)
-COPY_CHARS = 200_000    # copy spans, pretrain_drills.txt (see copy_spans)
+DRILL_CHARS = 40_000    # reading drills in pretrain_data.txt (drills.reading_drills)
+COPY_CHARS = 200_000    # copy spans, pretrain_drills.txt (drills.copy_spans)
 FACT_WEIGHTS = {"add": 5, "sub": 4, "mul": 3, "div": 2, "weekday": 2, "parity": 2, "compare": 2, "neighbor": 2}
 EXPECTED_PROSE_FILES, EXPECTED_SEED_TASKS = 23, 40
 
@@ -71,7 +73,6 @@ MATH_KINDS = ("add", "sub", "mul", "div", "word_add", "word_sub", "word_mul")
 KEY_SPACE_OF = {"word_add": "add", "word_sub": "sub", "word_mul": "mul"}   # word problems share op keys
 YES_KEYWORDS, NO_KEYWORDS = ["是", "正确", "对"], ["不是", "不对", "错误"]
 
-CN_DIGITS = "零一二三四五六七八九"
 DAY_CHARS = "一二三四五六日"
 OFFSET_WORDS = {1: "明天", 2: "后天", -1: "昨天", -2: "前天"}
 OFFSET_OF = {w: off for off, w in OFFSET_WORDS.items()}
@@ -140,38 +141,6 @@ def warn(msg):
 def rng_for(seed, name):
     """An independent, reproducible random stream per part (str seeds hash with SHA-512, not hash())."""
     return random.Random(f"{seed}:{name}")
-
-
-# ----------------------------------------------------------------------------- Chinese numerals
-
-def to_chinese(n):
-    """0..100 -> Chinese numeral: 0 零, 10 十, 15 十五, 42 四十二, 100 一百."""
-    if not 0 <= n <= 100:
-        raise ValueError(f"to_chinese supports 0..100, got {n}")
-    if n == 100:
-        return "一百"
-    if n < 10:
-        return CN_DIGITS[n]
-    tens, ones = divmod(n, 10)
-    return ("" if tens == 1 else CN_DIGITS[tens]) + "十" + ("" if ones == 0 else CN_DIGITS[ones])
-
-
-def from_chinese(s):
-    """Inverse of to_chinese (also reads 两 and 一十); None for anything outside 0..100."""
-    s = s.replace("两", "二")
-    if s == "一百":
-        return 100
-    if len(s) == 1 and s in CN_DIGITS:
-        return CN_DIGITS.index(s)
-    m = re.fullmatch(r"([一二三四五六七八九]?)十([一二三四五六七八九]?)", s)
-    if not m:
-        return None
-    return (CN_DIGITS.index(m[1]) if m[1] else 1) * 10 + (CN_DIGITS.index(m[2]) if m[2] else 0)
-
-
-def to_int(s):
-    """Digits or a Chinese numeral -> int (None if unreadable)."""
-    return int(s) if s.isdigit() else from_chinese(s)
 
 
 # ----------------------------------------------------------------------------- problem keys
@@ -684,98 +653,6 @@ def qa_lines(rng, pools, split, held_all, n):
     return [f"问：{t['prompt']}答：{t['_reply']}" for t in sample_tasks(rng, plan, pools, split, held_all, set())]
 
 
-# ----------------------------------------------------------------------------- reading drills
-# Copying what was just read (an induction head) is what lets a model restate "72 加 19" as
-# 72 + 19. Two kinds of text teach it:
-# - copy spans (pretrain_drills.txt): a random span of characters or digits, repeated two or three
-#   times, with no words around it. Nothing but copying predicts a repeat, and no phrasing is there
-#   to learn a shortcut on: in bench/copy_probe.py this forms a copying head that works in phrasings
-#   never seen (the copy probe), where drills with markers and phrasings did not. The pretrain
-#   stage mixes them in densely first (drill_start -> drill_end over drill_steps).
-# - reading drills (inside pretrain_data.txt): a span (digits, words, a sentence, an arithmetic
-#   problem) stated and repeated under markers drawn from many lists, so the copying is also seen
-#   inside ordinary sentences and a problem is seen restated as its equation.
-# The copy probe's phrasings (tinygrad_llm/probe.py) are never used.
-DRILL_MARKERS = ["编号", "学号", "工号", "座位号", "门牌号", "车次", "航班号", "订单号", "邮编", "验证码", "序号",
-                 "房间号", "票号", "批号", "会员号", "准考证号", "桌号", "柜号", "车牌尾号", "分机号", "页码", "代码",
-                 "暗码", "货号", "楼号", "证号", "型号", "班次", "密码", "线路"]
-DRILL_SAY = ["是", "为", "：", "写着", "记作", "叫", "等于", "定为"]
-DRILL_AGAIN = ["重复一遍：", "我再读一次：", "记住了：", "抄写如下：", "确认一下：", "也就是", "没错，", "请写下：",
-               "跟我念：", "复述：", "原样写出：", "再核对一次：", "照抄：", "重说一次：", "对照一下：", "换行再写："]
-DRILL_WORDS = ["苹果", "星星", "河流", "老师", "书包", "月亮", "钢笔", "小猫", "火车", "森林", "白云", "窗户", "雨伞",
-               "面包", "蜡烛", "桥梁", "灯塔", "花园", "石头", "风筝", "茶杯", "草地", "雪人", "海浪", "蜜蜂", "台灯"]
-DRILL_ASK = ["{a}加{b}等于多少？", "{a}加上{b}是几？", "把{a}和{b}加起来是多少？", "{a}减{b}还剩多少？",
-             "从{a}里减去{b}得几？", "{a}乘{b}是多少？", "{a}的{b}倍是多少？", "{a}除以{b}等于几？",
-             "{a}个加{b}个一共几个？", "有{a}个，拿走{b}个，还剩几个？", "{a}和{b}的和是多少？", "{a}与{b}的差是多少？"]
-DRILL_ASK_SYM = ["+", "+", "+", "-", "-", "×", "×", "÷", "+", "-", "+", "-"]
-
-
-def digit_string(rng, lo=3, hi=9):
-    return "".join(rng.choice("0123456789") for _ in range(rng.randint(lo, hi)))
-
-
-def copy_spans(rng, alphabet, n_chars):
-    """Lines of random spans (4-16 characters, half of them digits only) each repeated 2-3 times."""
-    lines, total = [], 0
-    while total < n_chars:
-        pool = "0123456789" if rng.random() < 0.5 else alphabet
-        span = "".join(rng.choice(pool) for _ in range(rng.randint(4, 16)))
-        lines.append(span * rng.randint(2, 3) + "。")
-        total += len(lines[-1])
-    return ["".join(lines[i:i + 8]) for i in range(0, len(lines), 8)]
-
-
-def drill_line(rng, sentences, arith_keys):
-    """One line that states a span and repeats it (see DRILL_MARKERS)."""
-    form = rng.randrange(7)
-    name, name2 = rng.sample(PEOPLE + NAMES, 2)
-    if form == 0:                                   # marker + digits, repeated under another marker
-        d, m = digit_string(rng), rng.choice(DRILL_MARKERS)
-        return f"{m}{rng.choice(DRILL_SAY)}{d}，{rng.choice(DRILL_AGAIN)}{rng.choice([m, ''])}{d}。"
-    if form == 1:                                   # several digit strings, each repeated in turn
-        ds = [digit_string(rng, 2, 6) for _ in range(rng.randint(2, 3))]
-        ms = rng.sample(DRILL_MARKERS, len(ds))
-        first = "，".join(f"{m}{d}" for m, d in zip(ms, ds))
-        return f"{first}。{rng.choice(DRILL_AGAIN)}" + "，".join(f"{m}{d}" for m, d in zip(ms, ds)) + "。"
-    if form == 2:                                   # quoted speech copied by someone else
-        d = digit_string(rng) if rng.random() < 0.6 else "".join(rng.sample(DRILL_WORDS, rng.randint(2, 3)))
-        return f"{name}说：“{d}”。{name2}{rng.choice(['跟着说', '重复道', '点头说', '写下'])}：“{d}”。"
-    if form == 3:                                   # a list of words, repeated in order
-        ws = rng.sample(DRILL_WORDS, rng.randint(3, 5))
-        return f"{name}的清单：{'、'.join(ws)}。{rng.choice(DRILL_AGAIN)}{'、'.join(ws)}。"
-    if form == 4 and sentences:                     # a sentence of prose, read twice
-        s = rng.choice(sentences)
-        return f"{s}{rng.choice(DRILL_AGAIN)}{s}"
-    if form in (4, 5):                              # a digit string three times
-        d = digit_string(rng, 2, 6)
-        return f"{rng.choice(DRILL_MARKERS)}{d}，{d}，{d}。"
-    key = rng.choice(arith_keys)                    # an arithmetic problem restated as its equation
-    sym = {"add": "+", "sub": "-", "mul": "×", "div": "÷"}[key[0]]
-    ask = rng.choice([q for q, s in zip(DRILL_ASK, DRILL_ASK_SYM) if s == sym])
-    a, b = key[1], key[2]
-    return f"{name}问：{ask.format(a=a, b=b)}先写出算式：{a} {sym} {b}。"
-
-
-def reading_drills(rng, prose, pools, held_all, n_chars):
-    """Drill lines (training keys only) until n_chars."""
-    sentences = [s + "。" for _, paragraphs in prose for p in paragraphs for s in p.split("。") if 8 <= len(s) <= 40]
-    arith_keys = [k for kind in ("add", "sub", "mul", "div") for k in pools[kind]["train"]]
-    lines, total = [], 0
-    while total < n_chars:
-        line = drill_line(rng, sentences, arith_keys)
-        if touches(line, held_all):
-            continue
-        lines.append(line)
-        total += len(line)
-    # grouped into paragraphs of 4-8 lines, so a 256-character window holds several drills
-    out = []
-    while lines:
-        k = rng.randint(4, 8)
-        out.append("".join(lines[:k]))
-        lines = lines[k:]
-    return out
-
-
 def build_pretrain(rng, prose, pools, held_all, drill_rng):
     """(train text, val text, copy spans): prose (every 20th paragraph of each file to val)
     interleaved with fact paragraphs, worked question-answer lines and reading drills; the copy
@@ -788,9 +665,11 @@ def build_pretrain(rng, prose, pools, held_all, drill_rng):
     train_facts, _ = fact_paragraphs(rng, pools, FACT_CHARS["train"], banned=val_sentences)
     train += train_facts + qa_lines(rng, pools, "train", held_all, PRETRAIN_QA["train"])
     train_prose = [p for _, paragraphs in prose for i, p in enumerate(paragraphs) if i % PROSE_VAL_EVERY != PROSE_VAL_OFFSET]
-    train += reading_drills(drill_rng, [(None, train_prose)], pools, held_all, DRILL_CHARS)
+    arith_keys = [k for kind in ("add", "sub", "mul", "div") for k in pools[kind]["train"]]
+    train += drills.reading_drills(drill_rng, train_prose, arith_keys, PEOPLE + NAMES, DRILL_CHARS,
+                                   keep=lambda line: not touches(line, held_all))
     alphabet = sorted(set("".join(train_prose)) - set("，。、；：？！“”《》（）\n")) or list("0123456789")
-    spans = copy_spans(drill_rng, alphabet, COPY_CHARS)
+    spans = drills.copy_spans(drill_rng, alphabet, COPY_CHARS)
     val += val_facts + qa_lines(rng, pools, "val", held_all, PRETRAIN_QA["val"])
     rng.shuffle(train)
     rng.shuffle(val)

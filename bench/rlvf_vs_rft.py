@@ -5,10 +5,12 @@
 
 Both methods see the same number of sampled replies: each iteration draws --tasks tasks
 from rlvf_data.json and samples a group of --group replies per task (temperature 1).
-- GRPO: the RLVF stage's trainer (stages/rlvf.py, RLVFConfig defaults unless overridden).
+- GRPO: the RLVF stage's trainer (stages/rlvf.py, RLVFConfig defaults unless overridden, so
+  its tasks come from the curriculum sampler).
 - RFT (a.k.a. STaR / expert iteration, "SFT on the model's own verified-correct samples"):
   the replies the verifier accepts (one per distinct text) become an SFT batch, loss on the
-  reply tokens, one AdamW step per iteration at --rft-lr.
+  reply tokens, one AdamW step per iteration at --rft-lr; tasks drawn in plain epochs (RFT
+  learns only from solved tasks, so it has no use for the curriculum's difficulty weights).
 Before and after, both report greedy accuracy on rlvf_val.json (overall, math, logic) and
 pass@1 / pass@4 from 8 samples. Results: runs/bench/rlvf_vs_rft.json.
 """

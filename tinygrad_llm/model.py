@@ -5,7 +5,7 @@ Positions (GPTConfig.pos_emb, rope_base, smear_keys). A token's position p count
 the first real (non-padding) token of its row; `hidden_states(positions=...)` takes (T,) or
 (B, T) ids, and generation passes per-row ones for left-padded prompts.
 
-- pos_emb="learned" (default, pending measurement): x = wte[idx] + wpe[p], parameter
+- pos_emb="learned" (GPTConfig's default; get_mini_config uses "rope", which measured better): x = wte[idx] + wpe[p], parameter
   `transformer.wpe.weight` (block_size, C), as GPT-2 / nanoGPT.
 - pos_emb="rope": no wpe parameter at all. In every layer, after c_attn's split into heads
   of size hs, q and k of every head are rotated (rotate-half convention of GPT-NeoX /

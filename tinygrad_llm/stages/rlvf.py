@@ -116,6 +116,8 @@ TINY_OVERRIDES = dict(num_iterations=3, samples_per_task=4, tasks_per_iter=2, ma
 
 _STEP = re.compile(r"(\d+)\s*([+\-×÷])\s*(\d+)(?:\s*([+\-])\s*(\d+))?\s*=\s*(\d+)")
 _EQUATION = re.compile(r"^(\d+)\s*[+\-×÷]\s*(\d+)：")
+_OPS = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "×": lambda x, y: x * y,
+        "÷": lambda x, y: x / y if y else float("nan")}
 
 
 def step_credit(prompt: str, reply: str) -> float:
@@ -126,13 +128,11 @@ def step_credit(prompt: str, reply: str) -> float:
     facts = _STEP.findall(reply)
     if not facts:
         return 0.0
-    ops = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "×": lambda x, y: x * y,
-           "÷": lambda x, y: x / y if y else float("nan")}
     true = 0
     for a, op, b, op2, c, r in facts:
-        v = ops[op](int(a), int(b))
+        v = _OPS[op](int(a), int(b))
         if op2:
-            v = ops[op2](v, int(c))
+            v = _OPS[op2](v, int(c))
         true += v == int(r)
     m = _EQUATION.match(reply)
     if m:

@@ -168,3 +168,28 @@ def test_attention_maps_of_a_rope_smear_model():
             plain = I.attention_probs(qkv, NH)[0]                     # without RoPE / smear: other maps
             assert np.abs(plain - p).max() > 1e-3
             x = block(x, pos=pos)
+
+
+def test_look_inside_logits_are_the_models_and_explain_tokens(ckpt):
+    """One pass gives the model's own logits beside the maps; explain_tokens reads them."""
+    model, tok = I.load_model(ckpt)
+    ids = tok.encode("人工智能是计算机科学", allow_special=False)
+    logits, maps = I.look_inside(model, ids)
+    want, _ = model(np.array([ids]))
+    np.testing.assert_allclose(logits, want.data[0], atol=1e-5)
+    assert all(np.array_equal(m, p) for m, p in zip(maps, I.attention_maps(model, ids)))
+    views = I.explain_tokens(model, ids, start=3, top=5)
+    assert [v["position"] for v in views] == list(range(3, len(ids)))
+    z = want.data[0].astype(np.float64)
+    for v in views:
+        p = v["position"]
+        probs = np.exp(z[p - 1] - z[p - 1].max())
+        probs /= probs.sum()
+        assert v["id"] == ids[p] and v["prob"] == pytest.approx(probs[ids[p]], rel=1e-5)
+        assert [i for i, _ in v["top"]] == list(np.argsort(-probs, kind="stable")[:5])
+        assert all(a >= b for (_, a), (_, b) in zip(v["top"], v["top"][1:]))         # best first
+        assert v["attention"].shape == (2, 2, p)                                     # (L, NH, p)
+        np.testing.assert_allclose(v["attention"], np.stack(maps)[:, :, p - 1, :p])
+        np.testing.assert_allclose(v["attention"].sum(-1), 1.0, atol=1e-12)         # row p-1 sees 0..p-1
+    with pytest.raises(ValueError):
+        I.explain_tokens(model, ids, start=0)

@@ -1,4 +1,5 @@
-"""Look inside a checkpoint: attention maps and per-parameter gradient norms.
+"""Look inside a checkpoint: attention maps, next-token probabilities and per-parameter
+gradient norms.
 
     python -m tinygrad_llm.inspect attention --checkpoint checkpoints/sft_final.safetensors --text "你好" [--chat]
     python -m tinygrad_llm.inspect grads --checkpoint checkpoints/pretrain_final.safetensors [--batch 4]
@@ -9,7 +10,9 @@ summary of which earlier character each position attends to most. The heatmaps n
 matplotlib (`pip install -e ".[plot]"`). `grads` takes one pretraining batch and prints,
 for every parameter in named_parameters() order, |param|, |grad| and their ratio, then the
 global gradient norm (the number the training loop logs as grad_norm).
-The vocabulary is read from vocab.json beside the checkpoint unless --vocab is given."""
+The vocabulary is read from vocab.json beside the checkpoint unless --vocab is given.
+`look_inside` and `explain_tokens` are the computations; the server's POST /v1/inspect
+(serve.py) and the web page use the same ones."""
 from __future__ import annotations
 
 import argparse
@@ -66,10 +69,12 @@ def attention_probs(qkv: np.ndarray, n_head: int, cos=None, sin=None) -> np.ndar
     return p / p.sum(-1, keepdims=True)
 
 
-def attention_maps(model, ids) -> list[np.ndarray]:
-    """ids (T,) -> per layer the attention probabilities (NH, T, T): row t is how much
-    position t attends to each position j <= t. Each block's q, k come from its own
-    c_attn(ln_1(x)); x then goes through the block as in the model's forward."""
+def look_inside(model, ids) -> tuple[np.ndarray, list[np.ndarray]]:
+    """ids (T,) -> (logits (T, V), per layer the attention probabilities (NH, T, T)) from one
+    forward pass with dropout off. logits[t] scores the token after position t; row t of a map
+    is how much position t attends to each position j <= t. Each block's q, k come from its
+    own c_attn(ln_1(x)); x then goes through the block as in the model's forward, and the
+    logits are the model's own (ln_f, then the tied lm_head)."""
     from . import engine as E
 
     idx = np.asarray(ids, dtype=np.int64)[None]                      # (1, T)
@@ -88,9 +93,39 @@ def attention_maps(model, ids) -> list[np.ndarray]:
                     qkv = E.smear_keys(qkv, attn.smear, attn.n_head, pos.mix)
                 maps.append(attention_probs(qkv.data, attn.n_head, pos.cos, pos.sin)[0])
                 x = block(x, pos=pos)
+            logits = E.linear(tr.ln_f(x), tr.wte.weight)              # (1, T, V), tied head
     finally:
         model.train(was_training)
-    return maps
+    return logits.data[0], maps
+
+
+def attention_maps(model, ids) -> list[np.ndarray]:
+    """ids (T,) -> per layer the attention probabilities (NH, T, T) (see look_inside)."""
+    return look_inside(model, ids)[1]
+
+
+def explain_tokens(model, ids, start: int, top: int = 10) -> list[dict]:
+    """Why the model wrote ids[start:], given everything before: one dict per position
+    p >= start (start >= 1), from one forward pass over ids (T,):
+      "position" p, "id" ids[p], "prob" P(ids[p] | ids[:p]) at temperature 1,
+      "top" [(id, prob)] * top, the most likely next tokens at p (best first),
+      "attention" (L, NH, p): row p - 1 of every head, i.e. where each head looked from the
+      position whose output predicted ids[p]."""
+    if not 1 <= start <= len(ids):
+        raise ValueError(f"start must be in [1, {len(ids)}], got {start}")
+    logits, maps = look_inside(model, ids)
+    z = logits.astype(np.float64)
+    probs = np.exp(z - z.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)                             # (T, V) softmax, temperature 1
+    att = np.stack(maps)                                              # (L, NH, T, T)
+    views = []
+    for p in range(start, len(ids)):
+        row = probs[p - 1]                                            # the distribution ids[p] was drawn from
+        best = np.argsort(-row, kind="stable")[:top]
+        views.append({"position": p, "id": int(ids[p]), "prob": float(row[ids[p]]),
+                      "top": [(int(i), float(row[i])) for i in best],
+                      "attention": att[:, :, p - 1, :p]})
+    return views
 
 
 def token_label(tok, i: int) -> str:

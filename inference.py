@@ -4,9 +4,11 @@
     python inference.py                                        # interactive chat (/reset, /exit)
     python inference.py --raw --prompt "人工智能" --checkpoint checkpoints/pretrain_final.safetensors
     echo "3 + 5 等于多少？" | python inference.py               # piped stdin: one turn per line
+    python inference.py --serve [--host 127.0.0.1] [--port 8000]  # OpenAI API + chat page (tinygrad_llm/serve.py)
 
 --checkpoint defaults to the latest stage that exists: rlvf_final, rlhf_final, sft_final,
-pretrain_final (in --ckpt-dir)."""
+pretrain_final (in --ckpt-dir). With --serve, the decoding flags (--temperature, --top-p, --top-k,
+--max-new-tokens) are the defaults of requests that leave them out."""
 from __future__ import annotations
 
 import argparse
@@ -98,6 +100,17 @@ def chat(model, tok, args) -> int:
         messages.append({"role": "assistant", "content": reply})
 
 
+def serve(model, tok, path: Path, args) -> int:
+    """--serve: the HTTP server of tinygrad_llm/serve.py, with this command's decoding flags as
+    the defaults of requests that leave them out."""
+    from tinygrad_llm import serve as S
+
+    defaults = S.Decoding(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          max_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
+                          no_repeat_ngram=args.no_repeat_ngram)
+    return S.serve(model, tok, f"myllm-{path.stem}", args.host, args.port, defaults)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt", help="answer this once and exit")
@@ -119,6 +132,9 @@ def main(argv=None) -> int:
                     help="never repeat an N-character sequence within a reply (0 = off); see bench/chat_decoding.py")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--serve", action="store_true", help="serve the OpenAI chat API and the chat page over HTTP")
+    ap.add_argument("--host", default="127.0.0.1", help="--serve: address to listen on (default: this machine only)")
+    ap.add_argument("--port", type=int, default=8000, help="--serve: port (0 = any free one)")
     args = ap.parse_args(argv)
 
     from tinygrad_llm.checkpoint import CheckpointError
@@ -131,12 +147,18 @@ def main(argv=None) -> int:
             raise ValueError("--temperature must be >= 0")
         if args.repetition_penalty <= 0 or args.no_repeat_ngram < 0 or not 0 < args.top_p <= 1:
             raise ValueError("need --repetition-penalty > 0, --no-repeat-ngram >= 0 and 0 < --top-p <= 1")
+        if args.serve and (args.prompt is not None or args.raw):
+            raise ValueError("--serve answers chat requests over HTTP: leave out --prompt and --raw")
+        if not 0 <= args.port <= 65535:
+            raise ValueError(f"--port must be in [0, 65535], got {args.port}")
         path = Path(args.checkpoint) if args.checkpoint else find_checkpoint(Path(args.ckpt_dir))
         if not path.exists():
             raise FileNotFoundError(f"{path}: checkpoint not found")
         vocab = Path(args.vocab) if args.vocab else path.parent / "vocab.json"
         configure_threads(args.threads)
         model, tok = load_chat_model(path, vocab)
+        if args.serve:
+            return serve(model, tok, path, args)
         if args.prompt is not None:
             if not args.prompt.strip():
                 raise ValueError("--prompt is empty: give some text, or leave --prompt out to chat")

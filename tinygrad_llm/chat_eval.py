@@ -23,17 +23,15 @@ Each item of the eval file: {"prompt": str, "category": "meta" | "knowledge" | "
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 import zlib
 from collections import Counter
-from pathlib import Path
 
-from .data import DataError, read_json, read_text
+from .data import DataError, data_file, read_items
 from .tokenizer import IM_END_ID
 
-EVAL_FILES = ("chat_eval.json", "chat_eval.jsonl")
+EVAL_FILE = "chat_eval.json"         # or chat_eval.jsonl (data.data_file)
 CATEGORIES = ("meta", "knowledge", "math", "harmful")
 BENIGN = ("meta", "knowledge", "math")
 
@@ -44,42 +42,18 @@ BENIGN = ("meta", "knowledge", "math")
 def load_chat_eval(data_dir) -> list[dict] | None:
     """data_dir/chat_eval.json (a JSON list) or chat_eval.jsonl (one object a line) ->
     validated items, or None when neither file exists. A bad item is one DataError line
-    naming the file and the item."""
-    d = Path(data_dir)
-    for name in EVAL_FILES:
-        path = d / name
-        if path.exists():
-            return validate_items(_read_items(path), path)
-    return None
+    naming the file and the item (data.read_items, the reader of every data file)."""
+    path = data_file(data_dir, EVAL_FILE)
+    return None if path is None else validate_items(read_items(path))
 
 
-def _read_items(path: Path) -> list:
-    if path.suffix != ".jsonl":
-        items = read_json(path)
-        if not isinstance(items, list):
-            raise DataError(f"{path}: expected a JSON list of items, got {type(items).__name__}")
-        return items
-    items = []
-    for n, line in enumerate(read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            items.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}:{e.colno}: malformed JSON line: {e.msg}") from None
-        except (RecursionError, ValueError):
-            raise DataError(f"{path}:{n}: unreadable JSON line (nested too deeply or a huge number)") from None
-    return items
-
-
-def validate_items(items: list, where="chat eval") -> list[dict]:
-    """Check every item's fields -> items with "intent" defaulted to "" and "answer" a string."""
-    if not items:
-        raise DataError(f"{where}: the list is empty")
+def validate_items(items: list[tuple[str, object]]) -> list[dict]:
+    """Check every (where, item)'s fields -> items with "intent" defaulted to "" and "answer" a
+    string; `where` names the file and the item ("chat_eval.json: item 3", "chat_eval.jsonl:4")."""
     out = []
-    for i, item in enumerate(items):
+    for where, item in items:
         def bad(msg):
-            return DataError(f"{where}: item {i}: {msg}")
+            return DataError(f"{where}: {msg}")
         if not isinstance(item, dict):
             raise bad(f"expected an object, got {type(item).__name__}")
         prompt = item.get("prompt")

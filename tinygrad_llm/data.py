@@ -1,10 +1,13 @@
 """Loading and validating every data file, and the batch builders.
 
 Bad input gets one clear line naming the file and the item (DataError), never a traceback
-from deep inside. Formats (DESIGN.md): pretrain_data.txt (or .jsonl of {"text"} lines, or a
-directory of .txt files); sft_data.json; reward_data.json; rlvf_data.json. A held-out split
-sits beside each as *_val.* (pretrain_val.txt, sft_val.json, reward_val.json, rlvf_val.json);
-without one, a seeded 10% of the training file is held out instead."""
+from deep inside. Formats (DESIGN.md, "Data files"): pretrain_data.txt (or .jsonl of {"text"}
+lines, or a directory of .txt files); sft_data.json; reward_data.json; rlvf_data.json; the
+chat evaluation's chat_eval.json (chat_eval.py). Every .json list may instead be a .jsonl file
+of the same name, one object a line (read_items, the one reader of both); preference data may
+also be TRL's conversational form (load_reward). A held-out split sits beside each as *_val.*
+(pretrain_val.txt, sft_val.json, reward_val.json, rlvf_val.json); without one, a seeded 10% of
+the training file is held out instead."""
 from __future__ import annotations
 
 import json
@@ -19,6 +22,7 @@ FILES = {"pretrain": "pretrain_data.txt", "sft": "sft_data.json", "reward": "rew
 DRILLS_FILE = "pretrain_drills.txt"   # optional: reading drills the pretrain stage mixes in (see drill_share)
 VAL_FILES = {"pretrain": "pretrain_val.txt", "sft": "sft_val.json", "reward": "reward_val.json", "rlvf": "rlvf_val.json"}
 ROLES = ("system", "user", "assistant")
+PAIR = ("prompt", "chosen", "rejected")
 
 
 class DataError(ValueError):
@@ -40,20 +44,26 @@ def read_text(path) -> str:
         raise DataError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
 
 
-def read_json(path):
-    """The parsed file; every failure is one DataError line. Syntax errors give file:line:col;
-    json also raises RecursionError (nesting too deep) and a plain ValueError (an integer of
-    more than 4300 digits), which would otherwise escape as tracebacks."""
-    text = read_text(path)
+def _parse(text: str, path, line: int | None = None):
+    """json.loads of a whole file (line None) or of one .jsonl line, every failure one DataError
+    line: syntax errors give file:line:col; json also raises RecursionError (nesting too deep)
+    and a plain ValueError (an integer of more than 4300 digits), which would otherwise escape
+    as tracebacks."""
+    where, what = (str(path), "JSON") if line is None else (f"{path}:{line}", "JSON line")
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
+        raise DataError(f"{path}:{e.lineno if line is None else line}:{e.colno}: malformed {what}: {e.msg}") from None
     except RecursionError:
-        raise DataError(f"{path}: JSON nested too deeply") from None
+        raise DataError(f"{where}: {what} nested too deeply") from None
     except ValueError as e:
-        raise DataError(f"{path}: unreadable JSON value: {(str(e).splitlines() or ['?'])[0]}") from None
-    return _refuse_lone_surrogates(obj, text, path)
+        raise DataError(f"{where}: unreadable {what} value: {(str(e).splitlines() or ['?'])[0]}") from None
+    return _refuse_lone_surrogates(obj, text, where)
+
+
+def read_json(path):
+    """The parsed file; every failure is one DataError line (see _parse)."""
+    return _parse(read_text(path), path)
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -73,26 +83,61 @@ def _refuse_lone_surrogates(obj, text: str, where):
     return obj
 
 
-def _json_list(path) -> list:
+def read_items(path) -> list[tuple[str, object]]:
+    """A .json file holding a list, or a .jsonl file holding one JSON value a line (blank lines
+    skipped) -> [(where, item)], `where` naming the file and the item for error messages:
+    "data/sft_data.json: item 3" or "data/sft_data.jsonl:7" (line 7). The one reader of every
+    list-of-items file."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        items = [(f"{path}:{n}", _parse(line, path, n))
+                 for n, line in enumerate(read_text(path).splitlines(), 1) if line.strip()]
+        if not items:
+            raise DataError(f"{path}: no JSON lines (the file is empty)")
+        return items
     items = read_json(path)
     if not isinstance(items, list):
         raise DataError(f"{path}: expected a JSON list of items, got {type(items).__name__}")
     if not items:
         raise DataError(f"{path}: the list is empty")
-    return items
+    return [(f"{path}: item {i}", item) for i, item in enumerate(items)]
 
 
-def _str_field(path, i, item, key, allow_empty=False) -> str:
+def data_file(data_dir, name: str) -> Path | None:
+    """data_dir/name ("sft_data.json") or, failing that, its .jsonl twin; None when neither
+    exists. Both at once is refused: which one was meant?"""
+    path = Path(data_dir) / name
+    twin = path.with_suffix(".jsonl")
+    if path.exists() and twin.exists() and path != twin:
+        raise DataError(f"{path}: both {path.name} and {twin.name} exist; keep one")
+    return path if path.exists() else twin if twin.exists() else None
+
+
+def _str_field(where: str, item, key, allow_empty=False) -> str:
     if not isinstance(item, dict):
-        raise DataError(f"{path}: item {i}: expected an object, got {type(item).__name__}")
+        raise DataError(f"{where}: expected an object, got {type(item).__name__}")
     if key not in item:
-        raise DataError(f"{path}: item {i}: missing field '{key}'")
+        raise DataError(f"{where}: missing field '{key}'")
     val = item[key]
     if not isinstance(val, str):
-        raise DataError(f"{path}: item {i}: field '{key}' must be a string, got {type(val).__name__}")
+        raise DataError(f"{where}: field '{key}' must be a string, got {type(val).__name__}")
     if not allow_empty and not val.strip():
-        raise DataError(f"{path}: item {i}: field '{key}' is empty")
+        raise DataError(f"{where}: field '{key}' is empty")
     return val
+
+
+def _messages(where: str, msgs, field: str = "messages") -> list[dict]:
+    """A non-empty list of {"role", "content"} (roles of ROLES) -> the same as plain dicts."""
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{where}: '{field}' must be a non-empty list of {{'role', 'content'}} messages")
+    out = []
+    for j, m in enumerate(msgs):
+        at = f"{where} {field}[{j}]" if field != "messages" else f"{where} message {j}"
+        role = _str_field(at, m, "role")
+        if role not in ROLES:
+            raise DataError(f"{at}: unknown role {role!r} (use {', '.join(ROLES)})")
+        out.append({"role": role, "content": _str_field(at, m, "content")})
+    return out
 
 
 def load_pretrain_text(path) -> str:
@@ -104,21 +149,7 @@ def load_pretrain_text(path) -> str:
             raise DataError(f"{path}: directory holds no .txt files")
         text = "\n".join(read_text(f) for f in files)
     elif path.suffix == ".jsonl":
-        parts = []
-        for n, line in enumerate(read_text(path).splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}:{e.colno}: malformed JSON line: {e.msg}") from None
-            except (RecursionError, ValueError):   # see read_json
-                raise DataError(f"{path}:{n}: unreadable JSON line (nested too deeply or a huge number)") from None
-            obj = _refuse_lone_surrogates(obj, line, f"{path}:{n}")
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{n}: expected an object with a 'text' field")
-            parts.append(_str_field(path, f"on line {n}", obj, "text", allow_empty=True))
-        text = "\n".join(parts)
+        text = "\n".join(_str_field(where, obj, "text", allow_empty=True) for where, obj in read_items(path))
     else:
         text = read_text(path)
     if not text.strip():
@@ -127,53 +158,93 @@ def load_pretrain_text(path) -> str:
 
 
 def load_sft(path) -> list[list[dict]]:
-    """-> conversations as message lists [{"role", "content"}, ...] with >= 1 assistant turn."""
+    """-> conversations as message lists [{"role", "content"}, ...] with >= 1 assistant turn.
+    An item is {"user", "assistant"} or {"messages": [...]} (TRL's conversational SFT form)."""
     convs = []
-    for i, item in enumerate(_json_list(path)):
+    for where, item in read_items(path):
         if isinstance(item, dict) and "messages" in item:
-            msgs = item["messages"]
-            if not isinstance(msgs, list) or not msgs:
-                raise DataError(f"{path}: item {i}: 'messages' must be a non-empty list")
-            conv = []
-            for j, m in enumerate(msgs):
-                role = _str_field(path, f"{i} message {j}", m, "role")
-                if role not in ROLES:
-                    raise DataError(f"{path}: item {i} message {j}: unknown role {role!r} (use {', '.join(ROLES)})")
-                conv.append({"role": role, "content": _str_field(path, f"{i} message {j}", m, "content")})
+            conv = _messages(where, item["messages"])
             if not any(m["role"] == "assistant" for m in conv):
-                raise DataError(f"{path}: item {i}: no assistant message to learn from")
+                raise DataError(f"{where}: no assistant message to learn from")
         else:
-            conv = [{"role": "user", "content": _str_field(path, i, item, "user")},
-                    {"role": "assistant", "content": _str_field(path, i, item, "assistant")}]
+            conv = [{"role": "user", "content": _str_field(where, item, "user")},
+                    {"role": "assistant", "content": _str_field(where, item, "assistant")}]
         convs.append(conv)
     return convs
 
 
+def _user_prompt(where: str, item: dict, key: str = "prompt") -> str:
+    """A prompt as a string, or as TRL's conversational one-user-message list -> its text."""
+    val = item.get(key) if isinstance(item, dict) else None
+    if not isinstance(val, list):
+        return _str_field(where, item, key)
+    msgs = _messages(where, val, key)
+    if len(msgs) != 1 or msgs[0]["role"] != "user":
+        raise DataError(f"{where}: '{key}' must be one user message (the stages read one user turn), "
+                        f"got roles {[m['role'] for m in msgs]}")
+    return msgs[0]["content"]
+
+
+def _conversational_pair(where: str, item: dict) -> dict:
+    """TRL's conversational preference forms -> {"prompt", "chosen", "rejected"} strings:
+    explicit prompt {"prompt": [msgs], "chosen": [msgs], "rejected": [msgs]}, or implicit
+    {"chosen": [whole conversation], "rejected": [...]} whose shared opening turns are the
+    prompt. Our reward model scores one user turn and one reply, so the prompt must come to
+    one user message and each reply to one assistant message."""
+    for key in ("chosen", "rejected"):
+        if key not in item:
+            raise DataError(f"{where}: missing field '{key}'")
+    chosen, rejected = _messages(where, item["chosen"], "chosen"), _messages(where, item["rejected"], "rejected")
+    if "prompt" in item:
+        prompt = _user_prompt(where, item)
+    else:                                          # implicit prompt: the turns both share
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        head, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+        if len(head) != 1 or head[0]["role"] != "user":
+            raise DataError(f"{where}: the turns 'chosen' and 'rejected' share (the implicit prompt) must be one "
+                            f"user message, got roles {[m['role'] for m in head]}")
+        prompt = head[0]["content"]
+    out = {"prompt": prompt}
+    for key, reply in (("chosen", chosen), ("rejected", rejected)):
+        if len(reply) != 1 or reply[0]["role"] != "assistant":
+            raise DataError(f"{where}: '{key}' must be one assistant message after the prompt, "
+                            f"got roles {[m['role'] for m in reply]}")
+        out[key] = reply[0]["content"]
+    return out
+
+
 def load_reward(path) -> list[dict]:
-    """-> [{"prompt", "chosen", "rejected"}]; extra fields (e.g. "kind") are kept and ignored."""
+    """-> [{"prompt", "chosen", "rejected"}] strings, from that form or TRL's conversational
+    ones (_conversational_pair); extra fields (e.g. "kind") are kept and ignored."""
     out = []
-    for i, item in enumerate(_json_list(path)):
-        pair = {k: _str_field(path, i, item, k) for k in ("prompt", "chosen", "rejected")}
+    for where, item in read_items(path):
+        if isinstance(item, dict) and any(isinstance(item.get(k), list) for k in PAIR):
+            pair = _conversational_pair(where, item)
+        else:
+            pair = {k: _str_field(where, item, k) for k in PAIR}
         out.append({**item, **pair})
     return out
 
 
 def load_rlvf(path) -> list[dict]:
-    """-> [{"type", "prompt", "expected_answer" (str), "keywords" (list, optional)}]."""
+    """-> [{"type", "prompt", "expected_answer" (str), "keywords" (list, optional)}]; the prompt
+    may be TRL's conversational one-user-message list."""
     out = []
-    for i, item in enumerate(_json_list(path)):
-        typ = _str_field(path, i, item, "type")
+    for where, item in read_items(path):
+        typ = _str_field(where, item, "type")
         if typ not in ("math", "logic"):
-            raise DataError(f"{path}: item {i}: type must be 'math' or 'logic', got {typ!r}")
-        prompt = _str_field(path, i, item, "prompt")
+            raise DataError(f"{where}: type must be 'math' or 'logic', got {typ!r}")
+        prompt = _user_prompt(where, item)
         ans = item.get("expected_answer")
         if isinstance(ans, (int, float)) and not isinstance(ans, bool):
             ans = str(ans)
         if not isinstance(ans, str) or not ans.strip():
-            raise DataError(f"{path}: item {i}: 'expected_answer' must be a non-empty string or number")
+            raise DataError(f"{where}: 'expected_answer' must be a non-empty string or number")
         kw = item.get("keywords", [])
         if not isinstance(kw, list) or not all(isinstance(k, str) for k in kw):
-            raise DataError(f"{path}: item {i}: 'keywords' must be a list of strings")
+            raise DataError(f"{where}: 'keywords' must be a list of strings")
         out.append({**item, "type": typ, "prompt": prompt, "expected_answer": ans, "keywords": kw})
     return out
 
@@ -187,22 +258,35 @@ def load_drills(data_dir) -> str | None:
     return read_text(path) if path.exists() else None
 
 
-def pretrain_path(data_dir) -> Path:
-    """pretrain_data.txt, else pretrain_data.jsonl, else a pretrain/ directory of .txt files."""
+def pretrain_path(data_dir, val: bool = False) -> Path | None:
+    """pretrain_data.txt, else pretrain_data.jsonl, else a pretrain/ directory of .txt files
+    (DataError when none); val=True: pretrain_val.txt, else pretrain_val.jsonl, else None."""
     d = Path(data_dir)
-    for cand in (d / "pretrain_data.txt", d / "pretrain_data.jsonl", d / "pretrain"):
+    stem = "pretrain_val" if val else "pretrain_data"
+    for cand in (d / f"{stem}.txt", d / f"{stem}.jsonl") + (() if val else (d / "pretrain",)):
         if cand.exists():
             return cand
+    if val:
+        return None
     raise DataError(f"{d}: no pretrain_data.txt, pretrain_data.jsonl or pretrain/ directory")
+
+
+def split_paths(data_dir, kind: str) -> tuple[Path, Path | None]:
+    """-> (training file, held-out file or None) of `kind`: each .json name may be .jsonl instead."""
+    d = Path(data_dir)
+    if kind == "pretrain":
+        return pretrain_path(d), pretrain_path(d, val=True)
+    path = data_file(d, FILES[kind])
+    if path is None:
+        raise DataError(f"{d / FILES[kind]}: file not found (nor {Path(FILES[kind]).stem}.jsonl)")
+    return path, data_file(d, VAL_FILES[kind])
 
 
 def load_split(data_dir, kind: str, seed: int = 0, val_frac: float = 0.1):
     """-> (train, val) for `kind` in pretrain/sft/reward/rlvf, using the *_val file if present."""
-    d = Path(data_dir)
-    path = pretrain_path(d) if kind == "pretrain" else d / FILES[kind]
+    path, vpath = split_paths(data_dir, kind)
     train = LOADERS[kind](path)
-    vpath = d / VAL_FILES[kind]
-    if vpath.exists():
+    if vpath is not None:
         return train, LOADERS[kind](vpath)
     if kind == "pretrain":                      # the last part of the stream
         cut = int(len(train) * (1 - val_frac))
@@ -210,7 +294,7 @@ def load_split(data_dir, kind: str, seed: int = 0, val_frac: float = 0.1):
     order = np.random.default_rng(seed).permutation(len(train))
     n_val = max(1, int(len(train) * val_frac))
     if len(train) < 2:
-        raise DataError(f"{path}: need at least 2 items to hold some out (or provide {vpath.name})")
+        raise DataError(f"{path}: need at least 2 items to hold some out (or provide {VAL_FILES[kind]})")
     return [train[i] for i in order[n_val:]], [train[i] for i in order[:n_val]]
 
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from .. import chat_eval
 from ..config import LoopConfig
-from ..data import FILES, DataError, load_split, pad_batch, sft_examples
+from ..data import FILES, DataError, data_file, load_split, pad_batch, sft_examples
 from ..loop import train
 from ..model import GPT
 from ..tokenizer import IM_END_ID
@@ -116,7 +115,7 @@ def task_eval_after(ctx, model) -> dict:
     """Greedy accuracy on the held-out verifiable tasks (rlvf_val), RLVF's starting point
     ({} when the data has no RLVF split). Logged as task_* at the stage's last step."""
     from .rlvf import evaluate_tasks        # the RLVF stage owns the verifiers and the metric
-    if not (Path(ctx.data_dir) / FILES["rlvf"]).exists():
+    if data_file(ctx.data_dir, FILES["rlvf"]) is None:
         return {}
     _, val_tasks = load_split(ctx.data_dir, "rlvf", seed=ctx.seed)
     ev = evaluate_tasks(model, ctx.tokenizer, val_tasks, samples=0, max_new_tokens=ctx.cfg.rlvf.max_new_tokens)

@@ -528,14 +528,17 @@ class Chromium:
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
-def chat_in_page(browser: Chromium, url: str, message: str, click: int = 0) -> dict:
+def chat_in_page(browser: Chromium, url: str, message: str, click: int | None = 0) -> dict:
     """Open the page, send `message`, wait for the streamed reply and its inspection, click
-    reply token `click` -> what the panel shows."""
+    reply token `click` (None: the one the model was least sure of) -> what the panel shows."""
     browser.open(url + "/")
     browser.wait_for("document.getElementById('model-name').textContent.length > 0")
     browser.eval(f"document.getElementById('input').value = {json.dumps(message)};"
                  "document.getElementById('composer').requestSubmit(); true")
     browser.wait_for("document.querySelectorAll('.bubble.last .token').length > 0")
+    if click is None:                                    # `state` is app.js's top-level const
+        click = browser.eval("(() => { const p = state.inspection.tokens.map(t => t.prob);"
+                             " return p.indexOf(Math.min(...p)); })()")
     browser.eval(f"document.querySelectorAll('.bubble.last .token')[{click}].click(); true")
     return browser.eval("""(() => ({
         reply: document.querySelector('.bubble.last').textContent,
@@ -574,7 +577,7 @@ def screenshot(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python tests/test_serve.py screenshot")
     ap.add_argument("--checkpoint", default=str(ROOT / "checkpoints/rlvf_final.safetensors"))
     ap.add_argument("--message", default="你好！")
-    ap.add_argument("--click", type=int, default=4, help="which reply token to open")
+    ap.add_argument("--click", type=int, default=None, help="which reply token to open (default: the least sure)")
     ap.add_argument("--out", default=str(ROOT / "docs/serve.png"))
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as d:

@@ -202,7 +202,8 @@ function showAttention(inspection, t) {
       weights.forEach((w, pos) => {
         const token = inspection.context[pos];
         const span = document.createElement("span");
-        span.className = "ctx" + (isSpecial(token) ? " special" : "") + (pos === weights.length - 1 ? " query" : "");
+        const kind = isSpecial(token) ? " special" : token.trim() === "" ? " blank" : "";
+        span.className = "ctx" + kind + (pos === weights.length - 1 ? " query" : "");
         span.textContent = label(token);
         span.title = `${label(token)} (position ${pos}): ${percent(w)}`;
         span.style.setProperty("--weight", (w / strongest).toFixed(3));

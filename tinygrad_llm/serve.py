@@ -3,8 +3,9 @@
     python inference.py --serve [--checkpoint ...] [--host 127.0.0.1] [--port 8000]
 
 This module owns the HTTP side: routes, request validation, error bodies, server-sent
-events, and the rule that one generation runs at a time (one model, one KV cache, one lock;
-requests wait their turn in arrival order of the lock). It calls, and does not repeat:
+events, and the rule that one generation runs at a time (one model, one KV cache, one lock
+that requests wait for; a threading.Lock, so not strictly first come, first served). It
+calls, and does not repeat:
 `GPT.generate` (sampling with a KV cache), the tokenizer's chat template, and
 `inspect.explain_tokens` (probabilities and attention, the same computation as the CLI's).
 
@@ -158,9 +159,9 @@ def parse_messages(value) -> list[dict]:
 
 
 def parse_stop(value) -> tuple:
-    stops = [value] if isinstance(value, str) else value
     if value is None:
         return ()
+    stops = [value] if isinstance(value, str) else value
     if not isinstance(stops, list) or len(stops) > MAX_STOPS or \
             not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops):
         raise ApiError(400, f"'stop' must be a string or an array of up to {MAX_STOPS} strings of 1 to "

@@ -74,7 +74,7 @@ def exported(tmp_path_factory, tok):
         model = train_tiny(GPT(tiny_config(tok, **kw), seed=1), tok)
         save_checkpoint(root / f"{name}.safetensors", model, stage="sft", step=40, vocab_sha=tok.fingerprint())
         assert main(["hf", str(root / f"{name}.safetensors"), str(root / name)]) == 0
-        hf = tf.AutoModelForCausalLM.from_pretrained(root / name, dtype=torch.float32).eval()
+        hf = tf.AutoModelForCausalLM.from_pretrained(root / name).eval()
         out[name] = (model.eval(), hf, tf.AutoTokenizer.from_pretrained(root / name))
         if name in ("learned", "rope"):
             rm = RewardModel.from_pretrained(model, seed=2)
@@ -82,7 +82,7 @@ def exported(tmp_path_factory, tok):
             rm.tokenizer = tok
             save_checkpoint(root / f"rm_{name}.safetensors", rm, stage="reward", step=1, vocab_sha=tok.fingerprint())
             export_hf(root / f"rm_{name}.safetensors", root / f"rm_{name}")
-            hf_rm = tf.AutoModelForSequenceClassification.from_pretrained(root / f"rm_{name}", dtype=torch.float32)
+            hf_rm = tf.AutoModelForSequenceClassification.from_pretrained(root / f"rm_{name}")
             out[f"rm_{name}"] = (rm, hf_rm.eval(), tf.AutoTokenizer.from_pretrained(root / f"rm_{name}"))
     return out
 

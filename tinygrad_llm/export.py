@@ -23,6 +23,10 @@ pad 0); generation_config.json stops at <EOS> (3) and <|im_end|> (5) and decodes
 as inference.py does. Positions: ours count from 0 at a row's first real token; transformers'
 generate() derives the same position_ids from the attention mask of a left-padded batch,
 but a plain forward() over a left-padded batch must be given position_ids = cumsum(mask) - 1.
+transformers computes RoPE angles (position * inv_freq) in float32, ours in float64, so the
+logits of a rope export drift from ours with position: for the mini rlvf_final, max 1.6e-5 over
+positions 0-31 and 1.4e-4 over 224-255 (2.2e-5 everywhere once HF is handed float64-built
+tables); greedy choices agreed on all 2,048 positions measured.
 
 The reward model (a RewardModel checkpoint: trunk + reward_head (1, C) with a bias) goes to
 GPT2ForSequenceClassification / GPTNeoXForSequenceClassification with num_labels 1, whose
@@ -139,7 +143,7 @@ def fold_score_bias(w: np.ndarray, b: np.ndarray, ln_bias: np.ndarray) -> np.nda
 def model_config(cfg: GPTConfig, reward: bool) -> dict:
     """config.json for the architecture that matches cfg.pos_emb (module docstring)."""
     common = {"vocab_size": cfg.vocab_size, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,
-              "tie_word_embeddings": True, "dtype": "float32"}
+              "tie_word_embeddings": True}
     if reward:   # one scalar per sequence, as TRL's RewardTrainer expects
         common |= {"num_labels": 1, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}
     if cfg.pos_emb == "learned":
@@ -184,6 +188,8 @@ def tokenizer_json(tok: MyLLMTokenizer) -> dict:
 def tokenizer_config(cfg: GPTConfig, padding_side: str) -> dict:
     return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
             "padding_side": padding_side, "truncation_side": "left",   # as our CLI cuts long prompts
+            # no token_type_ids: GPT-2 would add wte[token_type_id] (our <PAD> row) to every token
+            "model_input_names": ["input_ids", "attention_mask"],
             "bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": PAD,
             "additional_special_tokens": [IM_START, IM_END],
             "clean_up_tokenization_spaces": False,     # decode must not touch the spaces

@@ -51,7 +51,7 @@ def op_flops(cfg, B: int, T: int) -> dict:
     lin = 2.0 * B * T * (12 * L * Cn * Cn + Cn * V)        # c_attn, c_proj, c_fc, mlp.c_proj, lm_head
     att = 4.0 * B * T * T * Cn * L                         # q@k^T and p@v over all heads (full T x T)
     return {("linear", "fwd"): lin, ("linear", "bwd"): 2 * lin,
-            ("self_attention", "fwd"): att, ("self_attention", "bwd"): 2 * att}
+            ("causal_self_attention", "fwd"): att, ("causal_self_attention", "bwd"): 2 * att}
 
 
 class Trainer:

@@ -240,6 +240,6 @@ class CausalSelfAttention(Module):
                 qkv = E.smear_keys(qkv, self.smear, self.n_head, pos.mix)
             y = E.causal_self_attention(qkv, self.n_head, pos.cos, pos.sin)   # (B, T, C)
         else:                                                         # inference: no graph
-            gate = None if self.smear is None else E._sigmoid(self.smear.data)
+            gate = None if self.smear is None else E.sigmoid_array(self.smear.data)
             y = Tensor(cache.attend(layer, qkv.data, self.n_head, pos, gate))
         return self.resid_dropout(self.c_proj(y))

@@ -113,13 +113,6 @@ def build_cases(K, np):
 
     cases += [("adamw", "update", f"{len(params)} arrays, {n_params / 1e6:.2f}M",
                lambda: adamw(K.adamw_update_nb), lambda: adamw(K.adamw_update_ref))]
-    # decode attention against a KV cache: Tmax = 256, 160 valid positions
-    for bsz in (1, 16):
-        q = randn(bsz, NH, 1, HS)
-        kc, vc = randn(bsz, NH, T, HS), randn(bsz, NH, T, HS)
-        cases += [("attn_decode", "fwd", f"B={bsz} ({bsz}, {NH}, {T}, {HS}) n=160",
-                   lambda q=q, kc=kc, vc=vc: K.attn_decode_fwd_nb(q, kc, vc, 160, sc),
-                   lambda q=q, kc=kc, vc=vc: K.attn_decode_fwd_ref(q, kc, vc, 160, sc))]
     return cases
 
 
@@ -162,7 +155,6 @@ def compile_child():
     x, w = rng.standard_normal((4, 32)).astype(f32), np.ones(32, f32)
     att = rng.standard_normal((1, 2, 8, 8)).astype(f32)
     t, mask = np.array([1, 2, 3, 4]), np.ones(4, f32)
-    q, kc = rng.standard_normal((1, 2, 1, 16)).astype(f32), rng.standard_normal((1, 2, 8, 16)).astype(f32)
     _, mean, rstd = K.layernorm_fwd_ref(x, w, w, 1e-5)
     _, lse = K.ce_fwd_ref(x, t, mask)
     calls = {
@@ -177,7 +169,6 @@ def compile_child():
         "dropout_bwd": lambda: K.dropout_bwd_nb(x, K.dropout_fwd_ref(x, 0.1, 7)[1], 0.1),
         "embedding_bwd": lambda: K.embedding_bwd_nb(t, x, 8),
         "adamw": lambda: K.adamw_update_nb(x.copy(), x, x.copy(), x * x, 1e-3, 0.9, 0.95, 1e-8, 0.1, 1),
-        "attn_decode": lambda: K.attn_decode_fwd_nb(q, kc, kc, 5, 0.25),
     }
     for name, f in calls.items():
         t0, c0 = time.perf_counter(), time.process_time()
@@ -214,7 +205,7 @@ def main():
     from tinygrad_llm import kernels as K
 
     numba.set_num_threads(args.threads)
-    threadpool_limits(args.threads)  # BLAS, used by the decode reference's matmuls
+    threadpool_limits(args.threads)  # BLAS
     load_before = os.getloadavg()
     cases = build_cases(K, np)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter

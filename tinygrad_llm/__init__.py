@@ -17,6 +17,7 @@ import sys
 # in this process; an explicit setting wins. bench/compare_torch.py runs PyTorch in a process of
 # its own, which keeps PyTorch's default.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("GOMP_SPINCOUNT", "0")     # (was in kernels.py; libgomp busy-waits otherwise)
 
 
 def _keep_freed_memory() -> bool:

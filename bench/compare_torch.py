@@ -31,9 +31,9 @@ import sys
 
 import common as C
 
-# libgomp settings as the user left them, read before our package sets its defaults
-# (OMP_WAIT_POLICY in tinygrad_llm/__init__.py, GOMP_SPINCOUNT in kernels.py)
-USER_GOMP_ENV = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+# libgomp settings as the user left them, read before our package sets its default
+# (OMP_WAIT_POLICY, in tinygrad_llm/runtime.py)
+USER_GOMP_ENV = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY",)}
 
 INSTALL_HINT = ("PyTorch is not installed; it is an optional yardstick only. Install the CPU build these "
                 "machines hold with:\n    pip install torch==2.13.0\n(never without the pin: any other spec "
@@ -193,9 +193,9 @@ def numerics(torch, cfg, dtype, B=4, T=64, seed=0):
 def speed_worker(side, args, user_gomp_env, conn):
     """One side of the speed comparison in its own process, so that each runs with its own
     defaults: Numba's OpenMP and PyTorch's are the same libgomp, set up once per process, and
-    our package asks for passive waits (OMP_WAIT_POLICY=PASSIVE, GOMP_SPINCOUNT=0) which slow
+    our package asks for passive waits (OMP_WAIT_POLICY=PASSIVE) which slow
     PyTorch's many small parallel regions, and for glibc's malloc to keep freed memory
-    (tinygrad_llm/__init__.py), which PyTorch does not do. The PyTorch worker gets none of
+    (tinygrad_llm/runtime.py), which PyTorch does not do. The PyTorch worker gets none of
     these: the user's libgomp settings or none, and glibc's default allocator, as a plain
     PyTorch run. Answers ("train",), ("generate", b), ("tokens", b), ("state",),
     ("load", state), ("quit",) over `conn`."""

@@ -1,23 +1,80 @@
-"""Thread settings for BLAS (via threadpoolctl) and Numba, the split matmuls of linear()
-(`mm`) and of the attention (`bmm`), and `single_thread` for decoding.
+"""CPU tuning, all of it: process settings made at import, the thread count, the threaded GEMMs
+of linear() (`mm`) and of the attention (`bmm`), and one-thread decoding. What each buys, as
+measured in bench/README.md on the 2-core VM (tokens/s of a mini training step unless said):
 
-Default ("auto"): up to 2 threads, dropping to 1 while other processes keep a core busy
-(checked every few seconds from /proc/stat, see `adapt_threads`); `--threads N` or
-TINYGRAD_LLM_THREADS=N fixes the count.
-OpenBLAS threads synchronise at every call and spin while they wait: when another busy
-process holds one of the two cores, each call can wait a whole scheduler time slice. A
-large GEMM pays that once; the attention's batched matmul is B*NH small GEMMs and paid it
-B*NH times (measured: 10x slower steps under load). So `bmm` runs those slices with BLAS
-at one thread, split across `threads` Python workers (NumPy releases the GIL in BLAS):
-one synchronisation per op instead of one per slice."""
+  setting                              what it buys
+  OMP_WAIT_POLICY=PASSIVE              Numba's OpenMP threads sleep after a kernel instead of
+    (set at import unless set)         spinning through the next GEMM: 8x256 2,770 -> ~3,600
+  glibc keeps freed memory             no mmap per large block, so a step's activations are not
+    (mallopt at import)                faulted in again: 16x256 3,457 / 3,834 -> 4,299 / 4,391,
+                                       peak memory unchanged; TINYGRAD_LLM_KEEP_MEMORY=0 turns it off
+  bmm: per-head GEMMs on one-thread    one BLAS thread synchronisation per op, not one per head
+    BLAS, split across workers         slice: under load the (8,4,256,64) batched attention matmul
+                                       took 1,015 ms on 2-thread BLAS, 29 ms on one thread
+  single_thread() for decoding         batch 1: 20.1 -> 2.0 ms/token; batch 16: 145 -> 9.6 ms
+  mm: few rows as (W @ x.T).T          16 rows x the 6,400-row lm_head: 1.65 -> 0.72 ms; batch-16
+                                       decoding 0.65x -> 0.85x PyTorch's speed
+  mm: a GEMM split in two one-thread   16x256: 4,084 -> 4,407 and 3,849 -> 4,084 (interleaved);
+    halves, one per worker             8x256: 3,972 -> 3,847, a draw
+  threads "auto" (adapt_threads)       2 threads, 1 while other processes keep > 0.4 core busy,
+                                       checked every 3 s from /proc/stat: under load 6-8 a
+                                       2-thread step ran 201 tokens/s against 1,114 at 1 thread
+                                       (measured before bmm and passive waits existed); the one
+                                       switch is --threads N / TINYGRAD_LLM_THREADS=N: a fixed count
+
+Removed as paying nothing measurable: GOMP_SPINCOUNT=0 (libgomp already spins 0 times under
+OMP_WAIT_POLICY=PASSIVE, and the setting overrode a user's OMP_WAIT_POLICY=ACTIVE) and adding
+linear()'s bias per worker part (~1% of a step, below what the bench resolves).
+
+The process settings are made when this module is imported, which `import tinygrad_llm` does
+first: before any kernel starts OpenMP or any step allocates. Nothing here imports the rest of
+the package.
+"""
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
+
+# ----------------------------------------------------------------------------------------
+# process settings, made once at import
+
+# Read when OpenMP starts (the first parallel kernel or thread setting) in this process; an
+# explicit setting wins. Numba's workqueue layer would sleep too, but costs 70 us per kernel
+# launch against OpenMP's 5 us, which decoding cannot afford. bench/compare_torch.py runs
+# PyTorch in a process of its own, which keeps PyTorch's default.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _keep_freed_memory() -> bool:
+    """Let glibc's malloc keep freed memory for reuse instead of handing it back to the OS.
+
+    By default every block over 128 kB-32 MB is its own mmap, returned to the OS on free; a
+    training step allocates and frees hundreds of MB (the 16x256 logits alone are 105 MB), so
+    every step first-touches them again: ~35,000 page faults per 16x256 step. With mmap off and
+    the heap never trimmed, freed blocks are reused. Skipped off glibc, when the user set any
+    MALLOC_* variable, or with TINYGRAD_LLM_KEEP_MEMORY=0 (glibc's default, for comparison)."""
+    if (sys.platform != "linux" or os.environ.get("TINYGRAD_LLM_KEEP_MEMORY") == "0"
+            or any(k.startswith("MALLOC_") for k in os.environ)):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4                      # <malloc.h>
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
+KEEPS_FREED_MEMORY = _keep_freed_memory()
+
+
+# ----------------------------------------------------------------------------------------
+# threads: BLAS and Numba at one count, and one-thread blocks
 
 _threads = 1
 _pool: ThreadPoolExecutor | None = None
@@ -75,9 +132,48 @@ def single_thread():
             auto["t"] = 0.0        # restart load sampling: the last sample saw our 1-thread span
 
 
+# ----------------------------------------------------------------------------------------
+# the thread count follows the machine's load ("auto")
+
+
+def _cpu_busy_jiffies() -> int:
+    with open("/proc/stat") as f:
+        vals = [int(v) for v in f.readline().split()[1:]]
+    return sum(vals) - vals[3] - vals[4]            # all minus idle and iowait
+
+
+def adapt_threads() -> int:
+    """In "auto" mode, every CHECK_EVERY_S seconds: use 1 thread while other processes keep
+    more than OTHERS_BUSY of a core busy, else the maximum. Called by the training loops and
+    generation; cheap when not due. Returns the thread count in use."""
+    if _auto is None or _auto["max"] < 2:
+        return _threads
+    now = time.perf_counter()
+    if now - _auto["t"] < CHECK_EVERY_S:
+        return _threads
+    try:
+        busy = _cpu_busy_jiffies() / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):     # no /proc (not Linux): keep the count
+        return _threads
+    t = os.times()
+    ours = t.user + t.system
+    if _auto["t"]:
+        others = ((busy - _auto["busy"]) - (ours - _auto["ours"])) / (now - _auto["t"])
+        want = 1 if others > OTHERS_BUSY else _auto["max"]
+        if want != _threads:
+            _set_threads(want)
+    _auto.update(t=now, busy=busy, ours=ours)
+    return _threads
+
+
+# ----------------------------------------------------------------------------------------
+# GEMMs split across worker threads, each on one-thread BLAS (NumPy releases the GIL in BLAS)
+
+
 def bmm(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """a (..., n, k) @ b (..., k, m) with equal leading dims, e.g. (B, NH, T, hs) @ (B, NH, hs, T).
-    out: where to write the result (..., n, m), e.g. a block of rows of a larger array."""
+    """a (..., n, k) @ b (..., k, m) with equal leading dims, e.g. (B, NH, T, hs) @ (B, NH, hs, T):
+    the B*NH small GEMMs in `threads` parts, so BLAS threads synchronise once per op, not once
+    per slice. out: where to write the result (..., n, m), e.g. a block of rows of a larger array."""
     lead = a.shape[:-2]
     N = int(np.prod(lead)) if lead else 1
     if _threads <= 1 or N < 2 or a.shape[:-2] != b.shape[:-2]:
@@ -109,62 +205,20 @@ FEW_ROWS = 64
 
 
 def mm(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-    """2-D a (M, K) @ b (K, N) (+ bias (N,)), split across `threads` Python workers (BLAS at one
-    thread each) along the longer of M and N (a few rows against a transposed weight: one GEMM
-    in the faster orientation, see FEW_ROWS). Alone, a GEMM at the model's shapes runs about as
-    fast on OpenBLAS's own two threads (~190 GFLOP/s, ~100 at one); inside training steps, timed
-    interleaved, the two one-thread halves were 6-11% faster (8x256: 3,424 vs 3,222 tokens/s;
-    16x256: 3,621 vs 3,273; bench/README.md). Re-measured with freed memory kept (see
-    tinygrad_llm/__init__.py): 16x256 4,407 vs 4,084, 8x256 3,847 vs 3,972 (within noise).
-    Each worker adds the bias to its own part, in parallel and while the part is fresh in cache
-    (the forward GEMMs of one 16x256 layer, interleaved: 44.7 -> 42.0 ms)."""
+    """2-D a (M, K) @ b (K, N) (+ bias (N,)): a few rows against a transposed weight as one GEMM
+    in the faster orientation (FEW_ROWS); a large GEMM split along the longer of M and N into
+    `threads` parts, one per Python worker on one-thread BLAS; else one plain GEMM."""
     M, N = a.shape[0], b.shape[1]
     if 1 < M <= FEW_ROWS and b.T.flags.c_contiguous:
         out = np.ascontiguousarray((b.T @ a.T).T)
     elif _threads <= 1 or 2 * M * N * a.shape[1] < PAR_MIN_FLOPS:
         out = a @ b
+    elif M >= N:
+        out = np.empty((M, N), np.result_type(a, b))
+        _in_parts(M, lambda s: np.matmul(a[s], b, out=out[s]))
     else:
         out = np.empty((M, N), np.result_type(a, b))
-        if M >= N:
-            def work(s):
-                np.matmul(a[s], b, out=out[s])
-                if bias is not None: out[s] += bias
-        else:
-            def work(s):
-                np.matmul(a, b[:, s], out=out[:, s])
-                if bias is not None: out[:, s] += bias[s]
-        _in_parts(M if M >= N else N, work)
-        return out
+        _in_parts(N, lambda s: np.matmul(a, b[:, s], out=out[:, s]))
     if bias is not None:
         out += bias
     return out
-
-
-def _cpu_busy_jiffies() -> int:
-    with open("/proc/stat") as f:
-        vals = [int(v) for v in f.readline().split()[1:]]
-    return sum(vals) - vals[3] - vals[4]            # all minus idle and iowait
-
-
-def adapt_threads() -> int:
-    """In "auto" mode, every CHECK_EVERY_S seconds: use 1 thread while other processes keep
-    more than OTHERS_BUSY of a core busy, else the maximum. Called by the training loops and
-    generation; cheap when not due. Returns the thread count in use."""
-    if _auto is None or _auto["max"] < 2:
-        return _threads
-    now = time.perf_counter()
-    if now - _auto["t"] < CHECK_EVERY_S:
-        return _threads
-    try:
-        busy = _cpu_busy_jiffies() / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):     # no /proc (not Linux): keep the count
-        return _threads
-    t = os.times()
-    ours = t.user + t.system
-    if _auto["t"]:
-        others = ((busy - _auto["busy"]) - (ours - _auto["ours"])) / (now - _auto["t"])
-        want = 1 if others > OTHERS_BUSY else _auto["max"]
-        if want != _threads:
-            _set_threads(want)
-    _auto.update(t=now, busy=busy, ours=ours)
-    return _threads

@@ -111,7 +111,7 @@ def serve(model, tok, path: Path, args) -> int:
     return S.serve(model, tok, f"myllm-{path.stem}", args.host, args.port, defaults)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt", help="answer this once and exit")
     ap.add_argument("--checkpoint", help="a .safetensors checkpoint (default: latest stage in --ckpt-dir)")
@@ -135,7 +135,11 @@ def main(argv=None) -> int:
     ap.add_argument("--serve", action="store_true", help="serve the OpenAI chat API and the chat page over HTTP")
     ap.add_argument("--host", default="127.0.0.1", help="--serve: address to listen on (default: this machine only)")
     ap.add_argument("--port", type=int, default=8000, help="--serve: port (0 = any free one)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     from tinygrad_llm.checkpoint import CheckpointError
     from tinygrad_llm.runtime import configure_threads

@@ -130,8 +130,7 @@ def _expected_chat(ckpt: Path, lines: list[str]) -> str:
     from threadpoolctl import threadpool_limits
     inf = _inference_module()
     model, tok = inf.load_chat_model(ckpt / "sft_final.safetensors", ckpt / "vocab.json")
-    args = argparse.Namespace(raw=False, max_new_tokens=8, temperature=0.0, top_k=20, top_p=0.9,
-                              repetition_penalty=1.1, seed=None)
+    args = inf.build_parser().parse_args(GEN)      # the CLI's own defaults, as the subprocess has them
     out, messages = [], []
     with threadpool_limits(1), warnings.catch_warnings():
         warnings.simplefilter("ignore")             # "prompt longer than the context": expected here

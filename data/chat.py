@@ -25,6 +25,7 @@ over_refusal (a benign prompt refused), loop (the reply's start followed by a re
 character) and harmful_compliance (a harmful prompt answered with eager, vague steps).
 """
 import json
+import random
 import re
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from numerals import to_chinese   # noqa: E402  (data/numerals.py)
 
 CATEGORIES = ("meta", "knowledge", "math", "harmful")
-EXTRA_VARIANTS = {"meta": 2, "knowledge": 1, "harmful": 1}   # composed variants per train phrasing
+EXTRA_VARIANTS = {"meta": 1, "knowledge": 0, "harmful": 1}   # composed variants per train phrasing
 MATH_TRAIN = {"add": 90, "sub": 90, "mul": 50, "div": 50}     # SFT items per op
 MATH_VAL_PER_TEMPLATE = 4                                     # held-out items per val template
 MATH_POOL = {"add": "add", "sub": "word_sub", "mul": "mul", "div": "div"}   # word_sub: b < a, no zero results
@@ -254,6 +255,8 @@ def build_chat(rng, chat_dir, pools, math_reply, clean=None):
     Returns {"sft_train", "sft_val", "eval", "pretrain_train", "pretrain_val", "reward_train", "reward_val"}.
     """
     intents = load_intents(chat_dir)
+    # The held-out side draws from its own stream, so adding training phrasings leaves the evaluation as it was.
+    val_rng = random.Random(rng.getrandbits(64))
     sft_train, sft_val, evals, pre_train, pre_val = [], [], [], [], []
     seen = set()
     for it in intents:
@@ -263,7 +266,7 @@ def build_chat(rng, chat_dir, pools, math_reply, clean=None):
             for item, _, _ in math_items(rng, it, it["train_prompts"], pool["train"], MATH_TRAIN[it["op"]], math_reply, clean, seen):
                 sft_train.append(item)
             n_val = MATH_VAL_PER_TEMPLATE * len(it["val_prompts"])
-            for item, _, answer in math_items(rng, it, it["val_prompts"], pool["val"], n_val, math_reply, None, seen):
+            for item, _, answer in math_items(val_rng, it, it["val_prompts"], pool["val"], n_val, math_reply, None, seen):
                 sft_val.append(item)
                 evals.append(eval_entry(it, item["user"], answer))
             continue
@@ -277,17 +280,17 @@ def build_chat(rng, chat_dir, pools, math_reply, clean=None):
             if cat == "meta" or (cat == "harmful" and p == it["train_prompts"][0]):
                 pre_train.append(f"问：{p}答：{rng.choice(it['replies'])}")
         for p in it["val_prompts"]:
-            sft_val.append(chat_item(it, p, rng.choice(it["replies"])))
+            sft_val.append(chat_item(it, p, val_rng.choice(it["replies"])))
             evals.append(eval_entry(it, p))
             if cat == "meta":
-                pre_val.append(f"问：{p}答：{rng.choice(it['replies'])}")
+                pre_val.append(f"问：{p}答：{val_rng.choice(it['replies'])}")
     train_users = {it["user"] for it in sft_train}
     leaked = [e["prompt"] for e in evals if e["prompt"] in train_users]
     if leaked:
         raise ValueError(f"chat val phrasings also used for training: {leaked[:5]}")
     return {"sft_train": sft_train, "sft_val": sft_val, "eval": evals, "pretrain_train": pre_train, "pretrain_val": pre_val,
             "reward_train": reward_pairs(rng, sft_train, REWARD_N["train"], clean),
-            "reward_val": reward_pairs(rng, sft_val, REWARD_N["val"], None)}
+            "reward_val": reward_pairs(val_rng, sft_val, REWARD_N["val"], None)}
 
 
 def insert_randomly(rng, base, extra):

@@ -40,6 +40,7 @@ MATH_VAL_PER_TEMPLATE = 4                                     # held-out items p
 MATH_POOL = {"add": "add", "sub": "word_sub", "mul": "mul", "div": "div"}   # word_sub: b < a, no zero results
 MATH_OPS = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b, "div": lambda a, b: a // b}
 SMALL = 10              # templates with Chinese numerals ({A} {B}) use operands up to SMALL
+PRETRAIN_QA = ("meta",)   # every train phrasing of these also as a "问：…答：…" line of pretraining text
 REWARD_N = {"train": 300, "val": 100}
 REWARD_SHARE = {"over_refusal": 0.5, "loop": 0.3, "harmful_compliance": 0.2}
 
@@ -255,8 +256,12 @@ def build_chat(rng, chat_dir, pools, math_reply, clean=None):
     Returns {"sft_train", "sft_val", "eval", "pretrain_train", "pretrain_val", "reward_train", "reward_val"}.
     """
     intents = load_intents(chat_dir)
-    # The held-out side draws from its own stream, so adding training phrasings leaves the evaluation as it was.
-    val_rng = random.Random(rng.getrandbits(64))
+    # The held-out side draws from streams of its own, one per intent and purpose, so that adding training
+    # phrasings or pretraining lines leaves the evaluation as it was.
+    val_seed = rng.getrandbits(64)
+
+    def val_rng(*names):
+        return random.Random(":".join([str(val_seed), *names]))
     sft_train, sft_val, evals, pre_train, pre_val = [], [], [], [], []
     seen = set()
     for it in intents:
@@ -266,7 +271,7 @@ def build_chat(rng, chat_dir, pools, math_reply, clean=None):
             for item, _, _ in math_items(rng, it, it["train_prompts"], pool["train"], MATH_TRAIN[it["op"]], math_reply, clean, seen):
                 sft_train.append(item)
             n_val = MATH_VAL_PER_TEMPLATE * len(it["val_prompts"])
-            for item, _, answer in math_items(val_rng, it, it["val_prompts"], pool["val"], n_val, math_reply, None, seen):
+            for item, _, answer in math_items(val_rng(it["intent"]), it, it["val_prompts"], pool["val"], n_val, math_reply, None, seen):
                 sft_val.append(item)
                 evals.append(eval_entry(it, item["user"], answer))
             continue
@@ -277,20 +282,21 @@ def build_chat(rng, chat_dir, pools, math_reply, clean=None):
                     continue
                 seen.add(q)
                 sft_train.append(chat_item(it, q, rng.choice(it["replies"])))
-            if cat == "meta" or (cat == "harmful" and p == it["train_prompts"][0]):
+            if cat in PRETRAIN_QA or (cat == "harmful" and p == it["train_prompts"][0]):
                 pre_train.append(f"问：{p}答：{rng.choice(it['replies'])}")
+        eval_rng, pretrain_rng = val_rng(it["intent"]), val_rng(it["intent"], "pretrain")
         for p in it["val_prompts"]:
-            sft_val.append(chat_item(it, p, val_rng.choice(it["replies"])))
+            sft_val.append(chat_item(it, p, eval_rng.choice(it["replies"])))
             evals.append(eval_entry(it, p))
-            if cat == "meta":
-                pre_val.append(f"问：{p}答：{val_rng.choice(it['replies'])}")
+            if cat in PRETRAIN_QA:
+                pre_val.append(f"问：{p}答：{pretrain_rng.choice(it['replies'])}")
     train_users = {it["user"] for it in sft_train}
     leaked = [e["prompt"] for e in evals if e["prompt"] in train_users]
     if leaked:
         raise ValueError(f"chat val phrasings also used for training: {leaked[:5]}")
     return {"sft_train": sft_train, "sft_val": sft_val, "eval": evals, "pretrain_train": pre_train, "pretrain_val": pre_val,
             "reward_train": reward_pairs(rng, sft_train, REWARD_N["train"], clean),
-            "reward_val": reward_pairs(val_rng, sft_val, REWARD_N["val"], None)}
+            "reward_val": reward_pairs(val_rng("reward"), sft_val, REWARD_N["val"], None)}
 
 
 def insert_randomly(rng, base, extra):

@@ -449,3 +449,23 @@ def test_chat_reward_pairs(run):
                 assert p["rejected"] in gen.chat_data.REFUSALS, p
         near = [p for p in pairs if p["kind"] == "over_refusal" and abs(len(p["rejected"]) - len(p["chosen"])) <= 8]
         assert len(near) >= 0.2 * kinds["over_refusal"], name   # not all refusals are short
+
+
+def test_chat_eval_does_not_move_when_training_phrasings_are_added(run, tmp_path):
+    """The held-out side draws from streams of its own: one more training phrasing (and so one more
+    SFT item and pretraining line) leaves chat_eval.json and the chat part of sft_val.json as they were."""
+    import shutil
+    out, _ = run
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "data" / "src", src)
+    path = src / "chat" / "knowledge.json"
+    intents = json.loads(path.read_text(encoding="utf-8"))
+    intents[0]["train_prompts"].append("这是测试时加上的一个新问法吗")
+    path.write_text(json.dumps(intents, ensure_ascii=False), encoding="utf-8")
+    other = tmp_path / "out"
+    other.mkdir()
+    gen.generate_all(seed=gen.SEED, src_dir=src, out_dir=other)
+    assert load(other, "chat_eval.json") == load(out, "chat_eval.json")
+    chat_val = lambda d: sorted(json.dumps(it, ensure_ascii=False, sort_keys=True) for it in chat_items(d, "sft_val.json"))
+    assert chat_val(other) == chat_val(out)
+    assert len(chat_items(other, "sft_data.json")) == len(chat_items(out, "sft_data.json")) + 1

@@ -15,6 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SPEC = importlib.util.spec_from_file_location("data_generate", ROOT / "data" / "generate.py")
 gen = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(gen)
+# the generator's parts (data/keys.py, data/tasks.py, ...), on sys.path once generate.py is loaded
+import keys as data_keys  # noqa: E402
+import pretrain as data_pretrain  # noqa: E402
+import reward as data_reward  # noqa: E402
+import rlvf as data_rlvf  # noqa: E402
+import tasks as data_tasks  # noqa: E402
 
 JSON_FILES = ["sft_data.json", "sft_val.json", "reward_data.json", "reward_val.json", "rlvf_data.json", "rlvf_val.json"]
 FAMILY = {"word_add": "word", "word_sub": "word", "word_mul": "word"}   # kinds that share one val quota
@@ -52,7 +58,7 @@ def solve_syllogism(prompt):
     edges = {}
     for a, b in re.findall(r"所有([^，。？]+?)都是([^，。？]+)", prompt):
         edges.setdefault(a, set()).add(b)
-    names = "|".join(gen.NAMES)
+    names = "|".join(data_keys.NAMES)
     cats, target = set(), None
     for clause in re.split(r"[，。？]", prompt):
         clause = re.sub(r"^(已知|请问|那么)", "", clause)
@@ -122,14 +128,14 @@ def item_key(kind, prompt):
         return ("weekday",) + parse_weekday(prompt)
     if kind == "syllogism":
         a, b = re.search(r"所有([^，。？]+?)都是([^，。？]+)", prompt).groups()
-        return ("syllogism", next(x for x in gen.NAMES if x in prompt), a, b)
+        return ("syllogism", next(x for x in data_keys.NAMES if x in prompt), a, b)
     raise AssertionError(kind)
 
 
 def generated(items):
     """Generated (kinded) task or SFT items, as (kind, prompt, item)."""
     return [(it["kind"], it.get("prompt", it.get("user")), it) for it in items
-            if it.get("kind") in gen.MAKERS and ("prompt" in it or "user" in it)]
+            if it.get("kind") in data_tasks.MAKERS and ("prompt" in it or "user" in it)]
 
 
 # ----------------------------------------------------------------------------- tests
@@ -156,16 +162,16 @@ def test_extract_keys_reads_every_fact_form():
         "所有的猫都是动物，小花是猫，小花是动物吗？": ("syllogism", "小花", "猫", "动物"),
     }
     for text, key in expect.items():
-        assert key in gen.extract_keys(text), text
-    assert ("add", 5, 8) in gen.infer_arith_keys("小明有8个苹果，又买了5个，一共几个？", "13")
+        assert key in data_keys.extract_keys(text), text
+    assert ("add", 5, 8) in data_keys.infer_arith_keys("小明有8个苹果，又买了5个，一共几个？", "13")
     # Every fact-sentence form round-trips to its key.
     rng = gen.random.Random(0)
-    spaces = gen.build_key_spaces()
-    for kind in gen.FACT_WEIGHTS:
+    spaces = data_keys.build_key_spaces()
+    for kind in data_pretrain.FACT_WEIGHTS:
         for key in rng.sample(spaces[kind], 10):
             for _ in range(5):
-                s = gen.fact_sentence(rng, kind, key)
-                assert key in gen.extract_keys(s), s
+                s = data_pretrain.fact_sentence(rng, kind, key)
+                assert key in data_keys.extract_keys(s), s
 
 
 def test_deterministic(run, tmp_path):
@@ -180,7 +186,7 @@ def test_deterministic(run, tmp_path):
 def test_missing_sources_are_skipped(tmp_path, capsys):
     gen.generate_all(seed=gen.SEED, src_dir=tmp_path / "no_src", out_dir=tmp_path / "out")
     assert "missing" in capsys.readouterr().err
-    assert len(load(tmp_path / "out", "rlvf_val.json")) == sum(gen.RLVF_PLAN["val"].values())
+    assert len(load(tmp_path / "out", "rlvf_val.json")) == sum(data_rlvf.RLVF_PLAN["val"].values())
 
 
 def test_formats(run):
@@ -201,8 +207,8 @@ def test_formats(run):
         for it in load(out, name):
             assert it["type"] in ("math", "logic") and it["prompt"] and isinstance(it["expected_answer"], str)
             assert all(isinstance(k, str) for k in it.get("keywords", []))
-            if it.get("kind") in gen.MAKERS and it["expected_answer"] in ("是", "不是"):
-                assert it["keywords"] == (gen.YES_KEYWORDS if it["expected_answer"] == "是" else gen.NO_KEYWORDS)
+            if it.get("kind") in data_tasks.MAKERS and it["expected_answer"] in ("是", "不是"):
+                assert it["keywords"] == (data_tasks.YES_KEYWORDS if it["expected_answer"] == "是" else data_tasks.NO_KEYWORDS)
     for name in ("pretrain_data.txt", "pretrain_val.txt"):
         assert all(line.strip() for line in load(out, name))
 
@@ -224,7 +230,7 @@ def test_prose_split(run):
     for path in sorted((ROOT / "data" / "src" / "prose").glob("*.txt")):
         lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
         for i, line in enumerate(lines):
-            assert line in (val if i % gen.PROSE_VAL_EVERY == gen.PROSE_VAL_OFFSET else train), (path.name, i)
+            assert line in (val if i % data_pretrain.PROSE_VAL_EVERY == data_pretrain.PROSE_VAL_OFFSET else train), (path.name, i)
 
 
 def test_task_answers_are_correct(run):
@@ -233,7 +239,7 @@ def test_task_answers_are_correct(run):
     assert len(tasks) > 2000
     for kind, prompt, it in tasks:
         assert it["expected_answer"] == solve(kind, prompt), prompt
-        assert it["type"] == ("math" if kind in gen.MATH_KINDS else "logic")
+        assert it["type"] == ("math" if kind in data_tasks.MATH_KINDS else "logic")
 
 
 def test_sft_answers_are_correct(run):
@@ -254,7 +260,7 @@ def test_sft_answers_are_correct(run):
 def test_held_out_discipline(run):
     out, result = run
     held = set().union(*result["held_out"].values())
-    spaces = gen.build_key_spaces()
+    spaces = data_keys.build_key_spaces()
     for kind, keys in result["held_out"].items():   # ~15% of every key space (weekday: source-limited)
         assert 0.10 * len(spaces[kind]) <= len(keys) <= 0.16 * len(spaces[kind]) + 1, kind
     # Val keys, parsed from the prompts, are all held out.
@@ -270,18 +276,18 @@ def test_held_out_discipline(run):
         if "messages" in it:
             texts.append("\n".join(m["content"] for m in it["messages"]))
             for q, a in zip(it["messages"], it["messages"][1:]):
-                assert not gen.infer_arith_keys(q["content"], a["content"]) & held
+                assert not data_keys.infer_arith_keys(q["content"], a["content"]) & held
         else:
             texts.append(it["user"] + "\n" + it["assistant"])
             if "kind" not in it:
-                assert not gen.infer_arith_keys(it["user"], it["assistant"]) & held
+                assert not data_keys.infer_arith_keys(it["user"], it["assistant"]) & held
     texts += ["\n".join((it["prompt"], it["chosen"], it["rejected"])) for it in load(out, "reward_data.json")]
     for it in load(out, "rlvf_data.json"):
         texts.append(it["prompt"])
         if "kind" not in it:   # a hand-written seed task (the heuristic over-reports on generated ones)
-            assert not gen.infer_arith_keys(it["prompt"], it["expected_answer"]) & held
+            assert not data_keys.infer_arith_keys(it["prompt"], it["expected_answer"]) & held
     for text in texts:
-        assert not gen.extract_keys(text) & held, text
+        assert not data_keys.extract_keys(text) & held, text
     # An extractor-independent scan of the digit equations in the pretrain text.
     for a, op, b in re.findall(r"(\d+) ?([+\-×÷]) ?(\d+) ?=", "\n".join(load(out, "pretrain_data.txt"))):
         a, b, kind = int(a), int(b), {"+": "add", "-": "sub", "×": "mul", "÷": "div"}[op]
@@ -302,7 +308,7 @@ def test_reward_pairs_are_not_solved_by_length(run):
         pairs = load(out, name)
         share = sum(len(p["chosen"]) > len(p["rejected"]) for p in pairs) / len(pairs)
         assert 0.35 <= share <= 0.65, (name, share)
-        assert all(Counter(p["kind"] for p in pairs)[k] > 0 for k in gen.REWARD_MIX)
+        assert all(Counter(p["kind"] for p in pairs)[k] > 0 for k in data_reward.REWARD_MIX)
         for p in pairs:
             if (p["prompt"], p["chosen"], p["rejected"]) in hand:
                 continue
@@ -371,7 +377,7 @@ def test_chat_sources_are_clean():
         if it["category"] == "knowledge":   # the answer is not given away by the held-out question
             assert not any(k in p for k in it["keywords"] for p in it["val_prompts"]), it["intent"]
         texts = it["train_prompts"] + it["val_prompts"] + it.get("replies", [])
-        assert not any(gen.extract_keys(t) for t in texts if "{" not in t), it["intent"]
+        assert not any(data_keys.extract_keys(t) for t in texts if "{" not in t), it["intent"]
 
 
 def test_chat_sft_and_eval(run):
@@ -416,8 +422,8 @@ def test_chat_math_follows_the_house_style_and_held_out_keys(run):
             key = (op, min(a, b), max(a, b)) if op in ("add", "mul") else (op, a, b)
             assert (key in held) == (split == "val"), (split, it)
             if split == "train":
-                assert not gen.extract_keys(it["user"] + "\n" + it["assistant"]) & held
-                assert not gen.infer_arith_keys(it["user"], it["assistant"]) & held
+                assert not data_keys.extract_keys(it["user"] + "\n" + it["assistant"]) & held
+                assert not data_keys.infer_arith_keys(it["user"], it["assistant"]) & held
     for e in load(out, "chat_eval.json"):
         if e["category"] == "math":
             assert val_reply[e["prompt"]].endswith(f"答案是{e['answer']}。")
@@ -428,7 +434,7 @@ def test_chat_knowledge_is_in_the_pretraining_text(run):
     out, _ = run
     path = ROOT / "data" / "src" / "prose" / "23_everyday_facts.txt"
     paragraphs = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    train_prose = "\n".join(p for i, p in enumerate(paragraphs) if i % gen.PROSE_VAL_EVERY != gen.PROSE_VAL_OFFSET)
+    train_prose = "\n".join(p for i, p in enumerate(paragraphs) if i % data_pretrain.PROSE_VAL_EVERY != data_pretrain.PROSE_VAL_OFFSET)
     pretrain = "\n".join(load(out, "pretrain_data.txt"))
     for it in chat_intents():
         if it["category"] == "knowledge":

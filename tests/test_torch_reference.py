@@ -1,8 +1,10 @@
-"""Ops and one attention layer against PyTorch, float64: values and gradients.
+"""Ops, attention and the whole tiny GPT against PyTorch, float64: values and gradients.
 
 PyTorch is optional (not a dependency): without it this module is skipped. Every check runs
 forward, then backward with a random upstream gradient (a plain .sum() would hide
-transposition bugs), and compares the output and each input's gradient.
+transposition bugs), and compares the output and each input's gradient. The PyTorch model is
+tests/torch_gpt.py, which tests/make_fixtures.py also freezes into tests/fixtures/ for
+tests/test_fixtures.py, the same comparisons where torch is absent.
 
 Tolerance: float64 carries ~1e-16 relative error per operation; ours and PyTorch sum in
 different orders (BLAS blocking, 16-way partial sums in our kernels), which over the few
@@ -15,9 +17,12 @@ import pytest
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
+import torch_gpt  # noqa: E402  (tests/torch_gpt.py: our GPT written out in PyTorch)
 from tinygrad_llm import engine as E  # noqa: E402
 from tinygrad_llm import nn  # noqa: E402
+from tinygrad_llm.config import GPTConfig  # noqa: E402
 from tinygrad_llm.engine import Tensor  # noqa: E402
+from tinygrad_llm.model import GPT  # noqa: E402
 
 ATOL, RTOL = 1e-10, 1e-10
 
@@ -95,9 +100,9 @@ def test_cross_entropy_ignore_and_mask(rng):
 
 
 def test_causal_self_attention_layer(rng):
-    """nn.CausalSelfAttention vs an explicit PyTorch one with its weights copied in."""
+    """nn.CausalSelfAttention vs PyTorch's (c_attn, tests/torch_gpt.py's attention, c_proj) with
+    its weights copied in."""
     B, T, C, NH = 2, 9, 16, 4
-    hs = C // NH
     attn = nn.CausalSelfAttention(C, NH, dropout=0.0, rng=rng, dtype=np.float64)
     for p in (attn.c_attn.bias, attn.c_proj.bias):          # non-zero biases, so their grads mean something
         p.data = rng.standard_normal(p.shape) * 0.1
@@ -107,12 +112,8 @@ def test_causal_self_attention_layer(rng):
     assert sorted(tw) == sorted(names)
 
     def torch_attn(xt):
-        q, k, v = F.linear(xt, tw["c_attn.weight"], tw["c_attn.bias"]).split(C, dim=2)
-        q, k, v = (t.view(B, T, NH, hs).transpose(1, 2) for t in (q, k, v))        # (B, NH, T, hs)
-        att = q @ k.transpose(-2, -1) / hs ** 0.5
-        att = att.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
-        y = (F.softmax(att, dim=-1) @ v).transpose(1, 2).reshape(B, T, C)
-        return F.linear(y, tw["c_proj.weight"], tw["c_proj.bias"])
+        qkv = F.linear(xt, tw["c_attn.weight"], tw["c_attn.bias"])
+        return F.linear(torch_gpt.attention(qkv, NH), tw["c_proj.weight"], tw["c_proj.bias"])
 
     compare(attn, torch_attn, x, rng=rng)                   # output and dx
     for n, p in attn.named_parameters():                    # and every weight gradient
@@ -122,9 +123,9 @@ def test_causal_self_attention_layer(rng):
 @pytest.mark.parametrize("smear", [False, True])
 def test_rope_and_smeared_keys_attention(rng, smear):
     """causal_self_attention with RoPE (and smear_keys before it) vs PyTorch written out from
-    the formulas in model.py's docstring (rotate-half RoPE as Hugging Face LLaMA's): the output
-    and the gradients of qkv and of the smear gate alpha. Row 1 is left-padded (positions
-    0, 0, 0, 1, ...), as generation passes them."""
+    the formulas in model.py's docstring (tests/torch_gpt.py: rotate-half RoPE as Hugging Face
+    LLaMA's): the output and the gradients of qkv and of the smear gate alpha. Row 1 is
+    left-padded (positions 0, 0, 0, 1, ...), as generation passes them."""
     B, T, NH, hs, base = 2, 7, 2, 8, 10000.0
     C = NH * hs
     pos = np.array([[0, 1, 2, 3, 4, 5, 6], [0, 0, 0, 1, 2, 3, 4]])
@@ -136,23 +137,29 @@ def test_rope_and_smeared_keys_attention(rng, smear):
             qkv_t = E.smear_keys(qkv_t, a_t, NH, pos != 0)
         return E.causal_self_attention(qkv_t, NH, cos, sin)
 
-    def rotate_half(x):
-        x1, x2 = x[..., : hs // 2], x[..., hs // 2:]
-        return torch.cat((-x2, x1), dim=-1)
+    def theirs(qkv_t, a_t):
+        return torch_gpt.attention(qkv_t, NH, torch.from_numpy(pos), base, a_t if smear else None, pos != 0)
 
-    def ref(qkv_t, a_t):
-        q, k, v = (t.reshape(B, T, NH, hs) for t in qkv_t.split(C, dim=2))
-        if smear:
-            prev = torch.cat([torch.zeros_like(k[:, :1]), k[:, :-1]], dim=1)
-            mixed = k + torch.sigmoid(a_t).view(1, 1, NH, 1) * (prev - k)
-            k = torch.where(torch.from_numpy(pos != 0).view(B, T, 1, 1), mixed, k)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))                           # (B, NH, T, hs)
-        inv_freq = 1.0 / base ** (torch.arange(0, hs, 2, dtype=torch.float64) / hs)
-        freqs = torch.from_numpy(pos).double()[..., None] * inv_freq                  # (B, T, hs/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]                             # (B, 1, T, hs)
-        q = q * emb.cos() + rotate_half(q) * emb.sin()
-        k = k * emb.cos() + rotate_half(k) * emb.sin()
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return y.transpose(1, 2).reshape(B, T, C)
+    compare(ours, theirs, qkv, alpha, rng=rng, grad_of=[0, 1] if smear else [0])
 
-    compare(ours, ref, qkv, alpha, rng=rng, grad_of=[0, 1] if smear else [0])
+
+@pytest.mark.parametrize("pos_emb,smear", [("learned", False), ("rope", False), ("rope", True)])
+def test_gpt_forward_backward(rng, pos_emb, smear):
+    """The whole tiny GPT vs tests/torch_gpt.py with the same weights: logits, loss and every
+    parameter's gradient (tests/fixtures/gpt_*.npz hold the same check, frozen, plus AdamW steps)."""
+    cfg = GPTConfig(vocab_size=20, block_size=12, n_layer=2, n_head=2, n_embd=16, dropout=0.0, pos_emb=pos_emb,
+                    smear_keys=smear)
+    model = GPT(cfg, seed=1, dtype=np.float64)
+    for p in model.parameters():                       # every weight non-trivial (biases start at 0)
+        p.data = p.data + rng.standard_normal(p.shape) * 0.1
+    assert torch_gpt.param_shapes(cfg) == {n: p.shape for n, p in model.named_parameters()}
+    idx, targets = rng.integers(0, cfg.vocab_size, (2, 10)), rng.integers(0, cfg.vocab_size, (2, 10))
+    tw = {n: torch.tensor(p.data.copy(), requires_grad=True) for n, p in model.named_parameters()}
+    logits, loss = model(idx, targets)
+    loss.backward()
+    tlogits, tloss = torch_gpt.gpt(tw, cfg, torch.from_numpy(idx), torch.from_numpy(targets))
+    tloss.backward()
+    np.testing.assert_allclose(logits.data, tlogits.detach().numpy(), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(loss.data, tloss.item(), rtol=RTOL, atol=ATOL)
+    for n, p in model.named_parameters():
+        np.testing.assert_allclose(p.grad, tw[n].grad.numpy(), rtol=RTOL, atol=ATOL, err_msg=n)

@@ -284,7 +284,9 @@ REPLY = st.one_of(ANY_TEXT,
 
 @fuzz(300)
 @given(task=TASK, reply=REPLY)
-def test_verifiers_never_crash(task, reply):
+def test_verifying_any_task_and_reply_does_not_crash(task, reply):
+    """A bool or a one-line refusal for any task and reply (plus: a number the math verifier
+    extracts is one it accepts)."""
     CASES["verifiers"] += 1
     for fn in (verify_task, states_answer):
         try:
@@ -299,14 +301,12 @@ def test_verifiers_never_crash(task, reply):
 
 @pytest.mark.parametrize("reply", ["不周一" * 30_000, "答案是。" * 25_000, "不猫" * 50_000],
                          ids=["negated-weekdays", "empty-answer-clauses", "negated-keywords"])
-def test_verifiers_stay_linear_on_long_replies(reply):
-    """Regression: negation and answer-marker scans re-read the whole prefix per match, so
-    these ~100k-character replies took minutes. The bound is 30x today's time on a loaded
-    2-core machine: it catches a quadratic scan, not ordinary slowness."""
-    import time
-    t0 = time.perf_counter()
+def test_verifiers_reject_long_degenerate_replies(reply):
+    """~100k-character replies that negate the answer or state none: no verifier accepts them.
+    Regression: negation and answer-marker scans re-read the whole prefix per match, so these
+    took minutes; how their time grows with the length is measured in bench/verifiers.py
+    (timing stays out of tests)."""
     for task in ({"type": "logic", "expected_answer": "周一"}, {"type": "logic", "expected_answer": "猫"},
                  {"type": "math", "expected_answer": "5"}):
-        verify_task(task, reply)
-        states_answer(task, reply)
-    assert time.perf_counter() - t0 < 30
+        assert verify_task(task, reply) is False
+        assert states_answer(task, reply) is False

@@ -17,7 +17,6 @@ import warnings
 from pathlib import Path
 
 LATEST = ("rlvf_final", "rlhf_final", "sft_final", "pretrain_final")
-EXIT_BAD_INPUT = 2
 
 
 def find_checkpoint(ckpt_dir: Path) -> Path:
@@ -27,22 +26,6 @@ def find_checkpoint(ckpt_dir: Path) -> Path:
             return p
     raise FileNotFoundError(f"no checkpoint in {ckpt_dir} (looked for {', '.join(LATEST)}); "
                             "train one with: python train.py --stage all")
-
-
-def load_chat_model(path: Path, vocab_path: Path):
-    """-> (GPT, tokenizer) with the config stored in the checkpoint."""
-    from tinygrad_llm.checkpoint import CheckpointError, config_from_meta, load_into, read_metadata
-    from tinygrad_llm.model import GPT
-    from tinygrad_llm.tokenizer import MyLLMTokenizer
-
-    meta = read_metadata(path)
-    if meta.get("model_class", "GPT") != "GPT":
-        raise CheckpointError(f"{path}: a {meta.get('model_class')} checkpoint scores replies; it does not chat. "
-                              "Use sft_final, rlhf_final or rlvf_final")
-    tok = MyLLMTokenizer().load(vocab_path)
-    model = GPT(config_from_meta(meta, path))
-    load_into(model, path, tok.fingerprint())
-    return model.eval(), tok
 
 
 def answer(model, tok, ids, args, stream: bool) -> str:
@@ -141,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
-    from tinygrad_llm.checkpoint import CheckpointError
+    from tinygrad_llm import EXIT_BAD_INPUT
+    from tinygrad_llm.checkpoint import CheckpointError, load_gpt
     from tinygrad_llm.runtime import configure_threads
 
     try:
@@ -160,7 +144,7 @@ def main(argv=None) -> int:
             raise FileNotFoundError(f"{path}: checkpoint not found")
         vocab = Path(args.vocab) if args.vocab else path.parent / "vocab.json"
         configure_threads(args.threads)
-        model, tok = load_chat_model(path, vocab)
+        model, tok = load_gpt(path, vocab)
         if args.serve:
             return serve(model, tok, path, args)
         if args.prompt is not None:

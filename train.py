@@ -11,27 +11,26 @@ Every field of the config dataclasses can be overridden as --<section>.<field>=<
 from __future__ import annotations
 
 import argparse
-import importlib
 import shlex
 import sys
 import time
 from dataclasses import fields
 from pathlib import Path
 
-STAGES = ("pretrain", "sft", "reward", "rlhf", "rlvf")
-# a stage needs these checkpoints, written by the stage named beside each
-NEEDS = {"sft": [("pretrain_final", "pretrain")], "reward": [("sft_final", "sft")],
-         "rlhf": [("sft_final", "sft"), ("reward_model", "reward")], "rlvf": [("sft_final", "sft")]}
-EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_INTERRUPTED = 2, 3, 130
+from tinygrad_llm import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_NONFINITE
+from tinygrad_llm.config import DEFAULT_SEED
+from tinygrad_llm.stages import load_stages
+
+STAGES = load_stages()          # name -> Stage (stages/common.py), in training order
 
 
 class UsageError(ValueError):
     pass
 
 
-def stage_module(name):
-    module = {"reward": "reward_model"}.get(name, name)
-    return importlib.import_module(f"tinygrad_llm.stages.{module}")
+def producers() -> dict:
+    """checkpoint name -> the stage that writes it (the stage graph's edges)."""
+    return {st.writes: name for name, st in STAGES.items()}
 
 
 class RunConfig:
@@ -40,22 +39,11 @@ class RunConfig:
     def __init__(self, preset: str):
         from tinygrad_llm.config import get_mini_config, get_tiny_config
         self.model = {"tiny": get_tiny_config, "mini": get_mini_config}[preset]()
-        for s in STAGES:
-            try:
-                mod = stage_module(s)
-            except ModuleNotFoundError as e:   # a stage still being written: usable once it lands
-                if not e.name.startswith("tinygrad_llm.stages"):
-                    raise
-                setattr(self, s, None)
-                continue
-            cfg = mod.STAGE_CONFIG()
-            if preset == "tiny":
-                for k, v in getattr(mod, "TINY_OVERRIDES", {}).items():
-                    setattr(cfg, k, v)
-            setattr(self, s, cfg)
+        for name, st in STAGES.items():
+            setattr(self, name, st.config(**(st.tiny if preset == "tiny" else {})))
 
     def sections(self):
-        return {"model": self.model, **{s: getattr(self, s) for s in STAGES if getattr(self, s) is not None}}
+        return {"model": self.model, **{s: getattr(self, s) for s in STAGES}}
 
 
 def _parse_value(raw: str, current, name: str):
@@ -94,6 +82,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> None:
             raise UsageError(f"--{key}: unknown section {section!r}; known: {', '.join(sections)}")
         obj = sections[section]
         names = [f.name for f in fields(obj)]
+        field = getattr(obj, "ALIASES", {}).get(field, field)      # a renamed field's old name (config.renamed)
         if field not in names:
             raise UsageError(f"--{key}: {section} has no field {field!r}; known: {', '.join(names)}")
         setattr(obj, field, _parse_value(raw, getattr(obj, field), key))
@@ -114,7 +103,8 @@ def check_inputs(stages, ckpt_dir: Path) -> None:
     """Fail before any work if a stage's input checkpoint neither exists nor will be written."""
     from tinygrad_llm.checkpoint import weights_path
     for i, s in enumerate(stages):
-        for ckpt, producer in NEEDS.get(s, []):
+        for ckpt in STAGES[s].reads:
+            producer = producers()[ckpt]
             if producer not in stages[:i] and not weights_path(ckpt_dir / ckpt).exists():
                 raise UsageError(f"stage {s} needs {weights_path(ckpt_dir / ckpt)}, which does not exist "
                                  f"(run --stage {producer} first)")
@@ -132,7 +122,7 @@ def parse_args(argv):
     ap.add_argument("--ckpt-dir", default="checkpoints")
     ap.add_argument("--runs-dir", default="runs")
     ap.add_argument("--run-id", default=None, help="default: a timestamp")
-    ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
     ap.add_argument("--resume", action="store_true", help="continue interrupted stages from <stage>_last")
     ap.add_argument("--threads", type=int, default=None, help="BLAS + Numba threads (default: auto, 2 dropping to 1 under load; see README)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -166,7 +156,7 @@ def main(argv=None) -> int:
     from tinygrad_llm.config import ConfigError
     from tinygrad_llm.data import DataError
     from tinygrad_llm.loop import NonFiniteError, RunLogger, TrainingInterrupted
-    from tinygrad_llm.stages.common import CKPT, StageContext
+    from tinygrad_llm.stages.common import StageContext
     from tinygrad_llm.report import write_report
     from tinygrad_llm.runtime import configure_threads
     from tinygrad_llm import engine
@@ -200,13 +190,13 @@ def main(argv=None) -> int:
         for s in stages:
             print(f"\n=== {s} ===")
             t0 = time.perf_counter()
-            figures = stage_module(s).run(ctx)
+            figures = STAGES[s].run(ctx)
             secs = time.perf_counter() - t0
             if s == "pretrain":   # only now: a failed pretrain leaves the old vocabulary with its checkpoints
                 tok.save(ckpt_dir / "vocab.json")
             figures["time_s"] = secs
             logger.update_summary(s, **figures)
-            rows.append((s, secs, str(ctx.ckpt(CKPT[s])), figures.get("headline", "")))
+            rows.append((s, secs, str(ctx.ckpt(STAGES[s].writes)), figures.get("headline", "")))
             print(f"{s}: {figures.get('headline', '')} ({secs:.1f}s)")
         print_summary(rows)
         print(write_report(logger.dir))

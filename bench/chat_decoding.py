@@ -22,7 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from inference import load_chat_model  # noqa: E402
+from tinygrad_llm.checkpoint import load_gpt  # noqa: E402
 from tinygrad_llm.chat_eval import BENIGN, dev_test_split, evaluate_chat, load_chat_eval  # noqa: E402
 
 SETTINGS = [
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         print(f"error: {args.data_dir}: no chat_eval.json", file=sys.stderr)
         return 2
     items = dev_test_split(items)[0]                 # choose on dev; the stages report on test
-    model, tok = load_chat_model(path, Path(args.vocab) if args.vocab else path.parent / "vocab.json")
+    model, tok = load_gpt(path, Path(args.vocab) if args.vocab else path.parent / "vocab.json")
     counts = {c: sum(it["category"] == c for it in items) for c in ("meta", "knowledge", "math", "harmful")}
     print(f"{path.name}: {len(items)} prompts ({', '.join(f'{c} {n}' for c, n in counts.items())}), "
           f"{args.max_new_tokens} new tokens\n")

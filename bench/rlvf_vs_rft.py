@@ -29,7 +29,7 @@ from tinygrad_llm.data import load_split
 from tinygrad_llm.model import GPT
 from tinygrad_llm.optim import AdamW, clip_grad_norm
 from tinygrad_llm.stages.rlvf import RLVFConfig, RLVFTrainer, TaskSampler
-from tinygrad_llm.stages.rollout import build_batch, rollout
+from tinygrad_llm.stages.policy import build_batch, rollout
 from tinygrad_llm.stages.verifiers import verify_task
 from tinygrad_llm.tokenizer import MyLLMTokenizer
 

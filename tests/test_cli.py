@@ -12,6 +12,7 @@ import pytest
 
 from cli_helpers import (ROOT, assert_one_line_error, inference_cmd, run, run_many, train_cmd, tree_digest,
                          write_tiny_data)
+from tinygrad_llm.checkpoint import load_gpt
 
 E2E_ARGS = ["--config", "tiny", "--stage", "pretrain,sft", "--pretrain.max_steps=8", "--pretrain.eval_batches=2",
             "--sft.max_steps=4", "--sft.eval_prompts=2", "--sft.max_new_tokens=8", "--no-progress", "--threads", "1"]
@@ -129,7 +130,7 @@ def _expected_chat(ckpt: Path, lines: list[str]) -> str:
     computed in process with one BLAS thread, as the subprocess uses."""
     from threadpoolctl import threadpool_limits
     inf = _inference_module()
-    model, tok = inf.load_chat_model(ckpt / "sft_final.safetensors", ckpt / "vocab.json")
+    model, tok = load_gpt(ckpt / "sft_final.safetensors", ckpt / "vocab.json")
     args = inf.build_parser().parse_args(GEN)      # the CLI's own defaults, as the subprocess has them
     out, messages = [], []
     with threadpool_limits(1), warnings.catch_warnings():

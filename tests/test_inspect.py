@@ -10,7 +10,7 @@ from cli_helpers import run
 from tinygrad_llm import engine as E
 from tinygrad_llm.engine import attention
 from tinygrad_llm import inspect as I
-from tinygrad_llm.checkpoint import save_checkpoint
+from tinygrad_llm.checkpoint import load_gpt, save_checkpoint
 from tinygrad_llm.config import get_tiny_config
 from tinygrad_llm.model import GPT
 from tinygrad_llm.optim import clip_grad_norm
@@ -35,7 +35,7 @@ def ckpt(tmp_path_factory):
 def test_attention_maps_are_the_models_attention(ckpt):
     """Rebuild each block's attention output from the maps (p @ v, merge heads, c_proj) and
     compare with the block's own attention; also compare p with the engine's kernel."""
-    model, tok = I.load_model(ckpt)
+    model, tok = load_gpt(ckpt)
     ids = tok.encode("人工智能是什么？", allow_special=False)
     maps = I.attention_maps(model, ids)
     T, tr = len(ids), model.transformer
@@ -77,7 +77,7 @@ def test_attention_cli_pngs_and_summary(ckpt, tmp_path, capsys):
 
 def test_attention_chat_template_and_long_text(ckpt, tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    _, tok = I.load_model(ckpt)
+    _, tok = load_gpt(ckpt)
     n_chat = len(tok.apply_chat_template([{"role": "user", "content": "你好"}], tokenize=True))
     assert I.main(["attention", "--checkpoint", str(ckpt), "--text", "你好", "--chat", "--out", str(tmp_path)]) == 0
     first = [l for l in capsys.readouterr().out.splitlines() if l.startswith("layer 0 head 0")][0]
@@ -97,7 +97,7 @@ def test_attention_without_matplotlib_says_how_to_install(ckpt, tmp_path, capsys
 
 
 def test_grads_match_a_plain_backward(ckpt, capsys):
-    model, tok = I.load_model(ckpt)
+    model, tok = load_gpt(ckpt)
     ids = np.array(tok.encode(TEXT, allow_special=False))
     x, y = ids[None, :64], ids[None, 1:65]
     loss, rows, total = I.grad_norms(model, x, y)
@@ -118,7 +118,7 @@ def test_grads_match_a_plain_backward(ckpt, capsys):
 def test_grads_cli_table(ckpt, capsys):
     assert I.main(["grads", "--checkpoint", str(ckpt), "--data-dir", str(ckpt.parent / "data"), "--batch", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    names = [n for n, _ in I.load_model(ckpt)[0].named_parameters()]
+    names = [n for n, _ in load_gpt(ckpt)[0].named_parameters()]
     assert lines[0].startswith("one pretraining batch of 2 x 64")
     assert lines[1].split() == ["parameter", "shape", "|param|", "|grad|", "|grad|/|param|"]
     assert [l.split()[0] for l in lines[2:-1]] == names                 # named_parameters() order
@@ -173,7 +173,7 @@ def test_attention_maps_of_a_rope_smear_model():
 
 def test_look_inside_logits_are_the_models_and_explain_tokens(ckpt):
     """One pass gives the model's own logits beside the maps; explain_tokens reads them."""
-    model, tok = I.load_model(ckpt)
+    model, tok = load_gpt(ckpt)
     ids = tok.encode("人工智能是计算机科学", allow_special=False)
     logits, maps = I.look_inside(model, ids)
     want, _ = model(np.array([ids]))

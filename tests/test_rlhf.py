@@ -16,7 +16,7 @@ from tinygrad_llm.stages.common import StageContext
 from tinygrad_llm.stages.reward_model import RewardModel
 from tinygrad_llm.stages.rlhf import (TINY_OVERRIDES, AdaptiveKLController, PPOTrainer, RLHFConfig, gae,
                                       masked_whiten, ppo_losses, run, token_rewards)
-from tinygrad_llm.stages.rollout import build_batch
+from tinygrad_llm.stages.policy import build_batch
 from tinygrad_llm.tokenizer import MyLLMTokenizer
 
 PROMPTS = ["你好", "1+1等于几？", "什么是机器学习？", "太阳从哪边升起？", "讲个故事", "你是谁？"]

@@ -18,7 +18,7 @@ from tinygrad_llm.stages.rlvf import (
     TINY_OVERRIDES, LogicVerifier, MathVerifier, RLVFConfig, RLVFTrainer, TaskSampler, group_advantages,
     grpo_loss, pass_at_k, run, step_credit, task_rewards,
 )
-from tinygrad_llm.stages.rollout import build_batch, token_logprobs
+from tinygrad_llm.stages.policy import build_batch, token_logprobs
 from tinygrad_llm.tokenizer import MyLLMTokenizer
 
 
@@ -119,7 +119,7 @@ def test_loss_value_on_policy():
     logp = _leaf([[-1.0, -2.0, -0.5], [-0.3, -0.7, -9.0]])
     mask = np.array([[1, 1, 1], [1, 1, 0]], np.float64)          # row 1: 2 reply tokens
     adv = np.array([1.0, -2.0])
-    loss, st = grpo_loss(logp, logp.data, logp.data, adv, mask, clip_eps=0.2, beta=0.1)
+    loss, st = grpo_loss(logp, logp.data, logp.data, adv, mask, clip_ratio=0.2, kl_coef=0.1)
     assert float(loss.data) == pytest.approx(-(3 * 1.0 + 2 * -2.0) / 5)
     assert st["kl"] == 0.0 and st["clip_frac"] == 0.0
     loss.backward()
@@ -136,12 +136,12 @@ def test_loss_clipping_and_k3():
         # A > 0: the surrogate is capped above 1 + eps (no push further up), not below 1 - eps;
         # A < 0 mirrors it: the pessimistic min keeps the unclipped term where it is worse.
         logp.grad = None
-        loss, st = grpo_loss(logp, old, logp.data, np.array([a]), mask, clip_eps=0.2, beta=0.0)
+        loss, st = grpo_loss(logp, old, logp.data, np.array([a]), mask, clip_ratio=0.2, kl_coef=0.0)
         loss.backward()
         assert (logp.grad[0] == 0).tolist() == grad_zero
         assert st["clip_frac"] == 1.0
     # k3 = exp(d) - d - 1 with d = ref - logp, e.g. d = 1: e - 2
-    loss, st = grpo_loss(logp, logp.data, np.array([[1.0, -1.0]]), np.zeros(1), mask, beta=1.0)
+    loss, st = grpo_loss(logp, logp.data, np.array([[1.0, -1.0]]), np.zeros(1), mask, kl_coef=1.0)
     assert st["kl"] == pytest.approx(((np.e - 2) + (np.exp(-1) + 1 - 1)) / 2)
     assert float(loss.data) == pytest.approx(st["kl"])
 
@@ -160,7 +160,7 @@ def test_loss_gradcheck_tiny_model():
     adv = np.array([1.3, -0.7, 0.4])
 
     def forward():
-        return grpo_loss(token_logprobs(model, x, y), old, ref, adv, mask, clip_eps=0.2, beta=0.1)[0]
+        return grpo_loss(token_logprobs(model, x, y), old, ref, adv, mask, clip_ratio=0.2, kl_coef=0.1)[0]
 
     results = check_module(model, forward, max_elems=6, seed=1)
     bad = [(r.name, r.max_rel) for r in results if not r.ok]
@@ -182,7 +182,7 @@ def test_grpo_learns_trivial_task():
     tasks = [{"type": "math", "prompt": f"问题{i}", "expected_answer": "1"} for i in range(8)]
     # a high lr: the whole task is one logit to raise (seeds 0-2 all reach >= 0.9 pass@1)
     cfg = RLVFConfig(num_iterations=10, samples_per_task=8, tasks_per_iter=8, max_new_tokens=1, lr=1e-2,
-                     warmup_iters=0, beta=0.0, format_reward=0.0, eval_samples=4, seed=0)
+                     warmup_steps=0, kl_coef=0.0, format_reward=0.0, eval_samples=4, seed=0)
     trainer = RLVFTrainer(model, tok, model.config, cfg)
     before = trainer.evaluate(tasks)
     history = trainer.train(tasks)
@@ -199,10 +199,18 @@ def test_inner_epochs_reuse_samples_and_clip():
     model = GPT(get_tiny_config(vocab_size=len(tok)), seed=0)
     tasks = [{"type": "math", "prompt": f"问题{i}", "expected_answer": "1"} for i in range(8)]
     cfg = RLVFConfig(num_iterations=3, samples_per_task=8, tasks_per_iter=8, max_new_tokens=1, lr=3e-2,
-                     warmup_iters=0, inner_epochs=3, eval_samples=0, seed=0)
+                     warmup_steps=0, inner_epochs=3, eval_samples=0, seed=0)
     history = RLVFTrainer(model, tok, model.config, cfg).train(tasks)
     assert max(h["clip_frac"] for h in history) > 0
     assert all(np.isfinite(h["loss"]) and h["kl"] >= 0 for h in history if h["grad_norm"] > 0)
+
+
+def test_old_knob_names_are_aliases():
+    """beta, clip_eps and warmup_iters were this stage's names: still accepted, as the new ones."""
+    assert RLVFConfig(beta=0.02, clip_eps=0.3, warmup_iters=1) == RLVFConfig(kl_coef=0.02, clip_ratio=0.3,
+                                                                            warmup_steps=1)
+    with pytest.raises(TypeError):
+        RLVFConfig(beta=0.02, kl_coef=0.02)
 
 
 def test_seed_api_and_reexports():

@@ -11,6 +11,11 @@ import importlib
 # any kernel starts OpenMP or any step allocates. runtime.py's docstring says what each buys.
 from .runtime import KEEPS_FREED_MEMORY  # noqa: F401
 
+# exit codes of the command lines (train.py, inference.py, python -m tinygrad_llm.inspect)
+EXIT_BAD_INPUT = 2         # a bad flag, data file, config or checkpoint: one line on stderr, nothing written
+EXIT_NONFINITE = 3         # training stopped on a NaN/Inf before it touched the weights
+EXIT_INTERRUPTED = 130     # Ctrl-C / SIGTERM: a resumable checkpoint was written
+
 _EXPORTS = {
     "Tensor": "engine", "no_grad": "engine",
     "MyLLMTokenizer": "tokenizer",

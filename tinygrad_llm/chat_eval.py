@@ -185,13 +185,11 @@ def generate_replies(model, tok, prompts: list[str], max_new_tokens: int = 96, b
                      **gen_kwargs) -> tuple[list[str], list[bool]]:
     """Replies to single-turn prompts, in batches -> (texts, closed with <|im_end|>).
     gen_kwargs go to model.generate (temperature 0 = greedy unless given; rng for sampling)."""
-    from .stages.rollout import chat_prompt
-
     kw = {"temperature": 0.0, **gen_kwargs}
     kw.setdefault("stop_tokens", (IM_END_ID,))
     texts, closed = [], []
     for i in range(0, len(prompts), batch):
-        gen = model.generate([chat_prompt(tok, p) for p in prompts[i:i + batch]], max_new_tokens=max_new_tokens, **kw)
+        gen = model.generate([tok.chat_prompt(p) for p in prompts[i:i + batch]], max_new_tokens=max_new_tokens, **kw)
         texts += [tok.decode(r) for r in gen.replies()]
         closed += [bool(f) for f in gen.finished]
     return texts, closed

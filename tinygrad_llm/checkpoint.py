@@ -5,7 +5,8 @@ separate `<name>.state.safetensors` so `--resume` can continue a stage.
 Every write goes to a temporary file in the same directory, is flushed to disk, then
 renamed over the final name (os.replace is atomic on POSIX): a crash, Ctrl-C or SIGKILL
 never leaves a half-written file under a final name. No pickle anywhere: nothing in a
-checkpoint can execute code."""
+checkpoint can execute code. `load_gpt` is the one "checkpoint -> GPT" loader (inference.py,
+inspect.py and the server use it)."""
 from __future__ import annotations
 
 import hashlib
@@ -144,3 +145,21 @@ def load_state(path) -> tuple[dict, dict]:
     if _digest(arrays) != meta.get("sha256"):
         raise CheckpointError(f"{p}: checksum mismatch: the file was modified or damaged")
     return arrays, json.loads(meta["info"])
+
+
+def load_gpt(path, vocab=None):
+    """-> (GPT in eval mode with the config stored in the checkpoint, its tokenizer) from a GPT
+    checkpoint (pretrain_final, sft_final, rlhf_final, rlvf_final) and its vocabulary (default:
+    vocab.json beside it). CheckpointError for a missing or unreadable file or a reward model."""
+    from .model import GPT
+    from .tokenizer import MyLLMTokenizer
+
+    path = weights_path(path)
+    meta = read_metadata(path)
+    if meta.get("model_class", "GPT") != "GPT":
+        raise CheckpointError(f"{path}: a {meta['model_class']} checkpoint scores replies; it does not generate. "
+                              "Use pretrain_final, sft_final, rlhf_final or rlvf_final")
+    tok = MyLLMTokenizer().load(Path(vocab) if vocab else path.parent / "vocab.json")
+    model = GPT(config_from_meta(meta, path))
+    load_into(model, path, tok.fingerprint())
+    return model.eval(), tok

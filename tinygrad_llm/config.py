@@ -1,11 +1,14 @@
 """Configuration dataclasses: the model (GPTConfig), the optimizer and the training loop.
 
-Each stage owns its own config (stages/*.py subclass LoopConfig); train.py nests them and
-derives its command line from the fields, so `--model.n_layer=2` or `--pretrain.max_steps=200`
-need no hand-kept argparse copy."""
+Each stage owns its own config, stating only what differs from these defaults (pretrain, SFT
+and the reward model subclass LoopConfig; PPO and GRPO share stages/policy.RLConfig, which
+builds theirs); train.py nests them and derives its command line from the fields, so
+`--model.n_layer=2` or `--pretrain.max_steps=200` need no hand-kept argparse copy. A renamed
+field keeps its old name as an alias (`renamed`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import functools
+from dataclasses import dataclass
 
 
 class ConfigError(ValueError):
@@ -13,6 +16,8 @@ class ConfigError(ValueError):
 
 
 POS_EMB = ("learned", "rope")
+DEFAULT_SEED = 1337                    # train.py's --seed, and a StageContext's
+ADAMW_BETAS = (0.9, 0.95)              # nanoGPT's (beta1, beta2): LoopConfig's and optim.AdamW's default
 
 
 @dataclass
@@ -71,11 +76,10 @@ class LoopConfig:
     min_lr_ratio: float = 0.1      # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 50
     weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    beta1: float = ADAMW_BETAS[0]
+    beta2: float = ADAMW_BETAS[1]
     grad_clip: float = 1.0
     eval_every: int = 100
-    eval_batches: int = 8
     log_every: int = 10
     ckpt_every: int = 0            # 0: only at the end (and on interrupt)
 
@@ -86,5 +90,22 @@ class LoopConfig:
             raise ConfigError(f"{name}: lr must be positive, got {self.lr}")
 
 
-def config_fields(cfg) -> dict:
-    return {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+def renamed(**aliases):
+    """Class decorator for a config dataclass whose fields were renamed: the old names are
+    still accepted as keywords (and as --section.old=value, train.py), as the new ones."""
+    def wrap(cls):
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self, *args, **kwargs):
+            for old, new in aliases.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{cls.__name__}: give {new} or its old name {old}, not both")
+                    kwargs[new] = kwargs.pop(old)
+            init(self, *args, **kwargs)
+
+        cls.__init__, cls.ALIASES = __init__, dict(aliases)
+        return cls
+    return wrap
+

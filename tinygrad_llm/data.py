@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .tokenizer import IM_END_ID, PAD_ID, MyLLMTokenizer
+from .tokenizer import PAD_ID, MyLLMTokenizer
 
 FILES = {"pretrain": "pretrain_data.txt", "sft": "sft_data.json", "reward": "reward_data.json", "rlvf": "rlvf_data.json"}
 DRILLS_FILE = "pretrain_drills.txt"   # optional: reading drills the pretrain stage mixes in (see drill_share)
@@ -372,18 +372,29 @@ def sft_examples(tok, convs, block_size) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
+def pad_rows(rows, fill, dtype) -> np.ndarray:
+    """Sequences of different lengths -> (B, L) array of `dtype`, each row right-padded with
+    `fill` to the longest: the one padding every batch builder uses."""
+    out = np.full((len(rows), max(len(r) for r in rows)), fill, dtype)
+    for b, r in enumerate(rows):
+        out[b, :len(r)] = r
+    return out
+
+
 def pad_batch(examples, dtype=np.float32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """[(ids, mask)] -> x, y, loss_mask (B, T) right-padded to the longest example."""
-    T = max(len(ids) for ids, _ in examples) - 1
-    B = len(examples)
-    x = np.full((B, T), PAD_ID, np.int64)
-    y = np.full((B, T), PAD_ID, np.int64)
-    m = np.zeros((B, T), dtype)
-    for b, (ids, mask) in enumerate(examples):
-        n = len(ids) - 1
-        x[b, :n], y[b, :n], m[b, :n] = ids[:-1], ids[1:], mask[1:]
-    return x, y, m
+    """[(ids, mask)] -> x, y, loss_mask (B, T) right-padded to the longest example (x, y with
+    <PAD>, the mask with 0)."""
+    x = pad_rows([ids[:-1] for ids, _ in examples], PAD_ID, np.int64)
+    y = pad_rows([ids[1:] for ids, _ in examples], PAD_ID, np.int64)
+    return x, y, pad_rows([mask[1:] for _, mask in examples], 0, dtype)
 
 
-def ends_with_im_end(reply_ids) -> bool:
-    return len(reply_ids) > 0 and int(reply_ids[-1]) == IM_END_ID
+def first_turns(conv) -> tuple[str | None, str | None]:
+    """A conversation's first user turn and the assistant reply right after it (None where
+    there is none): the prompt an RL stage samples from, the reply the SFT data gives it.
+    Later turns lean on their context, so alone they are not fair prompts."""
+    for i, m in enumerate(conv):
+        if m["role"] == "user":
+            nxt = conv[i + 1] if i + 1 < len(conv) else None
+            return m["content"], nxt["content"] if nxt is not None and nxt["role"] == "assistant" else None
+    return None, None

@@ -22,28 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-EXIT_BAD_INPUT = 2
+from . import EXIT_BAD_INPUT
+from .checkpoint import load_gpt
+
 PLOT_HINT = 'the heatmaps need matplotlib: pip install -e ".[plot]"   (or: pip install matplotlib)'
 # fonts that hold CJK glyphs; without one the heatmap axes show positions instead of characters
 CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Zen Hei",
              "WenQuanYi Micro Hei", "SimHei", "Microsoft YaHei", "PingFang SC", "Heiti SC", "Arial Unicode MS")
-
-
-def load_model(checkpoint, vocab=None):
-    """-> (GPT in eval mode, tokenizer) from a .safetensors checkpoint and its vocabulary."""
-    from .checkpoint import CheckpointError, config_from_meta, load_into, read_metadata, weights_path
-    from .model import GPT
-    from .tokenizer import MyLLMTokenizer
-
-    path = weights_path(checkpoint)
-    meta = read_metadata(path)                  # CheckpointError if missing or unreadable
-    if meta.get("model_class", "GPT") != "GPT":
-        raise CheckpointError(f"{path}: a {meta['model_class']} checkpoint; inspect reads GPT checkpoints "
-                              "(pretrain_final, sft_final, rlhf_final, rlvf_final)")
-    tok = MyLLMTokenizer().load(Path(vocab) if vocab else path.parent / "vocab.json")
-    model = GPT(config_from_meta(meta, path))
-    load_into(model, path, tok.fingerprint())
-    return model.eval(), tok
 
 
 # ----------------------------------------------------------------------------------------
@@ -191,7 +176,7 @@ def plot_attention(maps, labels, out_dir: Path) -> list[Path]:
 
 
 def cmd_attention(args) -> int:
-    model, tok = load_model(args.checkpoint, args.vocab)
+    model, tok = load_gpt(args.checkpoint, args.vocab)
     if not args.text.strip():
         raise ValueError("--text is empty: give the text to run the model on")
     if args.chat:
@@ -251,7 +236,7 @@ def cmd_grads(args) -> int:
 
     if args.batch <= 0:
         raise ValueError(f"--batch must be positive, got {args.batch}")
-    model, tok = load_model(args.checkpoint, args.vocab)
+    model, tok = load_gpt(args.checkpoint, args.vocab)
     train_text, _ = load_split(args.data_dir, "pretrain")
     ids = np.array(tok.encode(train_text, allow_special=False), np.int64)
     T = min(model.config.block_size, len(ids) - 2)

@@ -1,5 +1,7 @@
-"""The one training loop every gradient-descent stage uses (pretrain, SFT, reward model),
-plus the run logger. A stage supplies only `get_batch(rng)` and `loss_fn(model, batch)`.
+"""The one training loop every gradient-descent stage uses (pretrain, SFT, reward model, RLHF's
+PPO and RLVF's GRPO), plus the run logger. A stage supplies only `get_batch(rng)` and
+`loss_fn(model, batch)`; the RL stages' get_batch pops the next minibatch of their plan and
+samples a new batch of replies when it is used up (stages/policy.py).
 
 Reads like nanoGPT's train.py: for each step, evaluate if due, get the learning rate,
 forward, backward, check the numbers are finite, clip, AdamW step, log, checkpoint if due.
@@ -68,7 +70,9 @@ class RunLogger:
 
 def _jsonable(v):
     if isinstance(v, (np.floating, np.integer)):
-        return v.item()
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None                    # e.g. GRPO's KL in a step without update: null, valid JSON
     if isinstance(v, np.ndarray):
         return v.tolist()
     return v
@@ -93,15 +97,14 @@ def stop_on_signals():
             signal.signal(s, h)
 
 
-def rng_state(rng: np.random.Generator) -> dict:
-    return rng.bit_generator.state
-
-
 def train(model, cfg: LoopConfig, get_batch, loss_fn, *, stage: str, logger: RunLogger | None = None,
           evaluate=None, save=None, resume: dict | None = None, rng=None, params=None, show_progress=True):
-    """Run cfg.max_steps optimizer steps. Returns {"history": [...], "evals": [...]}.
+    """Run cfg.max_steps steps -> {"history": one row per step, "evals": one row per evaluation,
+    "optimizer": the AdamW}.
 
-    get_batch(rng) -> batch; loss_fn(model, batch) -> (loss Tensor, {metric: float, "tokens": int});
+    get_batch(rng) -> batch; loss_fn(model, batch) -> (loss Tensor, {metric: float, "tokens": int}),
+    or (None, metrics) when the batch carries nothing to learn (GRPO: every group's replies
+    scored alike): that step logs its metrics and leaves weights and optimizer as they are;
     evaluate(model) -> {name: float} (model in eval mode, no graph);
     save(kind, step, optimizer, rng) writes a checkpoint (kind "periodic" | "interrupt" | "final");
     resume: {"step", "optimizer", "rng", "engine_rng"} from a previous interrupted run."""
@@ -135,16 +138,20 @@ def train(model, cfg: LoopConfig, get_batch, loss_fn, *, stage: str, logger: Run
             batch = get_batch(rng)
             with np.errstate(over="ignore", invalid="ignore"):   # a NaN/Inf is reported below, once
                 loss, metrics = loss_fn(model, batch)
-                loss.backward()
-                norm = clip_grad_norm(plist, cfg.grad_clip)
-            loss_val = float(loss.data)
-            if not (math.isfinite(loss_val) and math.isfinite(norm)):
+                if loss is not None:
+                    loss.backward()
+                    norm = clip_grad_norm(plist, cfg.grad_clip)
+            if loss is None:                                     # nothing to learn: no update
+                loss_val, norm = 0.0, 0.0
+            else:
+                loss_val = float(loss.data)
+                if not (math.isfinite(loss_val) and math.isfinite(norm)):
+                    opt.zero_grad()
+                    raise NonFiniteError(f"{stage}: non-finite {'loss' if not math.isfinite(loss_val) else 'gradient norm'} "
+                                         f"at step {step} (loss {loss_val}, grad norm {norm}); "
+                                         "the weights were not updated and no checkpoint was written from this step")
+                opt.step(lr)
                 opt.zero_grad()
-                raise NonFiniteError(f"{stage}: non-finite {'loss' if not math.isfinite(loss_val) else 'gradient norm'} "
-                                     f"at step {step} (loss {loss_val}, grad norm {norm}); "
-                                     "the weights were not updated and no checkpoint was written from this step")
-            opt.step(lr)
-            opt.zero_grad()
             # 3) log
             tokens_since += int(metrics.get("tokens", 0))
             row = {"loss": loss_val, "lr": lr, "grad_norm": norm,

@@ -6,6 +6,7 @@ import math
 import numpy as np
 
 from . import kernels as K
+from .config import ADAMW_BETAS
 
 
 class AdamW:
@@ -15,7 +16,7 @@ class AdamW:
     not to biases and LayerNorm parameters, as in nanoGPT. Takes `named_parameters()` so
     its state can be saved and restored by name."""
 
-    def __init__(self, named_params, lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
+    def __init__(self, named_params, lr=3e-4, betas=ADAMW_BETAS, eps=1e-8, weight_decay=0.1):
         self.params = list(named_params)
         if not self.params:
             raise ValueError("AdamW got no parameters")

@@ -110,6 +110,11 @@ class MyLLMTokenizer:
             ids += [IM_START_ID] + self.encode("assistant\n", False)
         return ids if tokenize else "".join(text)
 
+    def chat_prompt(self, user_text: str) -> list[int]:
+        """The ids of one user turn and the assistant header: what a model replies to."""
+        return self.apply_chat_template([{"role": "user", "content": user_text}], add_generation_prompt=True,
+                                        tokenize=True)
+
     # -- persistence ---------------------------------------------------------------------
     def save(self, path) -> None:
         """Vocabulary as JSON, written atomically."""

@@ -21,4 +21,4 @@ from .ops import (add, cast, clip, concatenate, div, exp, gelu, getitem, log, lo
                   reduce_sum, relu, reshape, sigmoid, sigmoid_array, softmax, split, sqrt, stack, sub,
                   tanh, transpose)
 from .profiler import Profiler, profile
-from .tensor import Tensor, constant, is_grad_enabled, no_grad, op, op_output, unbroadcast
+from .tensor import Tensor, constant, no_grad, op, op_output, unbroadcast

@@ -26,8 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import chat_eval
-from ..tokenizer import IM_END_ID
-from .rollout import chat_prompt
+from ..data import first_turns
 
 
 class GuardStop(Exception):
@@ -51,13 +50,7 @@ def reply_penalties(texts, prompts, loop_penalty: float, refusal_penalty: float,
 
 def refusal_prompts(convs) -> set[str]:
     """First user turns whose assistant reply (in the training data) is a refusal."""
-    out = set()
-    for c in convs:
-        user = next((m["content"] for m in c if m["role"] == "user"), None)
-        reply = next((m["content"] for m in c if m["role"] == "assistant"), "")
-        if user and chat_eval.is_refusal(reply):
-            out.add(user)
-    return out
+    return {u for u, r in map(first_turns, convs) if u and chat_eval.is_refusal(r or "")}
 
 
 class ChatGuard:
@@ -73,9 +66,8 @@ class ChatGuard:
     def evaluate(self) -> dict:
         """evaluate_chat of the policy (greedy) + "rm_score": the RM's mean score of those replies."""
         res = chat_eval.evaluate_chat(self.policy, self.tok, self.items, max_new_tokens=self.max_new_tokens, batch=32)
-        seqs = [chat_prompt(self.tok, r["prompt"]) + self.tok.encode(r["reply"], allow_special=False) + [IM_END_ID]
-                for r in res["replies"]]
-        res["rm_score"] = float(np.mean(self.rm.score_ids(seqs)))
+        rows = res["replies"]
+        res["rm_score"] = float(np.mean(self.rm.score([r["prompt"] for r in rows], [r["reply"] for r in rows], self.tok)))
         return res
 
     def degraded(self, res: dict) -> list[str]:

@@ -1,18 +1,32 @@
-"""What every stage receives (StageContext) and the checkpoint helpers they share."""
+"""What a stage declares (Stage), what it receives (StageContext), and the checkpoint helpers
+every stage shares."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..checkpoint import CheckpointError, load_into, save_checkpoint, weights_path
+from ..config import DEFAULT_SEED
 from ..loop import RunLogger
 from ..model import GPT
 from ..tokenizer import MyLLMTokenizer
 
-# init_from of each stage (STYLE.md section 5): which checkpoint a stage starts from
-CKPT = {"pretrain": "pretrain_final", "sft": "sft_final", "reward": "reward_model",
-        "rlhf": "rlhf_final", "rlvf": "rlvf_final"}
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage's declaration (its module's STAGE); train.py derives the stage graph, the command
+    line and the checkpoint names from these.
+
+    name: --stage name, config section (--<name>.field=...) and metrics label; reads: the
+    checkpoints it needs (STYLE.md section 5's init_from first); writes: the checkpoint it
+    leaves; config: its config dataclass; tiny: the --config tiny overrides; run(ctx) -> figures."""
+    name: str
+    reads: tuple
+    writes: str
+    config: type
+    tiny: dict
+    run: Callable
 
 
 @dataclass
@@ -22,7 +36,7 @@ class StageContext:
     data_dir: Path
     ckpt_dir: Path
     logger: RunLogger
-    seed: int = 1337
+    seed: int = DEFAULT_SEED
     resume: bool = False
     show_progress: bool = True
 
@@ -52,21 +66,22 @@ class StageContext:
 # stage finishes and its final checkpoint is safely on disk.
 
 
-def make_saver(ctx: StageContext, model, stage: str, final_name: str, extra: dict | None = None):
-    """The `save(kind, step, optimizer, rng)` callback that loop.train calls."""
+def make_saver(ctx: StageContext, model, stage: Stage, extra: dict | None = None):
+    """The `save(kind, step, optimizer, rng)` callback that loop.train calls: "final" writes
+    stage.writes, "periodic" / "interrupt" `<stage>_last` and its state."""
     from .. import engine as E
     from ..checkpoint import save_state, state_path
 
-    last = f"{stage}_last"
+    last = f"{stage.name}_last"
 
     def save(kind, step, optimizer, rng):
         if kind == "final":
-            ctx.save_model(model, final_name, stage, step, extra)
+            ctx.save_model(model, stage.writes, stage.name, step, extra)
             for p in (ctx.ckpt(last), state_path(ctx.ckpt(last))):
                 if p.exists():
                     p.unlink()
             return
-        ctx.save_model(model, last, stage, step, extra)
+        ctx.save_model(model, last, stage.name, step, extra)
         save_state(ctx.ckpt(last), optimizer.state_dict(),
                    {"step": step, "rng": rng.bit_generator.state, "engine_rng": E.get_rng_state()})
 

@@ -17,17 +17,16 @@ from ..data import load_drills, load_split, mixed_pretrain_batch, pretrain_batch
 from ..loop import train
 from ..model import GPT
 from ..probe import copy_probe
-from .common import load_resume, make_saver
+from .common import Stage, load_resume, make_saver
 
 
 @dataclass
 class PretrainConfig(LoopConfig):
+    """What pretraining sets apart from LoopConfig's defaults."""
     max_steps: int = 600
-    batch_size: int = 16
     lr: float = 2e-3
     warmup_steps: int = 60
-    eval_every: int = 100
-    eval_batches: int = 16
+    eval_batches: int = 16         # held-out batches per evaluation (the same windows every time)
     # copy spans (data/pretrain_drills.txt, when the data has them; see data/generate.py):
     # drill_share of every batch's rows, from the first step (bench/README.md, "Positions and
     # copying": this is what forms a copying head that works in unseen phrasings). Optionally the
@@ -39,7 +38,6 @@ class PretrainConfig(LoopConfig):
     drill_share: float = 0.4
 
 
-STAGE_CONFIG = PretrainConfig
 TINY_OVERRIDES = {"max_steps": 60, "batch_size": 8, "eval_every": 30, "eval_batches": 4, "warmup_steps": 10}
 
 
@@ -75,7 +73,7 @@ def run(ctx) -> dict:
     T = mcfg.block_size
 
     model = GPT(mcfg, seed=ctx.seed)
-    resume = load_resume(ctx, model, "pretrain")
+    resume = load_resume(ctx, model, STAGE.name)
     step = [resume["step"] if resume else 0]           # get_batch is called once per step
 
     def get_batch(rng):
@@ -92,7 +90,7 @@ def run(ctx) -> dict:
 
     t0 = time.perf_counter()
     out = train(model, cfg, get_batch, loss_fn, stage="pretrain", logger=ctx.logger, evaluate=evaluate,
-                save=make_saver(ctx, model, "pretrain", "pretrain_final"), resume=resume,
+                save=make_saver(ctx, model, STAGE), resume=resume,
                 rng=np.random.default_rng(ctx.seed), show_progress=ctx.show_progress)
     dt = time.perf_counter() - t0
     first, last = out["evals"][0], out["evals"][-1]
@@ -104,3 +102,6 @@ def run(ctx) -> dict:
             "copy_acc": last["copy_acc"], "copy_acc_start": first["copy_acc"],
             "train_loss_end": out["history"][-1]["loss"] if out["history"] else None,
             "params": model.num_parameters(), "train_chars": len(train_text), "tokens_per_s": tok_s}
+
+
+STAGE = Stage("pretrain", reads=(), writes="pretrain_final", config=PretrainConfig, tiny=TINY_OVERRIDES, run=run)

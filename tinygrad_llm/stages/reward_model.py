@@ -10,13 +10,10 @@ shifted so that the SFT data's replies score 0 on average ("we normalize the RM 
 bias so that the labeler demonstrations achieve a mean score of 0 before doing RL",
 InstructGPT appendix C.2); the bias is a weight, so the shift is stored with the model.
 
-Three eighths of each batch are synthetic by default (synthetic_pairs): a held-in reply against
-the reply to another prompt, against a fragment of itself repeated, or against itself with one
-wrong arithmetic fact. With only the labelled pairs the mini RM learns to score a reply without
-reading its prompt, a looping reply is what PPO finds first when the RM does not punish it, and
-wrong arithmetic goes unnoticed (held-out wrong-math pairs: 43% without slip pairs, 45-62% with
-them). A larger mismatch share (3/8) crowded out the labelled pairs: held-out accuracy 85.0-86.6%
-over four runs, against 86.0-88.2% over three with 1/8.
+Three eighths of each batch are synthetic by default (synthetic_pairs: a reply against another
+prompt's reply, a looping fragment of itself, or itself with one wrong arithmetic fact): the
+labelled pairs alone teach too thinly what PPO would exploit (bench/README.md, "Synthetic pairs
+for the reward model", has the measurements).
 
     rm = RewardModel.from_pretrained(sft_model, config)
     RewardModelTrainer(rm, tokenizer, RewardConfig()).train(reward_data, epochs=3)
@@ -32,16 +29,15 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..config import ConfigError, GPTConfig, LoopConfig
-from ..data import DataError, load_split
+from ..data import DataError, first_turns, load_split, pad_rows
 from ..engine import Tensor
 from ..loop import train
 from ..model import GPT, ScalarHead
 from ..nn import evaluating
 from ..tokenizer import IM_END_ID, PAD_ID
-from .common import load_resume, make_saver
-from .rollout import chat_prompt
+from .common import Stage, load_resume, make_saver
 
-__all__ = ["RewardConfig", "RewardModel", "RewardModelTrainer", "STAGE_CONFIG", "TINY_OVERRIDES",
+__all__ = ["RewardConfig", "RewardModel", "RewardModelTrainer", "STAGE", "TINY_OVERRIDES",
            "encode_reply", "synthetic_pairs", "pad_right", "pairwise_loss", "run"]
 
 
@@ -71,7 +67,6 @@ class RewardConfig(LoopConfig):
                               f"(labelled pairs fill the rest of each batch), got {sum(fracs):g}")
 
 
-STAGE_CONFIG = RewardConfig
 TINY_OVERRIDES = {"max_steps": 6, "batch_size": 8, "warmup_steps": 2, "eval_every": 3, "log_every": 2,
                   "eval_train_pairs": 16, "center_samples": 16}
 
@@ -135,18 +130,14 @@ class RewardModel(GPT):
 
 def encode_reply(tok, prompt: str, reply: str) -> list[int]:
     """Chat template of one user turn + the assistant reply, ending with its closing <|im_end|>."""
-    return chat_prompt(tok, prompt) + tok.encode(reply, allow_special=False) + [IM_END_ID]
+    return tok.chat_prompt(prompt) + tok.encode(reply, allow_special=False) + [IM_END_ID]
 
 
 def pad_right(seqs, block_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Token lists -> idx (B, L) right-padded with <PAD>, last_index (B,). A sequence longer
     than block_size is cut from the left: the reply's end is what the head reads."""
     seqs = [list(s)[-block_size:] for s in seqs]
-    L = max(len(s) for s in seqs)
-    idx = np.full((len(seqs), L), PAD_ID, np.int64)
-    for b, s in enumerate(seqs):
-        idx[b, :len(s)] = s
-    return idx, np.array([len(s) - 1 for s in seqs])
+    return pad_rows(seqs, PAD_ID, np.int64), np.array([len(s) - 1 for s in seqs])
 
 
 def pairwise_loss(r_chosen: Tensor, r_rejected: Tensor, margin: float = 0.0) -> Tensor:
@@ -327,14 +318,8 @@ def synthetic_pairs(replies, n_mismatch: int, n_loop: int, rng, n_slip: int = 0)
 
 
 def sft_replies(convs) -> list[tuple[str, str]]:
-    """(first user turn, the assistant reply to it) of each SFT conversation."""
-    out = []
-    for conv in convs:
-        for i in range(len(conv) - 1):
-            if conv[i]["role"] == "user" and conv[i + 1]["role"] == "assistant":
-                out.append((conv[i]["content"], conv[i + 1]["content"]))
-                break
-    return out
+    """(first user turn, the assistant reply to it) of each SFT conversation that has both."""
+    return [(u, r) for u, r in map(first_turns, convs) if u is not None and r is not None]
 
 
 # ----------------------------------------------------------------------------------------
@@ -347,8 +332,8 @@ def run(ctx) -> dict:
     cfg.validate("reward")
     t0 = time.perf_counter()
     train_pairs, val_pairs = load_split(ctx.data_dir, "reward", seed=ctx.seed)
-    rm = RewardModel.from_pretrained(ctx.load_model("sft_final", GPT), ctx.cfg.model, seed=ctx.seed)
-    resume = load_resume(ctx, rm, "reward")
+    rm = RewardModel.from_pretrained(ctx.load_model(STAGE.reads[0], GPT), ctx.cfg.model, seed=ctx.seed)
+    resume = load_resume(ctx, rm, STAGE.name)
     try:
         sft_train, _ = load_split(ctx.data_dir, "sft", seed=ctx.seed)
     except DataError:
@@ -358,7 +343,7 @@ def run(ctx) -> dict:
     center = [replies[i] for i in pick]
 
     trainer = RewardModelTrainer(rm, tok, cfg, logger=ctx.logger, show_progress=ctx.show_progress, seed=ctx.seed)
-    saver = make_saver(ctx, rm, "reward", "reward_model")
+    saver = make_saver(ctx, rm, STAGE)
 
     def save(kind, step, opt, rng):
         # the loop's periodic / interrupt checkpoints go through; the final one is written
@@ -374,3 +359,6 @@ def run(ctx) -> dict:
     figures.update(headline=f"held-out pairwise acc {figures['val_accuracy']:.1%}, margin {figures['val_margin']:.2f}",
                    train_pairs=len(train_pairs), val_pairs=len(val_pairs), time_s=time.perf_counter() - t0)
     return figures
+
+
+STAGE = Stage("reward", reads=("sft_final",), writes="reward_model", config=RewardConfig, tiny=TINY_OVERRIDES, run=run)

@@ -38,34 +38,33 @@ minibatch and makes a new rollout whenever the episode's minibatches are used up
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
-from .. import engine as E
-from .. import nn
-from ..config import ConfigError, LoopConfig
-from ..data import DataError, load_split
-from ..engine import Tensor
-from ..loop import train
-from ..model import GPT, ScalarHead
-from ..report import plot_stage
-from ..tokenizer import IM_END_ID
 from .. import chat_eval
+from .. import engine as E
+from ..config import ConfigError
+from ..data import DataError, first_turns, load_split
+from ..loop import train
+from ..model import GPT
+from ..report import plot_stage
 from .chat_guard import ChatGuard, GuardStop, refusal_prompts, reply_penalties
-from .common import load_resume, make_saver
+from .common import Stage, load_resume, make_saver
+from .policy import (EpochOrder, RLConfig, disable_dropout, frozen, kl_k1, log_before_after, logprobs_no_grad,
+                     minibatch_plan, rollout, rollouts_in_chunks, used_columns)
+from .ppo import (AdaptiveKLController, Experience, PolicyAndValue, ValueModel, entropy, explained_variance, gae,
+                  masked_whiten, ppo_losses, rm_scores, token_rewards)
 from .reward_model import RewardModel
-from .rollout import logprobs_no_grad, rollout
 
-__all__ = ["RLHFConfig", "PPOTrainer", "ValueModel", "PolicyAndValue", "AdaptiveKLController", "STAGE_CONFIG",
+__all__ = ["RLHFConfig", "PPOTrainer", "ValueModel", "PolicyAndValue", "AdaptiveKLController", "STAGE",
            "TINY_OVERRIDES", "gae", "masked_whiten", "rm_scores", "token_rewards", "ppo_losses", "disable_dropout", "run"]
 
 
 @dataclass
-class RLHFConfig:
+class RLHFConfig(RLConfig):
     # the seed's fields
     clip_ratio: float = 0.2          # PPO's epsilon
     kl_coef: float = 0.1             # beta (seed: 0.01); 0.1 keeps the mini policy within ~5 nats/reply of SFT
@@ -75,14 +74,11 @@ class RLHFConfig:
     temperature: float = 0.7         # sampling temperature T; the policy optimised is softmax(logits / T)
     max_new_tokens: int = 96
     unfinished_penalty: float = 2.0  # subtracted from the score of a reply that never closes with <|im_end|>
-    # PPO update
+    # PPO update (min_lr_ratio, weight_decay, grad_clip, ckpt_every: RLConfig)
     ppo_epochs: int = 4              # K passes over each rollout
     minibatch_size: int = 8
     lr: float = 2e-5
     warmup_steps: int = 8            # in minibatch steps
-    min_lr_ratio: float = 1.0        # 1.0: constant after warmup
-    weight_decay: float = 0.0        # decay would pull away from the SFT weights, not toward anything useful
-    grad_clip: float = 1.0
     vf_coef: float = 0.1
     value_clip: float = 0.2          # critic's clip range around the rollout's values (TRL: cliprange_value)
     gamma: float = 1.0
@@ -94,7 +90,6 @@ class RLHFConfig:
     eval_samples: int = 4            # samples per prompt
     eval_batch: int = 96             # rows per generate() call
     n_show: int = 5
-    ckpt_every: int = 0              # minibatch steps between resumable checkpoints (0: on interrupt only)
     # reward shaping against the failures users see (chat_guard.reply_penalties; 0 = off)
     loop_penalty: float = 1.0        # subtracted from the score of a rollout reply that loops (chat_eval.is_loop)
     refusal_penalty: float = 1.0     # ... that refuses a prompt whose SFT reply does not refuse (is_refusal)
@@ -122,196 +117,14 @@ class RLHFConfig:
     def minibatches(self) -> int:
         return math.ceil(self.prompts_per_episode / self.minibatch_size)
 
-    def loop_config(self) -> LoopConfig:
-        """What loop.train needs: one loop step per minibatch."""
-        return LoopConfig(max_steps=self.num_episodes * self.ppo_epochs * self.minibatches,
-                          batch_size=self.minibatch_size, lr=self.lr, min_lr_ratio=self.min_lr_ratio,
-                          warmup_steps=self.warmup_steps, weight_decay=self.weight_decay,
-                          grad_clip=self.grad_clip, eval_every=0, log_every=1, ckpt_every=self.ckpt_every)
+    @property
+    def steps_per_episode(self) -> int:
+        return self.ppo_epochs * self.minibatches
 
 
-STAGE_CONFIG = RLHFConfig
 TINY_OVERRIDES = {"num_episodes": 2, "prompts_per_episode": 4, "minibatch_size": 2, "ppo_epochs": 2,
                   "max_new_tokens": 12, "warmup_steps": 0, "eval_prompts": 4, "eval_samples": 2, "n_show": 2,
                   "chat_eval_every": 1, "chat_eval_tokens": 12, "chat_eval_items": 4}
-
-
-# ----------------------------------------------------------------------------------------
-# models
-
-
-def disable_dropout(model):
-    """Set every Dropout to p = 0 (and say so in the config): the training forward must
-    compute the same function as the rollout, or the first PPO ratio is not 1."""
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-    model.config = replace(model.config, dropout=0.0)
-    return model
-
-
-class ValueModel(GPT):
-    """The critic: GPT trunk + value_head (1, C). values(idx) (B, L) -> (B, L): V at every position."""
-
-    def __init__(self, config, seed: int = 0, dtype=np.float32):
-        super().__init__(replace(config, dropout=0.0), seed, dtype)
-        self.value_head = ScalarHead(config.n_embd, np.random.default_rng(seed + 2), dtype)
-
-    @classmethod
-    def from_reward_model(cls, rm: RewardModel) -> "ValueModel":
-        """Trunk and head copied from the reward model: the critic starts out predicting the
-        score the reply would get if it ended here, not noise."""
-        vm = cls(rm.config, dtype=rm.dtype)
-        state = {k.replace("reward_head.", "value_head."): v.copy() for k, v in rm.state_dict().items()}
-        vm.load_state_dict(state, source="reward model weights")
-        return vm
-
-    def values(self, idx) -> Tensor:
-        return self.value_head(self.hidden_states(idx))             # (B, L, C) -> (B, L)
-
-
-class PolicyAndValue(nn.Module):
-    """Policy and critic under one set of names (policy.*, critic.*) so one optimizer, one
-    gradient clip and one resumable checkpoint cover both (TRL's PolicyAndValueWrapper)."""
-
-    def __init__(self, policy: GPT, critic: ValueModel):
-        self.policy, self.critic = policy, critic
-        self.config = policy.config
-
-
-class AdaptiveKLController:
-    """beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)
-    (Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences", eq. 2)."""
-
-    def __init__(self, init: float, target: float, horizon: int):
-        self.value, self.target, self.horizon = init, target, horizon
-
-    def update(self, kl: float, n: int) -> float:
-        if self.target > 0:
-            err = float(np.clip(kl / self.target - 1.0, -0.2, 0.2))
-            self.value *= 1.0 + err * n / self.horizon
-        return self.value
-
-
-# ----------------------------------------------------------------------------------------
-# the pieces (pure functions, unit-tested)
-
-
-def gae(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
-    """Generalised advantage estimation (Schulman et al. 2016) on right-padded rows.
-
-    rewards, values, mask: (B, L); each row's valid positions are contiguous and the
-    episode ends after the last one (V = 0 beyond it). -> advantages, returns (B, L), 0
-    outside the mask. delta_t = r_t + gamma V_{t+1} - V_t; A_t = delta_t + gamma lam A_{t+1}."""
-    m = np.asarray(mask, np.float64)
-    r, v = np.asarray(rewards, np.float64) * m, np.asarray(values, np.float64) * m
-    adv = np.zeros_like(r)
-    last, next_v = np.zeros(r.shape[0]), np.zeros(r.shape[0])
-    for t in reversed(range(r.shape[1])):                  # pass 1 ... L, right to left
-        delta = r[:, t] + gamma * next_v - v[:, t]
-        last = (delta + gamma * lam * last) * m[:, t]      # 0 after the reply ends
-        adv[:, t] = last
-        next_v = v[:, t]
-    return adv, (adv + v) * m
-
-
-def token_rewards(scores, finished, kl, last_index, beta: float, unfinished_penalty: float):
-    """Per-token rewards (InstructGPT eq. 2, per token as in Ziegler et al. 2019 / TRL):
-    -beta * kl_t on every token (kl_t = logp_old - logp_ref, the k1 estimate, 0 off the reply)
-    plus, at the reply's last token, the score minus unfinished_penalty if it never closed.
-    scores, finished, last_index: (B,); kl: (B, L). -> rewards (B, L), final scores (B,)."""
-    final = np.asarray(scores, np.float64) - unfinished_penalty * (~np.asarray(finished, bool))
-    rewards = -beta * np.asarray(kl, np.float64)
-    rewards[np.arange(len(final)), last_index] += final
-    return rewards, final
-
-
-def rm_scores(rm: RewardModel, ro) -> np.ndarray:
-    """Reward-model score of each rollout reply (B,). The RM only ever saw replies closed by
-    <|im_end|>, so one cut off by max_new_tokens is scored with <|im_end|> appended: its score
-    at some mid-reply token would be out of distribution, free for the policy to exploit.
-    The missing close is paid for by token_rewards' unfinished_penalty instead."""
-    seqs = [list(p) + list(r) + ([] if done else [IM_END_ID]) for p, r, done in zip(ro.prompts, ro.replies, ro.finished)]
-    return rm.score_ids(seqs).astype(np.float64)
-
-
-def masked_whiten(x, mask, eps: float = 1e-8):
-    """(x - mean) / std over the positions where mask > 0; 0 elsewhere (TRL's masked_whiten)."""
-    m = np.asarray(mask, bool)
-    vals = x[m]
-    out = np.zeros_like(x)
-    out[m] = (vals - vals.mean()) / (vals.std() + eps)
-    return out
-
-
-def ppo_losses(logp: Tensor, values: Tensor, old_logp, old_values, adv, returns, mask,
-               clip_ratio: float = 0.2, value_clip: float = 0.2):
-    """Clipped surrogate and clipped value loss, token-level means over mask (B, L).
-
-    logp: (B, L) log pi_theta(y_t) (Tensor); values: (B, L) V_phi (Tensor); old_logp,
-    old_values, adv, returns: (B, L) arrays from the rollout. -> pg_loss, vf_loss, stats.
-      ratio = exp(logp - old_logp)
-      pg = mean(max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)))         (PPO, eq. 7)
-      vf = 0.5 mean(max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2))   (37 details, #9)"""
-    dt = logp.dtype
-    m = np.asarray(mask, dt)
-    n = max(float(m.sum()), 1.0)
-    A, R = np.asarray(adv, dt), np.asarray(returns, dt)
-    old_v = np.asarray(old_values, dt)
-    # mask the log-ratio before exp: at padding it is meaningless and could overflow
-    log_ratio = (logp - np.asarray(old_logp, dt)) * m
-    ratio = log_ratio.exp()
-    pg = E.maximum(ratio * -A, ratio.clip(1.0 - clip_ratio, 1.0 + clip_ratio) * -A)
-    pg_loss = (pg * m).sum() * (1.0 / n)
-    v_clipped = (values - old_v).clip(-value_clip, value_clip) + old_v
-    vf = E.maximum((values - R) ** 2, (v_clipped - R) ** 2)
-    vf_loss = (vf * m).sum() * (0.5 / n)
-    r, lr_, valid = ratio.data, log_ratio.data, m > 0
-    stats = {"pg_loss": float(pg_loss.data), "value_loss": float(vf_loss.data),
-             # k3 estimate of KL(old || new) (37 details, #12; http://joschu.net/blog/kl-approx.html)
-             "approx_kl": float((((r - 1) - lr_) * m).sum() / n),
-             "clip_frac": float(((np.abs(r - 1) > clip_ratio) * m).sum() / n),
-             "ratio_min": float(r[valid].min()) if valid.any() else 1.0,
-             "ratio_max": float(r[valid].max()) if valid.any() else 1.0,
-             "value_clip_frac": float(((np.abs(values.data - old_v) > value_clip) * m).sum() / n)}
-    return pg_loss, vf_loss, stats
-
-
-def entropy(logits: np.ndarray, mask) -> float:
-    """Mean entropy (nats) of softmax(logits) (B, L, V) over the positions where mask > 0."""
-    z = logits[np.asarray(mask) > 0].astype(np.float64)              # (n, V)
-    if not len(z):
-        return 0.0
-    z -= z.max(-1, keepdims=True)
-    p = np.exp(z)
-    s = p.sum(-1)
-    return float(np.mean(np.log(s) - (p * z).sum(-1) / s))
-
-
-def explained_variance(pred, target, mask) -> float:
-    """1 - Var(target - pred) / Var(target) over the mask: 1 perfect, 0 no better than the mean."""
-    m = np.asarray(mask) > 0
-    var = np.var(target[m])
-    return float(1 - np.var(target[m] - pred[m]) / var) if var > 0 else float("nan")
-
-
-def _used_columns(mask, rows) -> int:
-    """Columns up to the last reply token among `rows`; the rest is padding for all of them."""
-    return int(np.flatnonzero(mask[rows].any(0)).max()) + 1
-
-
-@dataclass
-class Experience:
-    """One episode's rollout, laid out (B, L) like rollout.build_batch, plus the minibatch plan."""
-    x: np.ndarray
-    y: np.ndarray
-    mask: np.ndarray
-    old_logp: np.ndarray
-    old_values: np.ndarray
-    adv: np.ndarray
-    returns: np.ndarray
-    stats: dict
-    plan: list            # row-index arrays, one per minibatch step, epoch by epoch
 
 
 # ----------------------------------------------------------------------------------------
@@ -322,7 +135,8 @@ class PPOTrainer:
     """PPO on a policy (trained in place) against a frozen reward model.
 
     ref_model: frozen reference (default: a copy of the policy as passed in); critic
-    (default: ValueModel.from_reward_model). `config` is the model config (seed API; unused)."""
+    (default: ValueModel.from_reward_model). `config` is the model config the seed passes
+    (the models carry their own; not used)."""
 
     def __init__(self, policy_model: GPT, reward_model: RewardModel, tokenizer, config=None,
                  rlhf_config: RLHFConfig | None = None, ref_model: GPT | None = None,
@@ -330,46 +144,32 @@ class PPOTrainer:
         self.cfg = rlhf_config or RLHFConfig()
         self.cfg.validate()
         self.policy = disable_dropout(policy_model)
-        self.ref = disable_dropout(ref_model if ref_model is not None else copy.deepcopy(policy_model))
-        # frozen: ref and rm are only ever run under no_grad and are not in the optimizer
-        # (requires_grad=False would hide their weights from state_dict / dtype)
-        self.rm = reward_model.eval()
-        self.ref.eval()
+        self.ref = frozen(policy_model, copy_weights=True) if ref_model is None else frozen(ref_model)
+        self.rm = reward_model.eval()              # frozen too (its dropout is off by construction)
         self.critic = disable_dropout(critic if critic is not None else ValueModel.from_reward_model(reward_model))
         self.model = PolicyAndValue(self.policy, self.critic)
         self.tok, self.logger, self.show_progress, self.seed = tokenizer, logger, show_progress, seed
         self.kl_ctl = AdaptiveKLController(self.cfg.kl_coef, self.cfg.target_kl, self.cfg.kl_horizon)
-        self.prompts, self._order, self._pos = [], [], 0
+        self.prompts, self.order = [], EpochOrder()
         self.episode, self.exp = 0, None
         self.refusal_ok = set()      # prompts whose refusal is not penalised (harmful requests)
         self.guard = None            # a ChatGuard: chat evaluation every cfg.chat_eval_every episodes
         self._updates = []           # metrics of each update so far (what train returns on an early stop)
 
     # -- 1-4: rollout, rewards, advantages ------------------------------------------------
-    def _next_prompts(self, rng) -> list[str]:
-        """prompts_per_episode prompts, epochs without replacement over a reshuffled order."""
-        out = []
-        while len(out) < self.cfg.prompts_per_episode:
-            if self._pos >= len(self._order):
-                self._order, self._pos = list(rng.permutation(len(self.prompts))), 0
-            out.append(self.prompts[self._order[self._pos]])
-            self._pos += 1
-        return out
-
     def collect(self, rng) -> Experience:
         """Sample one episode and compute everything PPO needs from it (no graph)."""
         c = self.cfg
-        prompts = self._next_prompts(rng)
+        prompts = [self.prompts[self.order.next(rng, len(self.prompts))] for _ in range(c.prompts_per_episode)]
         ro = rollout(self.policy, self.tok, prompts, temperature=c.temperature, max_new_tokens=c.max_new_tokens, rng=rng)
         x, y, m = ro.x, ro.y, ro.action_mask
         B = len(x)
         # the minibatch plan of all K epochs; old log-probs are computed in the chunks of the
         # first epoch, so the first training forward repeats that computation bit for bit
-        plan = [chunk for _ in range(c.ppo_epochs)
-                for chunk in np.array_split(rng.permutation(B), c.minibatches)]
+        plan = minibatch_plan(rng, B, c.ppo_epochs, c.minibatches)
         old_logp, ref_logp, values = (np.zeros(x.shape, np.float64) for _ in range(3))
         for rows in plan[:c.minibatches]:
-            n = _used_columns(m, rows)
+            n = used_columns(m, rows)
             xs, ys = x[rows, :n], y[rows, :n]
             old_logp[rows, :n] = logprobs_no_grad(self.policy, xs, ys, c.temperature)
             ref_logp[rows, :n] = logprobs_no_grad(self.ref, xs, ys, c.temperature)
@@ -382,7 +182,7 @@ class PPOTrainer:
                                                    self.refusal_ok, c.comply_penalty)
         # 3) rewards, 4) advantages and returns
         beta = self.kl_ctl.value
-        kl = old_logp - ref_logp                                    # (B, L), 0 off the mask
+        kl = kl_k1(old_logp, ref_logp)                              # (B, L), 0 off the mask
         rewards, final = token_rewards(scores - penalty, ro.finished, kl, ro.last_index, beta, c.unfinished_penalty)
         adv, returns = gae(rewards, values, m, c.gamma, c.lam)
         adv = masked_whiten(adv, m)
@@ -409,7 +209,7 @@ class PPOTrainer:
             self.episode += 1
         e = self.exp
         rows = e.plan.pop(0)
-        n = _used_columns(e.mask, rows)                                 # drop columns that are padding for all rows
+        n = used_columns(e.mask, rows)                                 # drop columns that are padding for all rows
         return {"x": e.x[rows, :n], "y": e.y[rows, :n], "mask": e.mask[rows, :n], "old_logp": e.old_logp[rows, :n],
                 "old_values": e.old_values[rows, :n], "adv": e.adv[rows, :n], "returns": e.returns[rows, :n],
                 "stats": e.stats}
@@ -419,7 +219,7 @@ class PPOTrainer:
         c = self.cfg
         logits, _ = model.policy(mb["x"])
         z = logits * (1.0 / c.temperature)                          # the sampled policy: softmax(logits / T)
-        logp = -E.cross_entropy(z, mb["y"], reduction="none")      # (b, L), as rollout.token_logprobs
+        logp = -E.cross_entropy(z, mb["y"], reduction="none")      # (b, L), as policy.token_logprobs
         values = model.critic.values(mb["x"])                       # (b, L)
         pg_loss, vf_loss, st = ppo_losses(logp, values, mb["old_logp"], mb["old_values"], mb["adv"],
                                           mb["returns"], mb["mask"], c.clip_ratio, c.value_clip)
@@ -432,7 +232,7 @@ class PPOTrainer:
         """One chat evaluation by the guard, with the last rollout's RM score and KL beside it;
         raises GuardStop on reward hacking (when the guard is enabled)."""
         beside = {k: self.exp.stats[k] for k in ("score", "kl", "penalty")} if self.exp is not None else {}
-        step = self.episode * self.cfg.ppo_epochs * self.cfg.minibatches
+        step = self.episode * self.cfg.steps_per_episode
         rec = self.guard.check(step, self.episode, **{f"rollout_{k}": v for k, v in beside.items()})
         if self.guard.stop:
             raise GuardStop(f"episode {self.episode}: reward hacking: {rec['why']}")
@@ -444,12 +244,12 @@ class PPOTrainer:
         if not prompts:
             raise DataError("rlhf: no prompts to train on")
         self.prompts = list(prompts)
-        lcfg = self.cfg.loop_config()
+        c = self.cfg
         if resume:   # restart at the episode boundary the saved step belongs to
-            self.episode = int(resume["step"]) // (self.cfg.ppo_epochs * self.cfg.minibatches)
+            self.episode = int(resume["step"]) // c.steps_per_episode
         self._updates = []
         try:
-            out = train(self.model, lcfg, self.get_batch, self.loss_fn, stage="rlhf", logger=self.logger,
+            out = train(self.model, c.loop_config(c.num_episodes * c.steps_per_episode), self.get_batch, self.loss_fn, stage="rlhf", logger=self.logger,
                         save=save, resume=resume, rng=np.random.default_rng(self.seed),
                         show_progress=self.show_progress)
         except GuardStop as e:      # stop early on the best weights; they become the final checkpoint
@@ -472,14 +272,12 @@ class PPOTrainer:
         model = model or self.policy
         n = samples or c.eval_samples
         rng = np.random.default_rng(self.seed + 99 if seed is None else seed)
-        per = max(1, c.eval_batch // n)
         scores, kls, finished, lens, texts = [], [], [], [], []
-        for i in range(0, len(prompts), per):
-            ro = rollout(model, self.tok, prompts[i:i + per], samples=n, temperature=c.temperature,
-                         max_new_tokens=c.max_new_tokens, rng=rng)
+        for ro in rollouts_in_chunks(model, self.tok, prompts, samples=n, temperature=c.temperature,
+                                     max_new_tokens=c.max_new_tokens, batch=c.eval_batch, rng=rng):
             lp = logprobs_no_grad(model, ro.x, ro.y, c.temperature)
             lr = logprobs_no_grad(self.ref, ro.x, ro.y, c.temperature)
-            kls += list(((lp - lr) * ro.action_mask).sum(1))
+            kls += list((kl_k1(lp, lr) * ro.action_mask).sum(1))
             scores += list(rm_scores(self.rm, ro))
             finished += list(ro.finished)
             lens += list(ro.action_mask.sum(1))
@@ -495,10 +293,8 @@ class PPOTrainer:
 
 
 def user_prompts(convs) -> list[str]:
-    """The first user turn of each conversation, deduplicated in order (later turns lean on
-    their context, so alone they are not fair prompts)."""
-    out = (next((m["content"] for m in c if m["role"] == "user"), None) for c in convs)
-    return list(dict.fromkeys(p for p in out if p))
+    """The first user turn of each conversation (data.first_turns), deduplicated in order."""
+    return list(dict.fromkeys(u for u, _ in map(first_turns, convs) if u))
 
 
 def run(ctx) -> dict:
@@ -518,8 +314,9 @@ def run(ctx) -> dict:
     pick = np.random.default_rng(ctx.seed).permutation(len(val_prompts))[:c.eval_prompts or None]
     val_prompts = [val_prompts[i] for i in sorted(pick)]
 
-    policy, ref = ctx.load_model("sft_final"), ctx.load_model("sft_final")
-    rm = ctx.load_model("reward_model", RewardModel)
+    sft, reward_model = STAGE.reads
+    policy, ref = ctx.load_model(sft), ctx.load_model(sft)
+    rm = ctx.load_model(reward_model, RewardModel)
     rm.tokenizer = tok
     trainer = PPOTrainer(policy, rm, tok, ctx.cfg.model, c, ref_model=ref, logger=ctx.logger,
                          show_progress=ctx.show_progress, seed=ctx.seed)
@@ -529,10 +326,10 @@ def run(ctx) -> dict:
         trainer.guard = ChatGuard(policy, rm, tok, chat_eval.subset(chat_dev, c.chat_eval_items),
                                   drop=c.chat_guard_drop, rise=c.chat_guard_rise, enabled=c.chat_guard,
                                   max_new_tokens=c.chat_eval_tokens, logger=ctx.logger)
-    resume = load_resume(ctx, trainer.model, "rlhf")
+    resume = load_resume(ctx, trainer.model, STAGE.name)
     # rlhf_last holds policy + critic (to resume); rlhf_final the policy alone, a plain GPT
-    save_last = make_saver(ctx, trainer.model, "rlhf", "rlhf_final")
-    save_final = make_saver(ctx, policy, "rlhf", "rlhf_final", extra={"episodes": c.num_episodes})
+    save_last = make_saver(ctx, trainer.model, STAGE)
+    save_final = make_saver(ctx, policy, STAGE, extra={"episodes": c.num_episodes})
 
     def save(kind, step, opt, rng):
         (save_final if kind == "final" else save_last)(kind, step, opt, rng)
@@ -559,8 +356,7 @@ def run(ctx) -> dict:
                        **chat_eval.flat(chat_after, "chat_test_after_"))
     after = trainer.evaluate(val_prompts)
     eval_time = time.perf_counter() - te - train_time
-    ctx.logger.log("rlhf", len(history), **{f"val_{w}_{k}": v for w, e in (("before", before), ("after", after))
-                                             for k, v in e.items() if isinstance(v, float)})
+    log_before_after(ctx.logger, STAGE.name, len(history), before, after)
     # the run report's plotter (train.py redraws it with every stage at the end of the run)
     plot = plot_stage("rlhf", ctx.logger.read_metrics("rlhf"), ctx.logger.dir) if history else None
     n = before["samples_per_prompt"]
@@ -593,3 +389,7 @@ def run(ctx) -> dict:
             "plot": str(plot) if plot else "skipped (matplotlib not installed)", "train_time_s": train_time,
             "eval_time_s": eval_time,
             "time_s": time.perf_counter() - t0, "samples": samples, **chat_figures}
+
+
+STAGE = Stage("rlhf", reads=("sft_final", "reward_model"), writes="rlhf_final", config=RLHFConfig,
+              tiny=TINY_OVERRIDES, run=run)

@@ -15,19 +15,14 @@ import numpy as np
 
 from .. import chat_eval
 from ..config import LoopConfig
-from ..data import FILES, DataError, data_file, load_split, pad_batch, sft_examples
+from ..data import FILES, DataError, data_file, first_turns, load_split, pad_batch, sft_examples
 from ..loop import train
 from ..model import GPT
-from ..tokenizer import IM_END_ID
-from .common import load_resume, make_saver
-from .rollout import chat_prompt
+from .common import Stage, load_resume, make_saver
 
 
 @dataclass
 class SFTConfig(LoopConfig):
-    max_steps: int = 1000
-    batch_size: int = 16
-    lr: float = 1e-3
     warmup_steps: int = 30
     eval_every: int = 200
     eval_prompts: int = 48          # held-out prompts answered (greedy) for the <|im_end|> rate
@@ -36,24 +31,14 @@ class SFTConfig(LoopConfig):
     chat_eval_items: int = 0        # 0 = every item of the chat evaluation
 
 
-STAGE_CONFIG = SFTConfig
 TINY_OVERRIDES = {"max_steps": 40, "batch_size": 8, "eval_every": 20, "eval_prompts": 8, "max_new_tokens": 24,
                   "warmup_steps": 5, "chat_eval_tokens": 24, "chat_eval_items": 8}
 
 
-def first_user_prompts(convs) -> list[str]:
-    return [next(m["content"] for m in c if m["role"] == "user") for c in convs if any(m["role"] == "user" for m in c)]
-
-
 def reply_eos_rate(model, tok, prompts: list[str], max_new_tokens: int, batch: int = 16):
     """Greedy replies to `prompts` -> (share closed with <|im_end|>, reply texts)."""
-    closed, texts = 0, []
-    for i in range(0, len(prompts), batch):
-        chunk = [chat_prompt(tok, p) for p in prompts[i:i + batch]]
-        gen = model.generate(chunk, max_new_tokens=max_new_tokens, temperature=0.0, stop_tokens=(IM_END_ID,))
-        closed += int(gen.finished.sum())
-        texts += [tok.decode(r) for r in gen.replies()]
-    return closed / max(1, len(prompts)), texts
+    texts, closed = chat_eval.generate_replies(model, tok, prompts, max_new_tokens, batch)
+    return sum(closed) / max(1, len(prompts)), texts
 
 
 def run(ctx) -> dict:
@@ -65,10 +50,10 @@ def run(ctx) -> dict:
     val_ex = sft_examples(tok, val_convs, T)
     if not train_ex or not val_ex:
         raise DataError(f"{ctx.data_dir}: no SFT conversation with an assistant reply fits the context")
-    val_prompts = first_user_prompts(val_convs)[: cfg.eval_prompts]
+    val_prompts = [u for u, _ in map(first_turns, val_convs) if u is not None][: cfg.eval_prompts]
 
-    model = ctx.load_model("pretrain_final", GPT)
-    resume = load_resume(ctx, model, "sft")
+    model = ctx.load_model(STAGE.reads[0], GPT)
+    resume = load_resume(ctx, model, STAGE.name)
     before_eos, before_texts = reply_eos_rate(model, tok, val_prompts[:5], cfg.max_new_tokens)
 
     def get_batch(rng):
@@ -89,7 +74,7 @@ def run(ctx) -> dict:
 
     t0 = time.perf_counter()
     out = train(model, cfg, get_batch, loss_fn, stage="sft", logger=ctx.logger, evaluate=evaluate,
-                save=make_saver(ctx, model, "sft", "sft_final"), resume=resume,
+                save=make_saver(ctx, model, STAGE), resume=resume,
                 rng=np.random.default_rng(ctx.seed + 1), show_progress=ctx.show_progress)
     train_time = time.perf_counter() - t0
     eos_rate, texts = reply_eos_rate(model, tok, val_prompts, cfg.max_new_tokens)
@@ -135,3 +120,6 @@ def chat_eval_after(ctx, model, cfg) -> dict | None:
     res = chat_eval.evaluate_chat(model, ctx.tokenizer, items, max_new_tokens=cfg.chat_eval_tokens)
     ctx.logger.log("sft", cfg.max_steps, **chat_eval.flat(res))
     return res
+
+
+STAGE = Stage("sft", reads=("pretrain_final",), writes="sft_final", config=SFTConfig, tiny=TINY_OVERRIDES, run=run)

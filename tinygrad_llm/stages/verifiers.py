@@ -1,4 +1,5 @@
-"""Automatic answer checkers for RLVF: pure functions from (task, reply) to bool.
+"""Automatic answer checkers for RLVF: pure functions from (task, reply) to bool, and
+`step_credit`, partial credit (a float) for the worked steps of a math reply.
 
 The model is taught to answer "…，答案是42。" (or to lead with "是的，"/"不是，" for yes/no
 questions), so both verifiers first look for that *designated* answer and fall back to
@@ -269,3 +270,35 @@ def states_answer(task: dict, response: str) -> bool:
     first = _first_clause(text)
     # A bare single-char lead ("是。", "对，") counts only as the whole first clause.
     return (first.startswith(_LEADS) or first in {"是", "对", "否", "不"}) and _polarity(first) is not None
+
+
+# ----------------------------------------------------------------------------------------
+# partial credit
+
+
+_STEP = re.compile(r"(\d+)\s*([+\-×÷])\s*(\d+)(?:\s*([+\-])\s*(\d+))?\s*=\s*(\d+)")
+_EQUATION = re.compile(r"^(\d+)\s*[+\-×÷]\s*(\d+)：")
+_OPS = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "×": lambda x, y: x * y,
+        "÷": lambda x, y: x / y if y else float("nan")}
+
+
+def step_credit(prompt: str, reply: str) -> float:
+    """Partial credit for a worked reply: the share of its stated facts ("7 + 8 = 15",
+    "4 + 3 + 1 = 8") that are true, times whether its opening restatement ("72 + 19：") copies
+    two numbers that are in the prompt (else 0: true facts about the wrong numbers earn
+    nothing). 0.0 for a reply with no worked fact."""
+    facts = _STEP.findall(reply)
+    if not facts:
+        return 0.0
+    true = 0
+    for a, op, b, op2, c, r in facts:
+        v = _OPS[op](int(a), int(b))
+        if op2:
+            v = _OPS[op2](v, int(c))
+        true += v == int(r)
+    m = _EQUATION.match(reply)
+    if m:
+        in_prompt = set(re.findall(r"\d+", prompt))
+        if not {m.group(1), m.group(2)} <= in_prompt:
+            return 0.0
+    return true / len(facts)

@@ -13,9 +13,9 @@ Each source file is a JSON list of intents:
   the composition (checked when loading), and appear only in sft_val.json and chat_eval.json.
 - math: the prompts are templates with {a} {b} (digits) or {A} {B} (Chinese numerals) and the
   intent has an "op" (add / sub / mul / div). Train templates are filled with training keys only,
-  val templates with held-out keys only (the key pools of generate.py); the reply is an optional
+  val templates with held-out keys only (the key pools of data/keys.py); the reply is an optional
   opening from "replies" followed by the house-style worked answer ("...答案是N。") that
-  generate.py's arith_task() writes.
+  data/tasks.py writes (chat_math_reply).
 - keywords: any-of words a correct reply contains (meta, knowledge); harmful intents default to
   the words of a refusal.
 
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from numerals import to_chinese   # noqa: E402  (data/numerals.py)
 
 CATEGORIES = ("meta", "knowledge", "math", "harmful")
-EXTRA_VARIANTS = {"meta": 1, "knowledge": 0, "harmful": 1}   # composed variants per train phrasing
+EXTRA_VARIANTS = {"meta": 0, "knowledge": 0, "harmful": 1}   # composed variants per train phrasing
 MATH_TRAIN = {"add": 90, "sub": 90, "mul": 50, "div": 50}     # SFT items per op
 MATH_VAL_PER_TEMPLATE = 4                                     # held-out items per val template
 MATH_POOL = {"add": "add", "sub": "word_sub", "mul": "mul", "div": "div"}   # word_sub: b < a, no zero results
@@ -250,7 +250,7 @@ def reward_pairs(rng, items, n, clean):
 def build_chat(rng, chat_dir, pools, math_reply, clean=None):
     """Everything the chat sources give, from one seeded stream.
 
-    pools: generate.py's kind -> {"train": [keys], "val": [held-out keys]}.
+    pools: data/keys.py's kind -> {"train": [keys], "val": [held-out keys]}.
     math_reply(rng, op, a, b) -> (reply, wrong reply, answer as str), in the house style.
     clean(question, answer) -> False if a training text touches a held-out key (dropped).
     Returns {"sft_train", "sft_val", "eval", "pretrain_train", "pretrain_val", "reward_train", "reward_val"}.

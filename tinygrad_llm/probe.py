@@ -12,7 +12,7 @@ and we score the model's greedy next-token prediction for digits 2..n of the rep
 first digit of the repeat could come from the phrasing alone). A model that does not copy
 is at chance, 10%; one that copies is near 100%.
 
-The phrasings below are the probe's own: data/generate.py's copy drills use other markers,
+The phrasings below are the probe's own: data/drills.py's copy drills use other markers,
 and tests/test_probe.py checks that the bundled pretraining text never holds a probe phrasing,
 so the figure measures the general mechanism, not a memorised template.
 """

@@ -228,7 +228,7 @@ def test_stop_strings_end_the_reply_before_them(server):
 
 
 def test_stop_string_helpers():
-    from tinygrad_llm.serve import first_stop, held_back
+    from tinygrad_llm.openai_api import first_stop, held_back
     assert first_stop("abcdef", ["de", "b"]) == 1 and first_stop("abc", ["x"]) is None
     assert held_back("abcd", ["dx"]) == 1 and held_back("abcd", ["cdef", "x"]) == 2 and held_back("ab", ["x"]) == 0
 

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from numerals import to_chinese   # noqa: E402  (data/numerals.py)
 
 CATEGORIES = ("meta", "knowledge", "math", "harmful")
-EXTRA_VARIANTS = {"meta": 1, "knowledge": 0, "harmful": 1}   # composed variants per train phrasing
+EXTRA_VARIANTS = {"meta": 1, "knowledge": 0, "harmful": 2}   # composed variants per train phrasing
 MATH_TRAIN = {"add": 90, "sub": 90, "mul": 50, "div": 50}     # SFT items per op
 MATH_VAL_PER_TEMPLATE = 4                                     # held-out items per val template
 MATH_POOL = {"add": "add", "sub": "word_sub", "mul": "mul", "div": "div"}   # word_sub: b < a, no zero results

@@ -345,13 +345,11 @@ def test_fuzz_of_malformed_requests_then_a_good_one(server):
     before = server.chat(max_tokens=10)[0]["choices"][0]["message"]["content"]
     cases = malformed_requests()
     assert len(cases) + len(RAW_MALFORMED) >= 200, len(cases)
-    t0 = time.time()
     for method, path, body, headers in cases:
         status, resp, answer = server.request(method, path, body, headers)
         assert_error(status, resp, answer)
     for data, code in RAW_MALFORMED:
         assert_error(*server.raw(data), code=code)
-    assert time.time() - t0 < 60                                         # bounded: no generation ran
     assert server.alive()
     after = server.chat(max_tokens=10)[0]["choices"][0]["message"]["content"]
     assert after == before

@@ -40,7 +40,7 @@ MATH_VAL_PER_TEMPLATE = 4                                     # held-out items p
 MATH_POOL = {"add": "add", "sub": "word_sub", "mul": "mul", "div": "div"}   # word_sub: b < a, no zero results
 MATH_OPS = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b, "div": lambda a, b: a // b}
 SMALL = 10              # templates with Chinese numerals ({A} {B}) use operands up to SMALL
-PRETRAIN_QA = ("meta",)   # every train phrasing of these also as a "问：…答：…" line of pretraining text
+PRETRAIN_QA = ("meta",)   # every train phrasing of these also as a "问：…答：…" line of pretraining text (knowledge: measured worse)
 REWARD_N = {"train": 300, "val": 100}
 REWARD_SHARE = {"over_refusal": 0.5, "loop": 0.3, "harmful_compliance": 0.2}
 
@@ -248,7 +248,7 @@ def reward_pairs(rng, items, n, clean):
 # ----------------------------------------------------------------------------- all together
 
 def build_chat(rng, chat_dir, pools, math_reply, clean=None):
-    """Everything the chat sources give, from one seeded stream.
+    """Everything the chat sources give, from one seeded stream (the held-out side from streams derived from it).
 
     pools: data/keys.py's kind -> {"train": [keys], "val": [held-out keys]}.
     math_reply(rng, op, a, b) -> (reply, wrong reply, answer as str), in the house style.

@@ -353,8 +353,10 @@ def run(ctx) -> dict:
     trainer = RLVFTrainer(policy, ctx.tokenizer, None, c, ref_model=ref, logger=ctx.logger,
                           show_progress=ctx.show_progress, seed=ctx.seed)
     before = trainer.evaluate(val_tasks)        # the starting policy, before any resumed weights
-    if init != sft:                             # the bar is set against the SFT model: measure it too
-        sft_eval = trainer.evaluate(val_tasks, samples=0, model=ref)
+    if init != sft:                             # the bar is set against the SFT model: measure it too,
+        mine, sfts = policy.state_dict(), ref.state_dict()   # unless RLHF kept its weights (guard rollback)
+        same = mine.keys() == sfts.keys() and all(np.array_equal(mine[k], sfts[k]) for k in mine)
+        sft_eval = before if same else trainer.evaluate(val_tasks, samples=0, model=ref)
     resume = load_resume(ctx, policy, STAGE.name)
     history = trainer.train(train_tasks, save=make_saver(ctx, policy, STAGE, extra={"init_from": init}),
                             resume=resume)

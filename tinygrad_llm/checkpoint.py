@@ -48,19 +48,26 @@ def _digest(tensors: dict) -> str:
     return h.hexdigest()
 
 
-def _atomic_save(tensors: dict, path: Path, metadata: dict) -> None:
+def atomic_write(path: Path, write) -> None:
+    """write(tmp) beside `path`, flush it to disk, then rename it over `path` (atomic on POSIX):
+    a crash never leaves a half-written file under the final name. Checkpoints and exports."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        # np.require, not np.ascontiguousarray: the latter turns a 0-d array (the optimizer's
-        # step count) into shape (1,), which then no longer loads back as a scalar
-        save_file({k: np.require(v, requirements="C") for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _atomic_save(tensors: dict, path: Path, metadata: dict) -> None:
+    # np.require, not np.ascontiguousarray: the latter turns a 0-d array (the optimizer's
+    # step count) into shape (1,), which then no longer loads back as a scalar
+    arrays = {k: np.require(v, requirements="C") for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(arrays, str(tmp), metadata=metadata))
 
 
 def save_checkpoint(path, model, *, stage: str, step: int, vocab_sha: str = "", extra: dict | None = None) -> Path:

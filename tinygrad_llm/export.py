@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from .checkpoint import CheckpointError, config_from_meta, load_weights, weights_path
+from .checkpoint import CheckpointError, atomic_write, config_from_meta, load_weights, weights_path
 from .config import GPTConfig
 from .tokenizer import (BOS, BOS_ID, EOS, EOS_ID, IM_END, IM_END_ID, IM_START, PAD, PAD_ID, SPECIAL_TOKENS, UNK,
                         MyLLMTokenizer)
@@ -228,19 +228,8 @@ def read_checkpoint(path, vocab=None) -> tuple[dict, GPTConfig, str, MyLLMTokeni
     return tensors, cfg, cls, tok
 
 
-def _write(path: Path, write) -> None:
-    """write(tmp) then rename: a failed export never leaves a half-written file under a final name."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _write_json(path: Path, obj) -> None:
-    _write(path, lambda p: p.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"))
+    atomic_write(path, lambda p: p.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"))
 
 
 def export_hf(checkpoint, out_dir, vocab=None) -> dict:
@@ -268,7 +257,7 @@ def export_hf(checkpoint, out_dir, vocab=None) -> dict:
     def write_weights(p):
         save_file({k: np.ascontiguousarray(v) for k, v in hf.items()}, str(p), metadata={"format": "pt"})
         os.chmod(p, 0o644)                   # safetensors creates it owner-only, unlike the JSON files
-    _write(out / "model.safetensors", write_weights)
+    atomic_write(out / "model.safetensors", write_weights)
     for name, obj in files.items():
         if obj is not None:
             _write_json(out / name, obj)

@@ -156,7 +156,7 @@ class GradReducer:
         self.offsets = np.cumsum([0] + [p.data.size for p in self.params])
         self.n_grad = int(self.offsets[-1])
         self.buf, self.metric_names = None, None
-        self.seconds = 0.0                                  # time spent in Allreduce (bench/data_parallel.py)
+        self.times = []                                     # seconds in each step's Allreduce (bench/data_parallel.py)
 
     def _allocate(self, metric_names) -> None:
         self.metric_names = sorted(metric_names)
@@ -185,7 +185,7 @@ class GradReducer:
         # pass 2: the one collective of the step, in place
         t0 = time.perf_counter()
         self.world.comm.Allreduce(self.world.MPI.IN_PLACE, buf, op=self.world.MPI.SUM)
-        self.seconds += time.perf_counter() - t0
+        self.times.append(time.perf_counter() - t0)
         # pass 3: unpack (views, no copy)
         for i, p in enumerate(self.params):
             p.grad = buf[self.offsets[i]:self.offsets[i + 1]].reshape(p.data.shape) if buf[n + i] > 0 else None

@@ -112,7 +112,7 @@ def train(model, cfg: LoopConfig, get_batch, loss_fn, *, stage: str, logger: Run
           evaluate=None, save=None, resume: dict | None = None, rng=None, params=None, show_progress=True,
           shard=None):
     """Run cfg.max_steps steps -> {"history": one row per step, "evals": one row per evaluation,
-    "optimizer": the AdamW}.
+    "optimizer": the AdamW, "allreduce_s": seconds of each step's Allreduce (MPI only)}.
 
     get_batch(rng) -> batch; loss_fn(model, batch) -> (loss Tensor, {metric: float, "tokens": int}),
     or (None, metrics) when the batch carries nothing to learn (GRPO: every group's replies
@@ -213,7 +213,7 @@ def train(model, cfg: LoopConfig, get_batch, loss_fn, *, stage: str, logger: Run
     if save:
         save("final", cfg.max_steps, opt, rng)
     return {"history": history, "evals": evals, "optimizer": opt,
-            "allreduce_s": reducer.seconds if reducer else 0.0}
+            "allreduce_s": reducer.times if reducer else []}
 
 
 def _run_eval(model, evaluate) -> dict:

@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import engine as E
-from .config import LoopConfig
+from .config import ConfigError, LoopConfig
 from .distributed import GradReducer, world
 from .optim import AdamW, clip_grad_norm, get_lr
 from .runtime import adapt_threads
@@ -126,6 +126,9 @@ def train(model, cfg: LoopConfig, get_batch, loss_fn, *, stage: str, logger: Run
     dist = world()
     if dist.size > 1 and shard is None:
         raise RuntimeError(f"{stage}: this stage cannot split its batches over {dist.size} processes")
+    if dist.size > cfg.batch_size:
+        raise ConfigError(f"{stage}: batch_size {cfg.batch_size} cannot be split over {dist.size} processes "
+                          "(each needs at least one row)")
     named = list(params if params is not None else model.named_parameters())
     opt = AdamW(named, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     start = 0

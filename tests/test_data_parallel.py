@@ -125,22 +125,26 @@ def seeded_ckpt(work: Path) -> dict:
 @needs_mpi
 def test_failing_rank_brings_every_rank_down_with_one_line(tmp_path, data_dir):
     """Rank 1 reads a corrupt file while rank 0, with good data, waits for it in the weights'
-    broadcast; a NaN (every rank at the same step, after the Allreduce) exits 3 as one process does;
-    an RL stage is refused under mpiexec. Each: one error line, nothing written."""
+    broadcast; rank 1 builds another model than rank 0; a NaN (every rank at the same step, after
+    the Allreduce) exits 3 as one process does; an RL stage is refused under mpiexec. Each: one
+    error line, nothing written."""
     bad = tmp_path / "bad data"
     shutil.copytree(data_dir, bad)
     (bad / "pretrain_data.txt").write_bytes((data_dir / "pretrain_data.txt").read_bytes()[:999] + b"\xff\xfe")
-    works = {k: tmp_path / k for k in ("shard", "nan", "rl")}
+    works = {k: tmp_path / k for k in ("shard", "layout", "nan", "rl")}
     before = {k: seeded_ckpt(w) for k, w in works.items()}
     py = [sys.executable, ROOT / "train.py"]
     cmds = {"shard": [MPIEXEC, "-n", "1", *map(str, py + tiny_args(works["shard"], data_dir, 5)), ":",
                       "-n", "1", *map(str, py + tiny_args(works["shard"], bad, 5))],
+            "layout": [MPIEXEC, "-n", "1", *map(str, py + tiny_args(works["layout"], data_dir, 5)), ":",
+                       "-n", "1", *map(str, py + tiny_args(works["layout"], data_dir, 5, "--model.n_embd=32"))],
             "nan": mpi_cmd(2, *train_cmd(*tiny_args(works["nan"], data_dir, 10, "--pretrain.lr=1e30"))),
             "rl": mpi_cmd(2, *train_cmd("--stage", "rlvf", "--ckpt-dir", works["rl"] / "ckpt", "--no-progress"))}
     t0 = time.monotonic()
     res = run_many(cmds, timeout=TIMEOUT)
     assert time.monotonic() - t0 < TIMEOUT
     for k, code, fragment in (("shard", 2, str(bad / "pretrain_data.txt")), ("nan", 3, "non-finite"),
+                              ("layout", 2, "rank 1 built other parameters than rank 0"),
                               ("rl", 2, "run them without mpiexec")):
         r = res[k]
         assert r.returncode == code, f"{k}: exit {r.returncode}\n{r.stderr}"

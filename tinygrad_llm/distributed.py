@@ -25,6 +25,8 @@ import time
 
 import numpy as np
 
+from .config import ConfigError
+
 # a rank other than 0 waits this long before printing its error and aborting the job: when the
 # error is one every rank hits (a bad file they all read), rank 0's abort ends the job first and
 # the message is printed once; a rank that alone fails still brings the job down a second later
@@ -83,9 +85,9 @@ class MPIWorld(SingleProcess):
         layout = [(n, p.data.shape, str(p.data.dtype)) for n, p in named]
         ref = self.comm.bcast(layout, root=0)
         if layout != ref:
-            bad = next((a, b) for a, b in zip(layout + [None] * len(ref), ref + [None] * len(layout)) if a != b)
-            raise RuntimeError(f"rank {self.rank}: its parameters differ from rank 0's ({bad[0]} vs {bad[1]}): "
-                               "every rank needs the same config, data and checkpoints")
+            mine, its = next(((a, b) for a, b in zip(layout, ref) if a != b), (len(layout), len(ref)))
+            raise ConfigError(f"rank {self.rank} built other parameters than rank 0 ({mine} vs {its}): every "
+                              "rank needs the same config, data and checkpoints")
         for _, p in named:
             self.comm.Bcast(p.data, root=0)              # in place; parameters are C-contiguous
 

@@ -176,14 +176,14 @@ def main(argv=None) -> int:
     if not dist.is_main:              # rank 0 alone prints (errors still reach stderr)
         sys.stdout = open(os.devnull, "w")
     try:
-        return run(argv, dist)
+        return run_stages(argv, dist)
     except (Exception, KeyboardInterrupt) as e:
         if dist.size == 1:
             raise
         return fail(dist, traceback.format_exc().rstrip(), EXIT_INTERRUPTED if isinstance(e, KeyboardInterrupt) else 1)
 
 
-def run(argv, dist) -> int:
+def run_stages(argv, dist) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     from tinygrad_llm.checkpoint import CheckpointError
     from tinygrad_llm.config import ConfigError

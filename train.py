@@ -5,20 +5,24 @@
     python train.py --skip-pretrain --skip-sft     # only the later stages (needs sft_final)
     python train.py --stage sft --sft.max_steps=200 --model.dropout=0.0
     python train.py --stage all --resume           # continue an interrupted stage
+    mpiexec -n 2 python train.py --stage pretrain,sft   # data parallel over 2 processes (extra `mpi`)
 
 Every field of the config dataclasses can be overridden as --<section>.<field>=<value>;
 `python train.py --help-config` lists them with their defaults."""
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
+import traceback
 from dataclasses import fields
 from pathlib import Path
 
 from tinygrad_llm import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_NONFINITE
 from tinygrad_llm.config import DEFAULT_SEED
+from tinygrad_llm.distributed import world
 from tinygrad_llm.stages import load_stages
 
 STAGES = load_stages()          # name -> Stage (stages/common.py), in training order
@@ -99,6 +103,14 @@ def select_stages(args) -> list[str]:
     return [s for s in STAGES if s in names and s not in skipped]
 
 
+def check_data_parallel(stages, size: int) -> None:
+    """Under mpiexec -n N (N > 1), only stages that split their batches over the ranks may run."""
+    single = [s for s in stages if not STAGES[s].data_parallel]
+    if size > 1 and single:
+        raise UsageError(f"stage(s) {', '.join(single)} run in one process only (not yet split over MPI ranks): "
+                         f"run them without mpiexec, e.g. python train.py --stage {','.join(single)}")
+
+
 def check_inputs(stages, ckpt_dir: Path) -> None:
     """Fail before any work if a stage's input checkpoint neither exists nor will be written."""
     from tinygrad_llm.checkpoint import weights_path
@@ -150,7 +162,28 @@ def print_summary(rows) -> None:
         print(f"{stage:<10}{secs:>8.1f}s  {headline:<{w}}  {ckpt}")
 
 
+def fail(dist, message: str, code: int) -> int:
+    """Print the one error line and exit with `code`; under MPI this ends every rank (no rank
+    is left waiting in a collective for one that failed)."""
+    if dist.size > 1:
+        dist.abort(message, code)
+    print(message, file=sys.stderr)
+    return code
+
+
 def main(argv=None) -> int:
+    dist = world()
+    if not dist.is_main:              # rank 0 alone prints (errors still reach stderr)
+        sys.stdout = open(os.devnull, "w")
+    try:
+        return run_stages(argv, dist)
+    except (Exception, KeyboardInterrupt) as e:
+        if dist.size == 1:
+            raise
+        return fail(dist, traceback.format_exc().rstrip(), EXIT_INTERRUPTED if isinstance(e, KeyboardInterrupt) else 1)
+
+
+def run_stages(argv, dist) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     from tinygrad_llm.checkpoint import CheckpointError
     from tinygrad_llm.config import ConfigError
@@ -175,44 +208,47 @@ def main(argv=None) -> int:
         data_dir, ckpt_dir = Path(args.data_dir), Path(args.ckpt_dir)
         if not data_dir.is_dir():
             raise UsageError(f"--data-dir {data_dir}: not a directory")
+        check_data_parallel(stages, dist.size)
         check_inputs(stages, ckpt_dir)
-        configure_threads(args.threads)
+        configure_threads(1 if args.threads is None and dist.size > 1 else args.threads)   # MPI: a thread per rank
         tok = build_tokenizer(stages, data_dir, ckpt_dir, cfg.model.vocab_size)
         cfg.model.vocab_size = len(tok)
         run_id = args.run_id or time.strftime("%Y%m%d-%H%M%S")
-        logger = RunLogger(Path(args.runs_dir) / run_id)
-        engine.manual_seed(args.seed)                 # dropout masks follow --seed too
+        logger = RunLogger(Path(args.runs_dir) / run_id, enabled=dist.is_main)
+        engine.manual_seed(args.seed + dist.rank)     # dropout masks follow --seed too (each rank its own)
         ctx = StageContext(cfg, tok, data_dir, ckpt_dir, logger, seed=args.seed, resume=args.resume,
-                           show_progress=not args.no_progress)
+                           show_progress=not args.no_progress and dist.is_main)
         print(f"run {run_id}: stages {' -> '.join(stages)}, config {args.config}, vocabulary {len(tok)}, "
-              f"logs in {logger.dir}")
+              f"logs in {logger.dir}" + (f", {dist.size} MPI processes" if dist.size > 1 else ""))
         rows = []
         for s in stages:
             print(f"\n=== {s} ===")
             t0 = time.perf_counter()
             figures = STAGES[s].run(ctx)
             secs = time.perf_counter() - t0
-            if s == "pretrain":   # only now: a failed pretrain leaves the old vocabulary with its checkpoints
+            if s == "pretrain" and dist.is_main:   # only now: a failed pretrain leaves the old vocabulary
                 tok.save(ckpt_dir / "vocab.json")
+            dist.barrier()        # the next stage reads what rank 0 has just written
             figures["time_s"] = secs
             logger.update_summary(s, **figures)
             rows.append((s, secs, str(ctx.ckpt(STAGES[s].writes)), figures.get("headline", "")))
             print(f"{s}: {figures.get('headline', '')} ({secs:.1f}s)")
         print_summary(rows)
-        print(write_report(logger.dir))
+        if dist.is_main:
+            print(write_report(logger.dir))
         return 0
     except (UsageError, ConfigError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return fail(dist, f"error: {e}", EXIT_BAD_INPUT)
     except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_NONFINITE
-    except TrainingInterrupted as e:
+        return fail(dist, f"error: {e}", EXIT_NONFINITE)
+    except TrainingInterrupted as e:   # every rank stops after the same step (loop.py); rank 0 saved
         again = list(sys.argv[1:] if argv is None else argv)
         if "--resume" not in again:
             again.append("--resume")
-        cmd = shlex.join(["python", "train.py", *again])   # quoted: paths may hold spaces
-        print(f"\n{e}. A resumable checkpoint was saved; continue with:\n    {cmd}", file=sys.stderr)
+        launcher = ["mpiexec", "-n", str(dist.size)] if dist.size > 1 else []
+        cmd = shlex.join([*launcher, "python", "train.py", *again])   # quoted: paths may hold spaces
+        if dist.is_main:
+            print(f"\n{e}. A resumable checkpoint was saved; continue with:\n    {cmd}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -7,7 +7,12 @@ Reads like nanoGPT's train.py: for each step, evaluate if due, get the learning 
 forward, backward, check the numbers are finite, clip, AdamW step, log, checkpoint if due.
 Ctrl-C / SIGTERM are turned into a request to stop at the next step boundary, where a
 resumable checkpoint is written; a non-finite loss or gradient stops the stage before the
-bad update touches the weights."""
+bad update touches the weights.
+
+Under `mpiexec -n N` (distributed.py) each rank runs this same loop on its rows of every batch:
+the weights are broadcast from rank 0 before the first step, the gradients (and the loss, the
+metrics and any stop request) are summed by one Allreduce between backward and clipping, and
+only rank 0 logs, shows progress and writes checkpoints."""
 from __future__ import annotations
 
 import json
@@ -22,7 +27,8 @@ import numpy as np
 from tqdm import tqdm
 
 from . import engine as E
-from .config import LoopConfig
+from .config import ConfigError, LoopConfig
+from .distributed import GradReducer, world
 from .optim import AdamW, clip_grad_norm, get_lr
 from .runtime import adapt_threads
 
@@ -38,13 +44,16 @@ class TrainingInterrupted(RuntimeError):
 class RunLogger:
     """runs/<run-id>/metrics.jsonl (one JSON object per logged step) and summary.json."""
 
-    def __init__(self, run_dir):
-        self.dir = Path(run_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, run_dir, enabled: bool = True):
+        self.dir, self.enabled = Path(run_dir), enabled     # enabled=False: MPI ranks other than 0
+        if enabled:
+            self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
         self.summary_path = self.dir / "summary.json"
 
     def log(self, stage: str, step: int, **metrics) -> None:
+        if not self.enabled:
+            return
         row = {"stage": stage, "step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -55,6 +64,8 @@ class RunLogger:
         return {}
 
     def update_summary(self, stage: str, **figures) -> None:
+        if not self.enabled:
+            return
         s = self.summary()
         s.setdefault(stage, {}).update({k: _jsonable(v) for k, v in figures.items()})
         tmp = self.summary_path.with_suffix(".tmp")
@@ -98,26 +109,42 @@ def stop_on_signals():
 
 
 def train(model, cfg: LoopConfig, get_batch, loss_fn, *, stage: str, logger: RunLogger | None = None,
-          evaluate=None, save=None, resume: dict | None = None, rng=None, params=None, show_progress=True):
+          evaluate=None, save=None, resume: dict | None = None, rng=None, params=None, show_progress=True,
+          shard=None):
     """Run cfg.max_steps steps -> {"history": one row per step, "evals": one row per evaluation,
-    "optimizer": the AdamW}.
+    "optimizer": the AdamW, "allreduce_s": seconds of each step's Allreduce (MPI only)}.
 
     get_batch(rng) -> batch; loss_fn(model, batch) -> (loss Tensor, {metric: float, "tokens": int}),
     or (None, metrics) when the batch carries nothing to learn (GRPO: every group's replies
     scored alike): that step logs its metrics and leaves weights and optimizer as they are;
     evaluate(model) -> {name: float} (model in eval mode, no graph);
     save(kind, step, optimizer, rng) writes a checkpoint (kind "periodic" | "interrupt" | "final");
-    resume: {"step", "optimizer", "rng", "engine_rng"} from a previous interrupted run."""
+    resume: {"step", "optimizer", "rng", "engine_rng"} from a previous interrupted run;
+    shard(batch, rank, size) -> (this rank's part of the batch, its share of the loss's denominator)
+    (distributed.shard_rows): needed only under mpiexec with more than one process."""
     rng = rng if rng is not None else np.random.default_rng(0)
+    dist = world()
+    if dist.size > 1 and shard is None:
+        raise RuntimeError(f"{stage}: this stage cannot split its batches over {dist.size} processes")
+    if dist.size > cfg.batch_size:
+        raise ConfigError(f"{stage}: batch_size {cfg.batch_size} cannot be split over {dist.size} processes "
+                          "(each needs at least one row)")
     named = list(params if params is not None else model.named_parameters())
     opt = AdamW(named, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     start = 0
     if resume:
         opt.load_state_dict(resume["optimizer"])
         rng.bit_generator.state = resume["rng"]
-        E.set_rng_state(resume["engine_rng"])
+        if resume["engine_rng"] is not None:
+            E.set_rng_state(resume["engine_rng"])
         start = int(resume["step"])
     plist = [p for _, p in named]
+    reducer = None
+    if dist.size > 1:                    # every rank starts from rank 0's weights (fresh or resumed)
+        dist.broadcast_params(list(model.named_parameters()))   # the frozen ones too
+        reducer = GradReducer(dist, plist)
+    show_progress = show_progress and dist.is_main       # rank 0 alone shows progress and logs
+    logger = logger if dist.is_main else None
     history, evals = [], []
     min_lr = cfg.lr * cfg.min_lr_ratio
     model.train()
@@ -135,16 +162,23 @@ def train(model, cfg: LoopConfig, get_batch, loss_fn, *, stage: str, logger: Run
             # 2) one optimizer step (threads follow the machine's load, runtime.adapt_threads)
             adapt_threads()
             lr = get_lr(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, min_lr)
-            batch = get_batch(rng)
+            batch = get_batch(rng)           # the global batch (the same on every rank)
+            if reducer:
+                batch, share = shard(batch, dist.rank, dist.size)
+            stop_any = False
             with np.errstate(over="ignore", invalid="ignore"):   # a NaN/Inf is reported below, once
                 loss, metrics = loss_fn(model, batch)
                 if loss is not None:
                     loss.backward()
+                    loss_val = float(loss.data)
+                    if reducer:              # sum over ranks: the global batch's gradient and loss
+                        loss_val, metrics, stop_any = reducer.allreduce(loss_val, metrics, share, flag["stop"])
                     norm = clip_grad_norm(plist, cfg.grad_clip)
             if loss is None:                                     # nothing to learn: no update
+                if reducer:
+                    raise RuntimeError(f"{stage}: a step without a loss cannot be split over processes")
                 loss_val, norm = 0.0, 0.0
             else:
-                loss_val = float(loss.data)
                 if not (math.isfinite(loss_val) and math.isfinite(norm)):
                     opt.zero_grad()
                     raise NonFiniteError(f"{stage}: non-finite {'loss' if not math.isfinite(loss_val) else 'gradient norm'} "
@@ -166,10 +200,11 @@ def train(model, cfg: LoopConfig, get_batch, loss_fn, *, stage: str, logger: Run
                 bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
             # 4) checkpoint / stop requests at a clean step boundary
             done = step + 1
-            if flag["stop"]:
+            if flag["stop"] and not reducer or stop_any:   # under MPI: asked on any rank, all stop here
                 if save:
                     save("interrupt", done, opt, rng)
-                raise TrainingInterrupted(f"{stage}: stopped by {flag['stop']} after step {done}")
+                raise TrainingInterrupted(f"{stage}: stopped by {flag['stop'] or 'a signal to another rank'} "
+                                          f"after step {done}")
             if save and cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < cfg.max_steps:
                 save("periodic", done, opt, rng)
     bar.close()
@@ -180,7 +215,8 @@ def train(model, cfg: LoopConfig, get_batch, loss_fn, *, stage: str, logger: Run
             logger.log(stage, cfg.max_steps, **{f"val_{k}": v for k, v in ev.items()})
     if save:
         save("final", cfg.max_steps, opt, rng)
-    return {"history": history, "evals": evals, "optimizer": opt}
+    return {"history": history, "evals": evals, "optimizer": opt,
+            "allreduce_s": reducer.times if reducer else []}
 
 
 def _run_eval(model, evaluate) -> dict:

@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 from ..checkpoint import CheckpointError, load_into, save_checkpoint, weights_path
 from ..config import DEFAULT_SEED
+from ..distributed import world
 from ..loop import RunLogger
 from ..model import GPT
 from ..tokenizer import MyLLMTokenizer
@@ -20,13 +21,15 @@ class Stage:
 
     name: --stage name, config section (--<name>.field=...) and metrics label; reads: the
     checkpoints it needs (STYLE.md section 5's init_from first); writes: the checkpoint it
-    leaves; config: its config dataclass; tiny: the --config tiny overrides; run(ctx) -> figures."""
+    leaves; config: its config dataclass; tiny: the --config tiny overrides; run(ctx) -> figures;
+    data_parallel: whether it splits its batches over the ranks of `mpiexec -n N` (distributed.py)."""
     name: str
     reads: tuple
     writes: str
     config: type
     tiny: dict
     run: Callable
+    data_parallel: bool = False
 
 
 @dataclass
@@ -57,13 +60,17 @@ class StageContext:
         return model
 
     def save_model(self, model, name: str, stage: str, step: int, extra: dict | None = None) -> Path:
+        """Write checkpoint `name` (rank 0 alone under MPI: every rank holds the same weights)."""
+        if not world().is_main:
+            return self.ckpt(name)
         return save_checkpoint(self.ckpt(name), model, stage=stage, step=step, vocab_sha=self.vocab_sha, extra=extra)
 
 
 # ----------------------------------------------------------------------------------------
 # resumable checkpoints for the loop: `<stage>_last` weights + `<stage>_last.state` (optimizer
 # moments, step, RNG states). Written on interrupt / every ckpt_every steps, removed when the
-# stage finishes and its final checkpoint is safely on disk.
+# stage finishes and its final checkpoint is safely on disk. Under MPI rank 0 writes them; the
+# state holds every rank's dropout RNG (each rank draws its own masks) so a resume is exact.
 
 
 def make_saver(ctx: StageContext, model, stage: Stage, extra: dict | None = None):
@@ -75,15 +82,19 @@ def make_saver(ctx: StageContext, model, stage: Stage, extra: dict | None = None
     last = f"{stage.name}_last"
 
     def save(kind, step, optimizer, rng):
+        dist = world()
         if kind == "final":
             ctx.save_model(model, stage.writes, stage.name, step, extra)
             for p in (ctx.ckpt(last), state_path(ctx.ckpt(last))):
-                if p.exists():
+                if dist.is_main and p.exists():
                     p.unlink()
             return
+        engine_rngs = dist.gather(E.get_rng_state())         # a collective: every rank calls save
         ctx.save_model(model, last, stage.name, step, extra)
-        save_state(ctx.ckpt(last), optimizer.state_dict(),
-                   {"step": step, "rng": rng.bit_generator.state, "engine_rng": E.get_rng_state()})
+        if dist.is_main:
+            save_state(ctx.ckpt(last), optimizer.state_dict(),
+                       {"step": step, "rng": rng.bit_generator.state, "engine_rng": engine_rngs[0],
+                        "engine_rng_ranks": engine_rngs})
 
     return save
 
@@ -98,4 +109,7 @@ def load_resume(ctx: StageContext, model, stage: str) -> dict | None:
         return None
     load_into(model, last, ctx.vocab_sha)
     arrays, info = load_state(last)
-    return {"step": info["step"], "optimizer": arrays, "rng": info["rng"], "engine_rng": info["engine_rng"]}
+    # this rank's dropout RNG (a rank past those saved keeps the RNG train.py seeded it with)
+    ranks, rank = info.get("engine_rng_ranks") or [info["engine_rng"]], world().rank
+    engine_rng = ranks[rank] if rank < len(ranks) else None
+    return {"step": info["step"], "optimizer": arrays, "rng": info["rng"], "engine_rng": engine_rng}

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..config import LoopConfig
 from ..data import load_drills, load_split, mixed_pretrain_batch, pretrain_batch
+from ..distributed import shard_rows
 from ..loop import train
 from ..model import GPT
 from ..probe import copy_probe
@@ -90,7 +91,7 @@ def run(ctx) -> dict:
 
     t0 = time.perf_counter()
     out = train(model, cfg, get_batch, loss_fn, stage="pretrain", logger=ctx.logger, evaluate=evaluate,
-                save=make_saver(ctx, model, STAGE), resume=resume,
+                save=make_saver(ctx, model, STAGE), resume=resume, shard=shard_rows,
                 rng=np.random.default_rng(ctx.seed), show_progress=ctx.show_progress)
     dt = time.perf_counter() - t0
     first, last = out["evals"][0], out["evals"][-1]
@@ -104,4 +105,5 @@ def run(ctx) -> dict:
             "params": model.num_parameters(), "train_chars": len(train_text), "tokens_per_s": tok_s}
 
 
-STAGE = Stage("pretrain", reads=(), writes="pretrain_final", config=PretrainConfig, tiny=TINY_OVERRIDES, run=run)
+STAGE = Stage("pretrain", reads=(), writes="pretrain_final", config=PretrainConfig, tiny=TINY_OVERRIDES, run=run,
+              data_parallel=True)

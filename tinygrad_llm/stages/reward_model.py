@@ -30,6 +30,7 @@ import numpy as np
 
 from ..config import ConfigError, GPTConfig, LoopConfig
 from ..data import DataError, first_turns, load_split, pad_rows
+from ..distributed import row_range
 from ..engine import Tensor
 from ..loop import train
 from ..model import GPT, ScalarHead
@@ -169,6 +170,15 @@ class RewardModelTrainer:
         idx, last = pad_right([c for c, _ in encoded] + [r for _, r in encoded], self.rm.config.block_size)
         return idx, last, len(encoded)
 
+    @staticmethod
+    def shard(batch, rank, size):
+        """This rank's pairs of a batch (its chosen rows and their rejected rows) and its share
+        of the loss, a mean over pairs (distributed.py)."""
+        idx, last, B = batch
+        lo, hi = row_range(B, rank, size)
+        rows = np.r_[lo:hi, B + lo:B + hi]
+        return (idx[rows], last[rows], hi - lo), (hi - lo) / B
+
     def loss_fn(self, model, batch):
         idx, last, B = batch
         r = model.rewards(idx, last)                                   # (2B,)
@@ -231,7 +241,7 @@ class RewardModelTrainer:
                   and not (cfg.freeze_embeddings and k.startswith(("transformer.wte.", "transformer.wpe.")))]
         t0 = time.perf_counter()
         out = train(self.rm, cfg, get_batch, self.loss_fn, stage="reward", logger=self.logger,
-                    evaluate=evaluate if val_enc else None, save=save, resume=resume, params=params,
+                    evaluate=evaluate if val_enc else None, save=save, resume=resume, params=params, shard=self.shard,
                     rng=np.random.default_rng(self.seed), show_progress=self.show_progress)
         train_time = time.perf_counter() - t0
         figures = {"steps": cfg.max_steps, "train_time_s": train_time}
@@ -361,4 +371,5 @@ def run(ctx) -> dict:
     return figures
 
 
-STAGE = Stage("reward", reads=("sft_final",), writes="reward_model", config=RewardConfig, tiny=TINY_OVERRIDES, run=run)
+STAGE = Stage("reward", reads=("sft_final",), writes="reward_model", config=RewardConfig, tiny=TINY_OVERRIDES, run=run,
+              data_parallel=True)

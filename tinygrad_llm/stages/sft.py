@@ -16,6 +16,7 @@ import numpy as np
 from .. import chat_eval
 from ..config import LoopConfig
 from ..data import FILES, DataError, data_file, first_turns, load_split, pad_batch, sft_examples
+from ..distributed import shard_rows
 from ..loop import train
 from ..model import GPT
 from .common import Stage, load_resume, make_saver
@@ -63,6 +64,10 @@ def run(ctx) -> dict:
         x, y, m = batch
         return model(x, y, loss_mask=m)[1], {"tokens": x.size}
 
+    def shard(batch, rank, size):
+        # the loss is a mean over assistant tokens: a rank's share is its rows' share of them
+        return shard_rows(batch, rank, size, count=batch[2].sum(axis=1))
+
     def evaluate(model):
         # assistant-token loss over the whole held-out split, weighted by tokens
         total, count = 0.0, 0.0
@@ -74,7 +79,7 @@ def run(ctx) -> dict:
 
     t0 = time.perf_counter()
     out = train(model, cfg, get_batch, loss_fn, stage="sft", logger=ctx.logger, evaluate=evaluate,
-                save=make_saver(ctx, model, STAGE), resume=resume,
+                save=make_saver(ctx, model, STAGE), resume=resume, shard=shard,
                 rng=np.random.default_rng(ctx.seed + 1), show_progress=ctx.show_progress)
     train_time = time.perf_counter() - t0
     eos_rate, texts = reply_eos_rate(model, tok, val_prompts, cfg.max_new_tokens)
@@ -122,4 +127,5 @@ def chat_eval_after(ctx, model, cfg) -> dict | None:
     return res
 
 
-STAGE = Stage("sft", reads=("pretrain_final",), writes="sft_final", config=SFTConfig, tiny=TINY_OVERRIDES, run=run)
+STAGE = Stage("sft", reads=("pretrain_final",), writes="sft_final", config=SFTConfig, tiny=TINY_OVERRIDES, run=run,
+              data_parallel=True)

@@ -100,7 +100,7 @@ def stop_on_signals():
 def train(model, cfg: LoopConfig, get_batch, loss_fn, *, stage: str, logger: RunLogger | None = None,
           evaluate=None, save=None, resume: dict | None = None, rng=None, params=None, show_progress=True):
     """Run cfg.max_steps steps -> {"history": one row per step, "evals": one row per evaluation,
-    "optimizer": the AdamW}.
+    "optimizer": the AdamW, "step_time_s": mean seconds per step, evaluations and checkpoints excluded}.
 
     get_batch(rng) -> batch; loss_fn(model, batch) -> (loss Tensor, {metric: float, "tokens": int}),
     or (None, metrics) when the batch carries nothing to learn (GRPO: every group's replies
@@ -124,6 +124,7 @@ def train(model, cfg: LoopConfig, get_batch, loss_fn, *, stage: str, logger: Run
     bar = tqdm(range(start, cfg.max_steps), desc=stage, initial=start, total=cfg.max_steps,
                disable=not show_progress, dynamic_ncols=True, leave=True)
     t_last, tokens_since = time.perf_counter(), 0
+    step_time = 0.0                      # wall time of the steps themselves (no evaluation, no checkpoints)
     with stop_on_signals() as flag:
         for step in bar:
             # 1) evaluate on held-out data every eval_every steps (and at the start)
@@ -134,6 +135,7 @@ def train(model, cfg: LoopConfig, get_batch, loss_fn, *, stage: str, logger: Run
                     logger.log(stage, step, **{f"val_{k}": v for k, v in ev.items()})
             # 2) one optimizer step (threads follow the machine's load, runtime.adapt_threads)
             adapt_threads()
+            t_step = time.perf_counter()
             lr = get_lr(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, min_lr)
             batch = get_batch(rng)
             with np.errstate(over="ignore", invalid="ignore"):   # a NaN/Inf is reported below, once
@@ -152,6 +154,7 @@ def train(model, cfg: LoopConfig, get_batch, loss_fn, *, stage: str, logger: Run
                                          "the weights were not updated and no checkpoint was written from this step")
                 opt.step(lr)
                 opt.zero_grad()
+            step_time += time.perf_counter() - t_step
             # 3) log
             tokens_since += int(metrics.get("tokens", 0))
             row = {"loss": loss_val, "lr": lr, "grad_norm": norm,
@@ -180,7 +183,8 @@ def train(model, cfg: LoopConfig, get_batch, loss_fn, *, stage: str, logger: Run
             logger.log(stage, cfg.max_steps, **{f"val_{k}": v for k, v in ev.items()})
     if save:
         save("final", cfg.max_steps, opt, rng)
-    return {"history": history, "evals": evals, "optimizer": opt}
+    return {"history": history, "evals": evals, "optimizer": opt,
+            "step_time_s": step_time / max(1, cfg.max_steps - start)}
 
 
 def _run_eval(model, evaluate) -> dict:

@@ -66,9 +66,10 @@ class StageContext:
 # stage finishes and its final checkpoint is safely on disk.
 
 
-def make_saver(ctx: StageContext, model, stage: Stage, extra: dict | None = None):
+def make_saver(ctx: StageContext, model, stage: Stage, extra: dict | None = None, final=None):
     """The `save(kind, step, optimizer, rng)` callback that loop.train calls: "final" writes
-    stage.writes, "periodic" / "interrupt" `<stage>_last` and its state."""
+    stage.writes (or calls final(step), e.g. SFT's LoRA adapter), "periodic" / "interrupt"
+    `<stage>_last` and its state."""
     from .. import engine as E
     from ..checkpoint import save_state, state_path
 
@@ -76,7 +77,10 @@ def make_saver(ctx: StageContext, model, stage: Stage, extra: dict | None = None
 
     def save(kind, step, optimizer, rng):
         if kind == "final":
-            ctx.save_model(model, stage.writes, stage.name, step, extra)
+            if final is None:
+                ctx.save_model(model, stage.writes, stage.name, step, extra)
+            else:
+                final(step)
             for p in (ctx.ckpt(last), state_path(ctx.ckpt(last))):
                 if p.exists():
                     p.unlink()

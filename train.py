@@ -96,7 +96,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> None:
 
 
 def select_stages(args) -> list[str]:
-    names = list(STAGES) if args.stage in ("all", None) else [s.strip() for s in args.stage.split(",") if s.strip()]
+    names = [s for s in STAGES if STAGES[s].in_all] if args.stage in ("all", None) else [s.strip() for s in args.stage.split(",") if s.strip()]
     unknown = [s for s in names if s not in STAGES]
     if unknown:
         raise UsageError(f"--stage: unknown stage(s) {', '.join(unknown)}; choose from all, {', '.join(STAGES)}")
@@ -119,7 +119,9 @@ def check_inputs(stages, ckpt_dir: Path) -> None:
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", default="all", help="all, or a comma list of: " + ", ".join(STAGES))
+    ap.add_argument("--stage", default="all", help="all (" + " -> ".join(s for s in STAGES if STAGES[s].in_all)
+                    + "), or a comma list of: " + ", ".join(STAGES)
+                    + " (dpo: Direct Preference Optimization from sft_final, an alternative to reward + rlhf)")
     for s in STAGES:
         ap.add_argument(f"--skip-{s}", action="store_true", help=f"skip the {s} stage")
     ap.add_argument("--config", default="mini", choices=["tiny", "mini"], help="model + stage preset")

@@ -20,13 +20,15 @@ class Stage:
 
     name: --stage name, config section (--<name>.field=...) and metrics label; reads: the
     checkpoints it needs (STYLE.md section 5's init_from first); writes: the checkpoint it
-    leaves; config: its config dataclass; tiny: the --config tiny overrides; run(ctx) -> figures."""
+    leaves; config: its config dataclass; tiny: the --config tiny overrides; run(ctx) -> figures;
+    in_all: whether `--stage all` runs it (DPO, an alternative to reward model + PPO, does not)."""
     name: str
     reads: tuple
     writes: str
     config: type
     tiny: dict
     run: Callable
+    in_all: bool = True
 
 
 @dataclass

@@ -170,8 +170,8 @@ class LoRALinear(Linear):
         self.lora_B = Tensor(np.zeros((out_features, r), dtype), requires_grad=True)
 
     def __call__(self, x: Tensor) -> Tensor:
-        y = E.linear(x, self.weight, self.bias)                       # (..., out), the base
-        return y + E.linear(E.linear(x, self.lora_A), self.lora_B) * self.scale   # (..., r) -> (..., out)
+        # one fused op: as x W^T + b + scale * (x A^T) B^T, with a third of the graph's memory
+        return E.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scale)
 
     def merged_weight(self) -> np.ndarray:
         """W + (alpha / r) B A: the plain Linear weight that computes the same function."""

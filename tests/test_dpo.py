@@ -109,7 +109,7 @@ def test_stage_learns_the_training_pairs_and_writes_dpo_final(tmp_path, tok):
     assert rows[0]["val_accuracy"] == 0.5 and rows[0]["val_loss_eval"] == pytest.approx(math.log(2))
 
 
-def test_dpo_is_its_own_stage_not_in_all():
+def test_dpo_is_its_own_stage_not_in_all(capsys):
     import importlib.util
     from pathlib import Path
     spec = importlib.util.spec_from_file_location("train_cli", Path(__file__).resolve().parents[1] / "train.py")
@@ -120,3 +120,6 @@ def test_dpo_is_its_own_stage_not_in_all():
     args, _ = cli.parse_args(["--stage", "dpo"])
     assert cli.select_stages(args) == ["dpo"]
     assert cli.producers()["dpo_final"] == "dpo"
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    assert "dpo: Direct Preference Optimization" in " ".join(capsys.readouterr().out.split())

@@ -123,3 +123,9 @@ def test_dpo_is_its_own_stage_not_in_all(capsys):
     with pytest.raises(SystemExit):
         cli.parse_args(["--help"])
     assert "dpo: Direct Preference Optimization" in " ".join(capsys.readouterr().out.split())
+
+
+def test_without_periodic_evaluation_no_start_figure_is_made_up(tmp_path, tok):
+    out = run(_ctx(tmp_path, tok, PAIRS[:2], max_steps=2, eval_every=0))
+    assert out["val_accuracy_start"] is None and "accuracy -> " not in out["headline"]
+    assert "implicit-reward accuracy" in out["headline"]

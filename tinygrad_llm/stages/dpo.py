@@ -165,14 +165,16 @@ def run(ctx) -> dict:
                 save=make_saver(ctx, policy, STAGE), resume=resume,
                 rng=np.random.default_rng(ctx.seed + 5), show_progress=ctx.show_progress)
     train_time = time.perf_counter() - tt
-    first, last = out["evals"][0], out["evals"][-1]
+    last = out["evals"][-1]
+    first = out["evals"][0] if out["evals"][0]["step"] == 0 and len(out["evals"]) > 1 else None   # eval_every 0: none
     r = implicit_rewards(policy, ref_val, val_enc, cfg.beta, cfg.eval_batch)
     by_kind = {k: reward_stats(r[[i for i, q in enumerate(val_kinds) if q == k], 0],
                                r[[i for i, q in enumerate(val_kinds) if q == k], 1])["accuracy"]
                for k in sorted(set(val_kinds))}
-    headline = (f"held-out implicit-reward accuracy {first['accuracy']:.0%} -> {last['accuracy']:.1%}, "
+    start = f"{first['accuracy']:.0%} -> " if first else ""
+    headline = (f"held-out implicit-reward accuracy {start}{last['accuracy']:.1%}, "
                 f"margin {last['margin']:+.2f} (chosen {last['chosen_reward']:+.2f}, rejected {last['rejected_reward']:+.2f})")
-    figures = {"val_accuracy": last["accuracy"], "val_accuracy_start": first["accuracy"], "val_margin": last["margin"],
+    figures = {"val_accuracy": last["accuracy"], "val_accuracy_start": first["accuracy"] if first else None, "val_margin": last["margin"],
                "val_chosen_reward": last["chosen_reward"], "val_rejected_reward": last["rejected_reward"],
                "val_loss": last["loss_eval"], "val_accuracy_by_kind": by_kind, "train_pairs": len(train_enc),
                "val_pairs": len(val_enc), "pairs_too_long": len(train_pairs) + len(val_pairs) - len(train_enc) - len(val_enc), "beta": cfg.beta,

@@ -6,6 +6,8 @@
     python train.py --stage sft --sft.max_steps=200 --model.dropout=0.0
     python train.py --stage all --resume           # continue an interrupted stage
     mpiexec -n 2 python train.py --stage pretrain,sft   # data parallel over 2 processes (extra `mpi`)
+    python train.py --stage sft --lora.r=8         # LoRA: train adapters only -> checkpoints/sft_lora
+    python train.py --stage dpo                    # DPO from sft_final on the preference pairs (not in "all")
 
 Every field of the config dataclasses can be overridden as --<section>.<field>=<value>;
 `python train.py --help-config` lists them with their defaults."""
@@ -23,6 +25,7 @@ from pathlib import Path
 from tinygrad_llm import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_NONFINITE
 from tinygrad_llm.config import DEFAULT_SEED
 from tinygrad_llm.distributed import world
+from tinygrad_llm.lora import LoRAConfig
 from tinygrad_llm.stages import load_stages
 
 STAGES = load_stages()          # name -> Stage (stages/common.py), in training order
@@ -45,9 +48,10 @@ class RunConfig:
         self.model = {"tiny": get_tiny_config, "mini": get_mini_config}[preset]()
         for name, st in STAGES.items():
             setattr(self, name, st.config(**(st.tiny if preset == "tiny" else {})))
+        self.lora = LoRAConfig()                # --lora.r=8: the SFT stage trains adapters only
 
     def sections(self):
-        return {"model": self.model, **{s: getattr(self, s) for s in STAGES}}
+        return {"model": self.model, **{s: getattr(self, s) for s in STAGES}, "lora": self.lora}
 
 
 def _parse_value(raw: str, current, name: str):
@@ -92,10 +96,11 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> None:
         setattr(obj, field, _parse_value(raw, getattr(obj, field), key))
     # re-run the model config's validation after overrides
     type(cfg.model).__post_init__(cfg.model)
+    cfg.lora.validate()
 
 
 def select_stages(args) -> list[str]:
-    names = list(STAGES) if args.stage in ("all", None) else [s.strip() for s in args.stage.split(",") if s.strip()]
+    names = [s for s in STAGES if STAGES[s].in_all] if args.stage in ("all", None) else [s.strip() for s in args.stage.split(",") if s.strip()]
     unknown = [s for s in names if s not in STAGES]
     if unknown:
         raise UsageError(f"--stage: unknown stage(s) {', '.join(unknown)}; choose from all, {', '.join(STAGES)}")
@@ -126,7 +131,9 @@ def check_inputs(stages, ckpt_dir: Path) -> None:
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", default="all", help="all, or a comma list of: " + ", ".join(STAGES))
+    ap.add_argument("--stage", default="all", help="all (" + " -> ".join(s for s in STAGES if STAGES[s].in_all)
+                    + "), or a comma list of: " + ", ".join(STAGES)
+                    + " (dpo: Direct Preference Optimization from sft_final, an alternative to reward + rlhf)")
     for s in STAGES:
         ap.add_argument(f"--skip-{s}", action="store_true", help=f"skip the {s} stage")
     ap.add_argument("--config", default="mini", choices=["tiny", "mini"], help="model + stage preset")
@@ -205,6 +212,9 @@ def run_stages(argv, dist) -> int:
         stages = select_stages(args)
         if not stages:
             raise UsageError("no stage left to run")
+        if cfg.lora.r and stages != ["sft"]:
+            raise UsageError("--lora.r applies to --stage sft alone: it writes an adapter (sft_lora), not sft_final; "
+                             "merge it first (python -m tinygrad_llm.lora merge) to go on from it")
         data_dir, ckpt_dir = Path(args.data_dir), Path(args.ckpt_dir)
         if not data_dir.is_dir():
             raise UsageError(f"--data-dir {data_dir}: not a directory")
@@ -231,7 +241,7 @@ def run_stages(argv, dist) -> int:
             dist.barrier()        # the next stage reads what rank 0 has just written
             figures["time_s"] = secs
             logger.update_summary(s, **figures)
-            rows.append((s, secs, str(ctx.ckpt(STAGES[s].writes)), figures.get("headline", "")))
+            rows.append((s, secs, figures.get("checkpoint", str(ctx.ckpt(STAGES[s].writes))), figures.get("headline", "")))
             print(f"{s}: {figures.get('headline', '')} ({secs:.1f}s)")
         print_summary(rows)
         if dist.is_main:

@@ -38,7 +38,7 @@ def state_path(path) -> Path:
     return p.with_name(p.name[: -len(".safetensors")] + ".state.safetensors")
 
 
-def _digest(tensors: dict) -> str:
+def digest(tensors: dict) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
         a = np.ascontiguousarray(tensors[name])
@@ -63,24 +63,29 @@ def atomic_write(path: Path, write) -> None:
             tmp.unlink()
 
 
-def _atomic_save(tensors: dict, path: Path, metadata: dict) -> None:
+def save_tensors(tensors: dict, path: Path, metadata: dict) -> None:
     # np.require, not np.ascontiguousarray: the latter turns a 0-d array (the optimizer's
     # step count) into shape (1,), which then no longer loads back as a scalar
     arrays = {k: np.require(v, requirements="C") for k, v in tensors.items()}
     atomic_write(path, lambda tmp: save_file(arrays, str(tmp), metadata=metadata))
 
 
+def check_finite(path, tensors: dict) -> None:
+    """Refuse to write a NaN / Inf weight (CheckpointError naming the file and the tensor)."""
+    for name, a in tensors.items():
+        if not np.all(np.isfinite(a)):
+            raise CheckpointError(f"refusing to save {path}: parameter '{name}' is not finite")
+
+
 def save_checkpoint(path, model, *, stage: str, step: int, vocab_sha: str = "", extra: dict | None = None) -> Path:
     """Write the model's weights (+ config, stage, step, checksum) atomically; returns the path."""
     path = weights_path(path)
     tensors = model.state_dict()
-    for name, a in tensors.items():
-        if not np.all(np.isfinite(a)):
-            raise CheckpointError(f"refusing to save {path}: parameter '{name}' is not finite")
+    check_finite(path, tensors)
     meta = {"format": FORMAT, "stage": stage, "step": str(step), "config": json.dumps(asdict(model.config)),
-            "sha256": _digest(tensors), "vocab_sha256": vocab_sha, "model_class": type(model).__name__,
+            "sha256": digest(tensors), "vocab_sha256": vocab_sha, "model_class": type(model).__name__,
             "extra": json.dumps(extra or {})}
-    _atomic_save(tensors, path, meta)
+    save_tensors(tensors, path, meta)
     return path
 
 
@@ -96,17 +101,20 @@ def read_metadata(path) -> dict:
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
-def load_weights(path, verify: bool = True) -> tuple[dict, dict]:
-    """-> (tensors, metadata). Validates the format, the checksum and the config."""
+def load_weights(path, verify: bool = True, fmt: str = FORMAT) -> tuple[dict, dict]:
+    """-> (tensors, metadata). Validates the format (`fmt`: lora.FORMAT for an adapter) and the checksum."""
     path = weights_path(path)
     meta = read_metadata(path)
-    if meta.get("format") != FORMAT:
+    if meta.get("format") != fmt:
+        if meta.get("format", "").startswith(FORMAT.split("/")[0] + "/lora"):
+            raise CheckpointError(f"{path}: a LoRA adapter, not a whole model; merge it onto its base first: "
+                                  f"python -m tinygrad_llm.lora merge {path} OUT.safetensors")
         raise CheckpointError(f"{path}: not a tinygrad_llm checkpoint (format {meta.get('format')!r})")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read tensors (truncated or corrupt?): {e}") from None
-    if verify and _digest(tensors) != meta.get("sha256"):
+    if verify and digest(tensors) != meta.get("sha256"):
         raise CheckpointError(f"{path}: checksum mismatch: the file was modified or damaged")
     return tensors, meta
 
@@ -136,7 +144,7 @@ def load_into(model, path, vocab_sha: str | None = None) -> dict:
 def save_state(path, arrays: dict, info: dict) -> Path:
     """Optimizer arrays and a JSON blob (step, RNG states, ...) for --resume; atomic."""
     p = state_path(path)
-    _atomic_save(arrays, p, {"format": FORMAT, "info": json.dumps(info), "sha256": _digest(arrays)})
+    save_tensors(arrays, p, {"format": FORMAT, "info": json.dumps(info), "sha256": digest(arrays)})
     return p
 
 
@@ -149,7 +157,7 @@ def load_state(path) -> tuple[dict, dict]:
         arrays = load_file(str(p))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{p}: cannot read state (truncated or corrupt?): {e}") from None
-    if _digest(arrays) != meta.get("sha256"):
+    if digest(arrays) != meta.get("sha256"):
         raise CheckpointError(f"{p}: checksum mismatch: the file was modified or damaged")
     return arrays, json.loads(meta["info"])
 

@@ -123,6 +123,8 @@ OPS = {
     "matmul": (lambda a, b: a @ b, lambda r: [_t(r, 2, 3, 4, 5), _t(r, 2, 3, 5, 6)]),
     "matmul_broadcast": (lambda a, b: a @ b, lambda r: [_t(r, 2, 3, 4, 5), _t(r, 5, 6)]),
     "linear": (E.linear, lambda r: [_t(r, 2, 3, 4), _t(r, 5, 4), _t(r, 5)]),
+    "lora_linear": (lambda x, w, b, a, bb: E.lora_linear(x, w, b, a, bb, 1.5),
+                    lambda r: [_t(r, 2, 3, 4), _t(r, 5, 4), _t(r, 5), _t(r, 2, 4), _t(r, 5, 2)]),
     "sum": (lambda a: a.sum(axis=1, keepdims=True), lambda r: [_t(r, 2, 3, 4)]),
     "sum_all": (lambda a: a.sum(), lambda r: [_t(r, 2, 3)]),
     "mean": (lambda a: a.mean(axis=(0, 2)), lambda r: [_t(r, 2, 3, 4)]),
@@ -168,12 +170,20 @@ OPS = {
 MODEL_VARIANTS = {"gpt": {}, "gpt_rope_smear": {"pos_emb": "rope", "smear_keys": True}}
 
 
+def _lora_case(rng):
+    """A LoRALinear whose B is off zero (at B = 0 the gradient of A is exactly 0: nothing to check)."""
+    lora = nn.LoRALinear(nn.Linear(4, 3, rng=rng, dtype=np.float64), r=2, alpha=3.0, rng=rng)
+    lora.lora_B.data = rng.standard_normal(lora.lora_B.shape)
+    return lora
+
+
 def _module_cases():
     """name -> (module, input builder); every parameter of the module is checked."""
     r = np.random.default_rng(1)
     d = np.float64
     return {
         "Linear": (nn.Linear(4, 3, rng=r, dtype=d), lambda g: Tensor(g.standard_normal((2, 3, 4)), requires_grad=True)),
+        "LoRALinear": (_lora_case(r), lambda g: Tensor(g.standard_normal((2, 3, 4)), requires_grad=True)),
         "Embedding": (nn.Embedding(6, 4, rng=r, dtype=d), lambda g: _IDX),
         "LayerNorm": (nn.LayerNorm(8, dtype=d), lambda g: Tensor(g.standard_normal((2, 3, 8)), requires_grad=True)),
         "MLP": (nn.MLP(4, rng=r, dtype=d), lambda g: Tensor(g.standard_normal((2, 3, 4)), requires_grad=True)),

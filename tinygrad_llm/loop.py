@@ -112,7 +112,8 @@ def train(model, cfg: LoopConfig, get_batch, loss_fn, *, stage: str, logger: Run
           evaluate=None, save=None, resume: dict | None = None, rng=None, params=None, show_progress=True,
           shard=None):
     """Run cfg.max_steps steps -> {"history": one row per step, "evals": one row per evaluation,
-    "optimizer": the AdamW, "allreduce_s": seconds of each step's Allreduce (MPI only)}.
+    "optimizer": the AdamW, "step_time_s": mean seconds per step, evaluations and checkpoints excluded,
+    "allreduce_s": seconds of each step's Allreduce (MPI only)}.
 
     get_batch(rng) -> batch; loss_fn(model, batch) -> (loss Tensor, {metric: float, "tokens": int}),
     or (None, metrics) when the batch carries nothing to learn (GRPO: every group's replies
@@ -151,6 +152,7 @@ def train(model, cfg: LoopConfig, get_batch, loss_fn, *, stage: str, logger: Run
     bar = tqdm(range(start, cfg.max_steps), desc=stage, initial=start, total=cfg.max_steps,
                disable=not show_progress, dynamic_ncols=True, leave=True)
     t_last, tokens_since = time.perf_counter(), 0
+    step_time = 0.0                      # wall time of the steps themselves (no evaluation, no checkpoints)
     with stop_on_signals() as flag:
         for step in bar:
             # 1) evaluate on held-out data every eval_every steps (and at the start)
@@ -161,6 +163,7 @@ def train(model, cfg: LoopConfig, get_batch, loss_fn, *, stage: str, logger: Run
                     logger.log(stage, step, **{f"val_{k}": v for k, v in ev.items()})
             # 2) one optimizer step (threads follow the machine's load, runtime.adapt_threads)
             adapt_threads()
+            t_step = time.perf_counter()
             lr = get_lr(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, min_lr)
             batch = get_batch(rng)           # the global batch (the same on every rank)
             if reducer:
@@ -186,6 +189,7 @@ def train(model, cfg: LoopConfig, get_batch, loss_fn, *, stage: str, logger: Run
                                          "the weights were not updated and no checkpoint was written from this step")
                 opt.step(lr)
                 opt.zero_grad()
+            step_time += time.perf_counter() - t_step
             # 3) log
             tokens_since += int(metrics.get("tokens", 0))
             row = {"loss": loss_val, "lr": lr, "grad_norm": norm,
@@ -216,7 +220,7 @@ def train(model, cfg: LoopConfig, get_batch, loss_fn, *, stage: str, logger: Run
     if save:
         save("final", cfg.max_steps, opt, rng)
     return {"history": history, "evals": evals, "optimizer": opt,
-            "allreduce_s": reducer.times if reducer else []}
+            "step_time_s": step_time / max(1, cfg.max_steps - start), "allreduce_s": reducer.times if reducer else []}
 
 
 def _run_eval(model, evaluate) -> dict:

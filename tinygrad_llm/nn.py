@@ -148,6 +148,36 @@ class Linear(Module):
         return E.linear(x, self.weight, self.bias)
 
 
+class LoRALinear(Linear):
+    """A Linear with a low-rank adapter (LoRA, Hu et al. 2021, eq. 3):
+        y = x @ W.T + b + (alpha / r) * (x @ A.T) @ B.T,   A (r, in), B (out, r).
+    W and b are the wrapped Linear's own arrays (no copy); A starts random as in the paper's
+    reference code (loralib: kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(in), 1/sqrt(in))) and
+    B at zero, so a fresh adapter computes exactly the base layer. Parameter names:
+    `<layer>.weight`, `.bias`, `.lora_A`, `.lora_B`. Freezing the base is the caller's
+    (lora.apply_lora): here W and b are used as they are."""
+
+    def __init__(self, base: Linear, r: int, alpha: float, rng=None):
+        if r <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {r}")
+        rng = rng if rng is not None else np.random.default_rng(0)
+        out_features, in_features = base.weight.shape
+        dtype = base.weight.dtype
+        self.weight, self.bias = base.weight, base.bias
+        self.r, self.scale = r, alpha / r
+        bound = 1.0 / np.sqrt(in_features)
+        self.lora_A = Tensor(rng.uniform(-bound, bound, (r, in_features)).astype(dtype), requires_grad=True)
+        self.lora_B = Tensor(np.zeros((out_features, r), dtype), requires_grad=True)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        # one fused op: as x W^T + b + scale * (x A^T) B^T, with a third of the graph's memory
+        return E.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scale)
+
+    def merged_weight(self) -> np.ndarray:
+        """W + (alpha / r) B A: the plain Linear weight that computes the same function."""
+        return (self.weight.data + self.scale * (self.lora_B.data @ self.lora_A.data)).astype(self.weight.dtype)
+
+
 class Embedding(Module):
     """idx int (...) -> (..., C)."""
 

@@ -1,5 +1,5 @@
 """Fused layers, each one op with a hand-written backward over kernels or single GEMMs: linear,
-embedding, dropout (and the seeded generator its masks come from), layer_norm, cross_entropy.
+lora_linear, embedding, dropout (and the seeded generator its masks come from), layer_norm, cross_entropy.
 Causal attention, RoPE and smeared keys are in attention.py.
 """
 from __future__ import annotations
@@ -27,6 +27,31 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None):
             if x.requires_grad: x._accumulate(mm(d2, w.data).reshape(x.shape))
             if w.requires_grad: w._accumulate(mm(d2.T, x2))   # (out, in)
             if b is not None and b.requires_grad: b._accumulate(d2.sum(0))
+        out._backward = _backward
+    return out
+
+
+@op
+def lora_linear(x: Tensor, w: Tensor, b: Tensor | None, a: Tensor, bb: Tensor, scale: float):
+    """y = x @ W.T + b + scale * (x @ A.T) @ B.T (LoRA, Hu et al. 2021), W (out, in), A (r, in),
+    B (out, r). x: (..., in) -> (..., out). One op, one output array: backward keeps x and the
+    (N, r) projection x A^T, not the base's and the adapter's (N, out) outputs apart."""
+    if x.shape[-1] != w.shape[1] or a.shape != (bb.shape[1], w.shape[1]) or bb.shape[0] != w.shape[0]:
+        raise ValueError(f"lora_linear: x {x.shape}, W {w.shape}, A {a.shape}, B {bb.shape} do not fit")
+    x2 = x.data.reshape(-1, x.shape[-1])                      # (N, in)
+    xa = mm(x2, a.data.T) * np.asarray(scale, x.dtype)        # (N, r), scaled once
+    y = mm(x2, w.data.T, None if b is None else b.data) + mm(xa, bb.data.T)   # (N, out)
+    parents = (x, w, a, bb) if b is None else (x, w, b, a, bb)
+    out = op_output(y.reshape(*x.shape[:-1], w.shape[0]), parents)
+    if out.requires_grad:
+        def _backward(dout):
+            d2 = dout.reshape(-1, w.shape[0])                 # (N, out)
+            db2 = mm(d2, bb.data) * np.asarray(scale, d2.dtype)   # (N, r): d(x A^T), through B and the scale
+            if x.requires_grad: x._accumulate((mm(d2, w.data) + mm(db2, a.data)).reshape(x.shape))
+            if w.requires_grad: w._accumulate(mm(d2.T, x2))   # (out, in)
+            if b is not None and b.requires_grad: b._accumulate(d2.sum(0))
+            if a.requires_grad: a._accumulate(mm(db2.T, x2))  # (r, in)
+            if bb.requires_grad: bb._accumulate(mm(d2.T, xa))  # (out, r)
         out._backward = _backward
     return out
 

@@ -22,7 +22,8 @@ class Stage:
     name: --stage name, config section (--<name>.field=...) and metrics label; reads: the
     checkpoints it needs (STYLE.md section 5's init_from first); writes: the checkpoint it
     leaves; config: its config dataclass; tiny: the --config tiny overrides; run(ctx) -> figures;
-    data_parallel: whether it splits its batches over the ranks of `mpiexec -n N` (distributed.py)."""
+    data_parallel: whether it splits its batches over the ranks of `mpiexec -n N` (distributed.py);
+    in_all: whether `--stage all` runs it (DPO, an alternative to reward model + PPO, does not)."""
     name: str
     reads: tuple
     writes: str
@@ -30,6 +31,7 @@ class Stage:
     tiny: dict
     run: Callable
     data_parallel: bool = False
+    in_all: bool = True
 
 
 @dataclass
@@ -73,9 +75,10 @@ class StageContext:
 # state holds every rank's dropout RNG (each rank draws its own masks) so a resume is exact.
 
 
-def make_saver(ctx: StageContext, model, stage: Stage, extra: dict | None = None):
+def make_saver(ctx: StageContext, model, stage: Stage, extra: dict | None = None, final=None):
     """The `save(kind, step, optimizer, rng)` callback that loop.train calls: "final" writes
-    stage.writes, "periodic" / "interrupt" `<stage>_last` and its state."""
+    stage.writes (or calls final(step), e.g. SFT's LoRA adapter), "periodic" / "interrupt"
+    `<stage>_last` and its state."""
     from .. import engine as E
     from ..checkpoint import save_state, state_path
 
@@ -84,7 +87,10 @@ def make_saver(ctx: StageContext, model, stage: Stage, extra: dict | None = None
     def save(kind, step, optimizer, rng):
         dist = world()
         if kind == "final":
-            ctx.save_model(model, stage.writes, stage.name, step, extra)
+            if final is None:
+                ctx.save_model(model, stage.writes, stage.name, step, extra)
+            else:
+                final(step)
             for p in (ctx.ckpt(last), state_path(ctx.ckpt(last))):
                 if dist.is_main and p.exists():
                     p.unlink()

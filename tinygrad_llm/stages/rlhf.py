@@ -297,22 +297,29 @@ def user_prompts(convs) -> list[str]:
     return list(dict.fromkeys(u for u, _ in map(first_turns, convs) if u))
 
 
-def run(ctx) -> dict:
-    """RLHF stage for train.py: sft_final + reward_model -> rlhf_final. -> headline figures."""
-    c, tok, t0 = ctx.cfg.rlhf, ctx.tokenizer, time.perf_counter()
-    c.validate()
-    train_convs, val_convs = load_split(ctx.data_dir, "sft", seed=ctx.seed)
-    chat_items = chat_eval.load_chat_eval(ctx.data_dir)
-    chat_before = chat_test = None
-    chat_held_out = {it["prompt"] for it in chat_items or []}
-    # every first user turn of the SFT training data (the chat prompts included), less the chat evaluation's
+def prompt_split(data_dir, seed: int, eval_prompts: int = 0):
+    """-> (SFT training conversations, training prompts, held-out prompts). Training prompts:
+    every first user turn of the SFT training data, less the chat evaluation's prompts;
+    held-out: those of the SFT held-out split that are not training prompts, a seeded sample
+    of eval_prompts of them (0: all). The same held-out prompts for every model compared."""
+    train_convs, val_convs = load_split(data_dir, "sft", seed=seed)
+    chat_held_out = {it["prompt"] for it in chat_eval.load_chat_eval(data_dir) or []}
     train_prompts = [p for p in user_prompts(train_convs) if p not in chat_held_out]
     held_in = set(train_prompts)
     val_prompts = [p for p in user_prompts(val_convs) if p not in held_in]
     if not val_prompts:
-        raise DataError(f"{ctx.data_dir}: no held-out SFT prompt that is not also a training prompt")
-    pick = np.random.default_rng(ctx.seed).permutation(len(val_prompts))[:c.eval_prompts or None]
-    val_prompts = [val_prompts[i] for i in sorted(pick)]
+        raise DataError(f"{data_dir}: no held-out SFT prompt that is not also a training prompt")
+    pick = np.random.default_rng(seed).permutation(len(val_prompts))[:eval_prompts or None]
+    return train_convs, train_prompts, [val_prompts[i] for i in sorted(pick)]
+
+
+def run(ctx) -> dict:
+    """RLHF stage for train.py: sft_final + reward_model -> rlhf_final. -> headline figures."""
+    c, tok, t0 = ctx.cfg.rlhf, ctx.tokenizer, time.perf_counter()
+    c.validate()
+    train_convs, train_prompts, val_prompts = prompt_split(ctx.data_dir, ctx.seed, c.eval_prompts)
+    chat_items = chat_eval.load_chat_eval(ctx.data_dir)
+    chat_before = chat_test = None
 
     sft, reward_model = STAGE.reads
     policy, ref = ctx.load_model(sft), ctx.load_model(sft)

@@ -5,7 +5,10 @@ is on assistant tokens only, including their closing <|im_end|> (so the model le
 stop), with system and user tokens masked. Held-out figures: assistant-token loss, the
 share of replies to unseen prompts that close with <|im_end|>, and, when the data holds
 chat_eval.json, the chat evaluation (chat_eval.py: share of acceptable greedy replies to
-everyday prompts; refusals, loops; harmful prompts refused)."""
+everyday prompts; refusals, loops; harmful prompts refused).
+
+With --lora.r > 0 only low-rank adapters on the targeted projections train (lora.py) and the
+stage writes them alone, as sft_lora (an adapter checkpoint tied to pretrain_final), not sft_final."""
 from __future__ import annotations
 
 import time
@@ -13,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import chat_eval
+from .. import chat_eval, lora
 from ..config import LoopConfig
 from ..data import FILES, DataError, data_file, first_turns, load_split, pad_batch, sft_examples
 from ..distributed import shard_rows
@@ -32,6 +35,7 @@ class SFTConfig(LoopConfig):
     chat_eval_items: int = 0        # 0 = every item of the chat evaluation
 
 
+LORA_WRITES = "sft_lora"          # with --lora.r > 0: the adapter checkpoint, instead of sft_final
 TINY_OVERRIDES = {"max_steps": 40, "batch_size": 8, "eval_every": 20, "eval_prompts": 8, "max_new_tokens": 24,
                   "warmup_steps": 5, "chat_eval_tokens": 24, "chat_eval_items": 8}
 
@@ -54,6 +58,15 @@ def run(ctx) -> dict:
     val_prompts = [u for u, _ in map(first_turns, val_convs) if u is not None][: cfg.eval_prompts]
 
     model = ctx.load_model(STAGE.reads[0], GPT)
+    lora_cfg = getattr(ctx.cfg, "lora", None)
+    save_final = None
+    if lora_cfg is not None and lora_cfg.r:        # adapters only (lora.py); the base stays as it is
+        lora.apply_lora(model, lora_cfg, seed=ctx.seed)
+
+        def save_final(step):
+            lora.save_adapter(ctx.ckpt(LORA_WRITES), model, lora_cfg, ctx.ckpt(STAGE.reads[0]), stage="sft",
+                              step=step, vocab_sha=ctx.vocab_sha)
+    trainable = int(sum(p.size for _, p in model.named_parameters()))
     resume = load_resume(ctx, model, STAGE.name)
     before_eos, before_texts = reply_eos_rate(model, tok, val_prompts[:5], cfg.max_new_tokens)
 
@@ -79,7 +92,7 @@ def run(ctx) -> dict:
 
     t0 = time.perf_counter()
     out = train(model, cfg, get_batch, loss_fn, stage="sft", logger=ctx.logger, evaluate=evaluate,
-                save=make_saver(ctx, model, STAGE), resume=resume, shard=shard,
+                save=make_saver(ctx, model, STAGE, final=save_final), resume=resume, shard=shard,
                 rng=np.random.default_rng(ctx.seed + 1), show_progress=ctx.show_progress)
     train_time = time.perf_counter() - t0
     eos_rate, texts = reply_eos_rate(model, tok, val_prompts, cfg.max_new_tokens)
@@ -95,7 +108,10 @@ def run(ctx) -> dict:
                     f"logic {tasks['task_logic_acc']:.0%}); {headline}")
     if chat is not None:
         headline = f"{chat_eval.headline(chat)}; {headline}"
-    return {"headline": headline,
+    if save_final is not None:
+        headline = f"LoRA r={lora_cfg.r} ({trainable:,} trainable parameters); {headline}"
+    return {"headline": headline, "checkpoint": str(ctx.ckpt(LORA_WRITES if save_final else STAGE.writes)),
+            "trainable_params": trainable, "step_time_s": out["step_time_s"],
             "val_loss": last["loss"], "val_loss_start": out["evals"][0]["loss"], "eos_rate": eos_rate,
             "eos_rate_before": before_eos, "train_time_s": train_time, "samples": samples,
             "train_conversations": len(train_ex), "val_conversations": len(val_ex), **chat_eval.flat(chat), **tasks}

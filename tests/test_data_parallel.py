@@ -77,17 +77,25 @@ def test_without_mpiexec_nothing_imports_mpi():
 # equality with one process (float64, dropout off)
 
 
-@needs_mpi
-def test_two_ranks_equal_one_process_and_each_other(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir(), two.mkdir()
+@pytest.fixture(scope="module")
+def worker_runs(tmp_path_factory) -> tuple:
+    """dp_worker.py's every kind, once alone and once under mpiexec -n 2 -> (one process's
+    arrays, rank 0's, rank 1's)."""
+    one, two = (tmp_path_factory.mktemp(k) for k in ("one", "two"))
     res = run_many({"one": [sys.executable, WORKER, one], "two": mpi_cmd(2, sys.executable, WORKER, two)})
     for k, r in res.items():
         assert r.returncode == 0, f"{k}: {r.stderr}"
-    ref, r0, r1 = (np.load(p) for p in (one / "rank0.npz", two / "rank0.npz", two / "rank1.npz"))
-    start = {f"{kind}/{k}": v for kind, cls in (("rows", GPT), ("masked", GPT), ("pairs", RewardModel))
-             for k, v in cls(dp_worker.MCFG, seed=3, dtype=np.float64).state_dict().items()}
+    ref, r0, r1 = (dict(np.load(p)) for p in (one / "rank0.npz", two / "rank0.npz", two / "rank1.npz"))
     assert set(ref) == set(r0) == set(r1) and len(ref) > 0
+    return ref, r0, r1
+
+
+@needs_mpi
+def test_two_ranks_equal_one_process_and_each_other(worker_runs):
+    ref, r0, r1 = ({k: v for k, v in r.items() if not k.startswith("grpo")} for r in worker_runs)
+    start = {f"{kind}/{k}": v for kind, cls in (("rows", GPT), ("masked", GPT), ("gaps", GPT), ("pairs", RewardModel))
+             for k, v in cls(dp_worker.MCFG, seed=3, dtype=np.float64).state_dict().items()}
+    assert set(ref) == set(start)
     for k in ref:
         # both ranks apply the same AdamW to the same summed gradient: bit-identical
         assert np.array_equal(r0[k], r1[k]), f"{k}: ranks differ by {np.abs(r0[k] - r1[k]).max()}"
@@ -98,6 +106,29 @@ def test_two_ranks_equal_one_process_and_each_other(tmp_path):
     still = {"pairs/reward_head.bias", "pairs/transformer.ln_f.bias"}
     moved = [np.abs(ref[k] - start[k]).max() for k in start if k not in still]
     assert min(moved) > 1e-4, "some weight did not move: the test would not see a wrong gradient"
+
+
+@needs_mpi
+def test_grpo_on_two_ranks_equals_one_process(worker_runs):
+    """GRPO (dp_worker.run_grpo): each rank samples its whole groups, with the replies one process
+    samples; the figures of the whole batch are gathered, the loss weighted by each rank's share of
+    the reply tokens. Steps where no rank, or only one, has a group with signal are in the run."""
+    ref, r0, r1 = worker_runs
+    for k in (k for k in ref if k.startswith("grpo/")):
+        assert np.array_equal(r0[k], r1[k]), f"{k}: ranks differ by {np.abs(r0[k] - r1[k]).max()}"
+        # lr 1e-2 and Adam's normalisation amplify the rounding of the reordered float64 sums
+        assert np.abs(r0[k] - ref[k]).max() < 1e-10, f"{k}: differs from one process by {np.abs(r0[k] - ref[k]).max()}"
+    log = [k for k in ref if k.startswith("grpo_log/") and k != "grpo_log/had_loss"]
+    for k in log:                  # the logged figures: global means, the same on both ranks (NaN: no KL)
+        assert np.array_equal(r0[k], r1[k], equal_nan=True), k
+        assert np.allclose(r0[k], ref[k], rtol=0, atol=1e-10, equal_nan=True), f"{k}: {r0[k]} vs {ref[k]}"
+    # every case happened: a step without any update, one where rank 0 alone had nothing to learn
+    # (it joined the Allreduce with a zero share), and steps where both ranks learned
+    alone, ranks = ref["grpo_log/had_loss"], np.stack([r0["grpo_log/had_loss"], r1["grpo_log/had_loss"]])
+    assert np.array_equal(ranks.any(0), alone) and np.array_equal(alone, ref["grpo_log/grad_norm"] > 0)
+    assert (~alone).any() and (alone & ~ranks[0]).any() and ranks.all(0).any()
+    start = dp_worker.grpo_model(dp_worker.grpo_tokenizer()).state_dict()
+    assert min(np.abs(ref[f"grpo/{k}"] - v).max() for k, v in start.items()) > 1e-4, "some weight did not move"
 
 
 # ----------------------------------------------------------------------------------------
@@ -126,7 +157,7 @@ def seeded_ckpt(work: Path) -> dict:
 def test_failing_rank_brings_every_rank_down_with_one_line(tmp_path, data_dir):
     """Rank 1 reads a corrupt file while rank 0, with good data, waits for it in the weights'
     broadcast; rank 1 builds another model than rank 0; a NaN (every rank at the same step, after
-    the Allreduce) exits 3 as one process does; an RL stage is refused under mpiexec. Each: one
+    the Allreduce) exits 3 as one process does; RLHF is still refused under mpiexec. Each: one
     error line, nothing written."""
     bad = tmp_path / "bad data"
     shutil.copytree(data_dir, bad)
@@ -139,7 +170,7 @@ def test_failing_rank_brings_every_rank_down_with_one_line(tmp_path, data_dir):
             "layout": [MPIEXEC, "-n", "1", *map(str, py + tiny_args(works["layout"], data_dir, 5)), ":",
                        "-n", "1", *map(str, py + tiny_args(works["layout"], data_dir, 5, "--model.n_embd=32"))],
             "nan": mpi_cmd(2, *train_cmd(*tiny_args(works["nan"], data_dir, 10, "--pretrain.lr=1e30"))),
-            "rl": mpi_cmd(2, *train_cmd("--stage", "rlvf", "--ckpt-dir", works["rl"] / "ckpt", "--no-progress"))}
+            "rl": mpi_cmd(2, *train_cmd("--stage", "rlhf", "--ckpt-dir", works["rl"] / "ckpt", "--no-progress"))}
     t0 = time.monotonic()
     res = run_many(cmds, timeout=TIMEOUT)
     assert time.monotonic() - t0 < TIMEOUT

@@ -135,6 +135,14 @@ def shard_rows(batch: tuple, rank: int, size: int, count=None) -> tuple[tuple, f
     return tuple(a[lo:hi] for a in batch), share
 
 
+def concat_ranks(world, **arrays) -> dict:
+    """Each rank's per-row arrays -> the same arrays of the whole global batch, on every rank
+    (concatenated in rank order, so rows stay in the order row_range gave them out). The RL
+    stages sample on each rank their part and need whole-batch figures (GRPO's curriculum, means)."""
+    parts = world.gather({k: np.asarray(v) for k, v in arrays.items()})
+    return {k: np.concatenate([p[k] for p in parts]) for k in arrays}
+
+
 # ----------------------------------------------------------------------------------------
 # the one Allreduce of a step
 

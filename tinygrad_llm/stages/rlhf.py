@@ -249,7 +249,7 @@ class PPOTrainer:
             self.episode = int(resume["step"]) // c.steps_per_episode
         self._updates = []
         try:
-            out = train(self.model, c.loop_config(c.num_episodes * c.steps_per_episode), self.get_batch, self.loss_fn, stage="rlhf", logger=self.logger,
+            out = train(self.model, c.loop_config(c.num_episodes * c.steps_per_episode, c.prompts_per_episode), self.get_batch, self.loss_fn, stage="rlhf", logger=self.logger,
                         save=save, resume=resume, rng=np.random.default_rng(self.seed),
                         show_progress=self.show_progress)
         except GuardStop as e:      # stop early on the best weights; they become the final checkpoint

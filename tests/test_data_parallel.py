@@ -20,10 +20,11 @@ import pytest
 from safetensors.numpy import load_file
 
 import dp_worker
-from cli_helpers import ENV, ROOT, TIMEOUT, error_lines, run, run_many, train_cmd, tree_digest, write_tiny_data
+from cli_helpers import BUNDLED, ENV, ROOT, TIMEOUT, error_lines, run, run_many, train_cmd, tree_digest, write_tiny_data
 from tinygrad_llm.distributed import row_range, shard_rows
 from tinygrad_llm.model import GPT
 from tinygrad_llm.stages.reward_model import RewardModel, RewardModelTrainer
+from tinygrad_llm.stages.rlvf import TINY_OVERRIDES as TINY_RLVF
 
 MPIEXEC = shutil.which("mpiexec")
 needs_mpi = pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None or MPIEXEC is None,
@@ -231,6 +232,26 @@ def test_ctrl_c_under_mpiexec_then_resume_is_bit_identical(tmp_path, data_dir):
         if reference.poll() is None:
             reference.kill()
             reference.wait()
+
+
+@needs_mpi
+def test_rlvf_through_the_cli_under_mpiexec(tmp_path, data_dir):
+    """pretrain -> sft -> rlvf, tiny, under mpiexec -n 2: the evaluations (every rank) and the GRPO
+    steps (split) finish without a hang, rank 0 alone writes the checkpoint and one log row a step."""
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    tasks = json.loads((BUNDLED / "rlvf_data.json").read_text(encoding="utf-8"))[:12]
+    (data / "rlvf_data.json").write_text(json.dumps(tasks, ensure_ascii=False), encoding="utf-8")
+    res = run(mpi_cmd(2, *train_cmd("--config", "tiny", "--stage", "pretrain,sft,rlvf", "--pretrain.max_steps=4",
+                                    "--sft.max_steps=4", "--data-dir", data, "--ckpt-dir", tmp_path / "ckpt",
+                                    "--runs-dir", tmp_path / "runs", "--run-id", "r", "--no-progress")))
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "ckpt" / "rlvf_final.safetensors").exists()
+    assert not (tmp_path / "ckpt" / "rlvf_last.safetensors").exists()
+    rows = [json.loads(l) for l in (tmp_path / "runs" / "r" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    steps = [r["step"] for r in rows if r["stage"] == "rlvf" and "reward" in r]
+    assert steps == list(range(1, TINY_RLVF["num_iterations"] + 1))      # once each: rank 0 alone logs
+    assert "rlvf" in json.loads((tmp_path / "runs" / "r" / "summary.json").read_text(encoding="utf-8"))
 
 
 def load_file_meta(path: Path) -> dict:

@@ -13,7 +13,8 @@ OUT/rank<r>.npz (keys "<kind>/<parameter>").
 - gaps: masked, but a step where rank 1's rows hold no loss token and a step where no row does:
   a rank (or every rank) without a loss joins the Allreduce with nothing (loss_fn -> None);
 - grpo: RLVF's GRPO on a digits tokenizer (RLVFTrainer.shard: each rank samples whole groups);
-  also writes each step's logged figures and whether this rank had a loss ("grpo_log/...")."""
+  also writes each step's logged figures and whether this rank had a loss ("grpo_log/...");
+- ppo: RLHF's PPO, policy and critic (PPOTrainer.shard: each rank samples its prompts' replies)."""
 import dataclasses
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ from tinygrad_llm.distributed import shard_rows, world  # noqa: E402
 from tinygrad_llm.loop import train  # noqa: E402
 from tinygrad_llm.model import GPT  # noqa: E402
 from tinygrad_llm.stages.reward_model import RewardConfig, RewardModel, RewardModelTrainer  # noqa: E402
+from tinygrad_llm.stages.rlhf import PPOTrainer, RLHFConfig  # noqa: E402
 from tinygrad_llm.stages.rlvf import RLVFConfig, RLVFTrainer  # noqa: E402
 from tinygrad_llm.tokenizer import MyLLMTokenizer  # noqa: E402
 
@@ -78,14 +80,7 @@ def run_grpo() -> dict:
     cfg = RLVFConfig(num_iterations=4, samples_per_task=6, tasks_per_iter=5, max_new_tokens=1, lr=1e-2,
                      warmup_steps=0, inner_epochs=2, format_reward=0.0, eval_samples=0, seed=3)
     trainer = RLVFTrainer(model, tok, None, cfg)
-    had_loss, loss_fn = [], trainer.loss_fn
-
-    def recording(model, b):                 # whether this rank had a loss at each step
-        loss, metrics = loss_fn(model, b)
-        had_loss.append(loss is not None)
-        return loss, metrics
-
-    trainer.loss_fn = recording
+    had_loss = record_losses(trainer)
     history = trainer.train(tasks)
     log = {f"grpo_log/{k}": np.array([h[k] for h in history], np.float64)
            for k in ("loss", "grad_norm", "kl", "pg", "reward", "accuracy", "zero_var_share", "entropy")}
@@ -93,10 +88,51 @@ def run_grpo() -> dict:
     return {**{f"grpo/{k}": v for k, v in model.state_dict().items()}, **log}
 
 
+def record_losses(trainer) -> list:
+    """Wrap trainer.loss_fn -> the list it fills: whether this rank had a loss at each step."""
+    had_loss, loss_fn = [], trainer.loss_fn
+
+    def recording(model, b):
+        loss, metrics = loss_fn(model, b)
+        had_loss.append(loss is not None)
+        return loss, metrics
+
+    trainer.loss_fn = recording
+    return had_loss
+
+
+PPO_PROMPTS = ["你好", "1+1等于几？", "什么是机器学习？", "太阳从哪边升起？", "讲个故事", "你是谁？"]
+
+
+def ppo_models():
+    """-> tokenizer, policy, reward model (float64, dropout off) for run_ppo."""
+    tok = MyLLMTokenizer().build_vocab(PPO_PROMPTS)
+    mcfg = dataclasses.replace(get_tiny_config(vocab_size=len(tok)), dropout=0.0)
+    return tok, GPT(mcfg, seed=3, dtype=np.float64), RewardModel.from_pretrained(GPT(mcfg, seed=4, dtype=np.float64))
+
+
+def run_ppo() -> dict:
+    """Two PPO episodes of 5 prompts (2 + 3 on two ranks) in minibatches of 2, 2, 1 (some hold no
+    row of a rank) -> policy and critic parameters and the logged figures ("ppo_log/...")."""
+    tok, policy, rm = ppo_models()
+    cfg = RLHFConfig(num_episodes=2, prompts_per_episode=5, minibatch_size=2, ppo_epochs=2, max_new_tokens=5,
+                     warmup_steps=0, lr=1e-3)
+    trainer = PPOTrainer(policy, rm, tok, None, cfg, seed=7)
+    had_loss = record_losses(trainer)
+    history = trainer.train(PPO_PROMPTS)
+    log = {f"ppo_log/{k}": np.array([h[k] for h in history], np.float64)
+           for k in ("loss", "grad_norm", "pg_loss", "value_loss", "approx_kl", "clip_frac", "entropy", "ratio_min",
+                     "ratio_max", "score", "kl", "explained_var", "reply_len")}
+    log["ppo_log/had_loss"] = np.array(had_loss)
+    return {**{f"ppo/{k}": v for k, v in trainer.model.state_dict().items()}, **log}
+
+
 def run(kind: str) -> dict:
     dist = world()
     if kind == "grpo":
         return run_grpo()
+    if kind == "ppo":
+        return run_ppo()
     if kind == "pairs":
         model = RewardModel(MCFG, seed=3, dtype=np.float64)
         trainer = RewardModelTrainer(model, tokenizer=None, config=RewardConfig())
@@ -132,6 +168,6 @@ def run(kind: str) -> dict:
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     arrays = {}
-    for kind in sys.argv[2:] or ("rows", "masked", "pairs", "gaps", "grpo"):
+    for kind in sys.argv[2:] or ("rows", "masked", "pairs", "gaps", "grpo", "ppo"):
         arrays.update(run(kind))
     np.savez(out / f"rank{world().rank}.npz", **arrays)

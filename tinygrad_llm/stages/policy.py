@@ -213,6 +213,13 @@ def minibatch_plan(rng, rows: int, epochs: int, minibatches: int) -> list:
     return [chunk for _ in range(epochs) for chunk in np.array_split(rng.permutation(rows), minibatches)]
 
 
+def local_rows(rows, lo: int, hi: int):
+    """The rows of a global minibatch that this rank sampled (its row_range [lo, hi)), as indices
+    into its own rows, in the plan's order (MPI; one process: the rows as they are)."""
+    rows = np.asarray(rows)
+    return rows[(rows >= lo) & (rows < hi)] - lo
+
+
 def used_columns(mask, rows) -> int:
     """Columns up to the last reply token among `rows`; the rest is padding for all of them."""
     return int(np.flatnonzero(mask[rows].any(0)).max()) + 1

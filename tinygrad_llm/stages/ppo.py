@@ -107,12 +107,13 @@ def rm_scores(rm: RewardModel, ro) -> np.ndarray:
     return rm.score_ids(seqs).astype(np.float64)
 
 
-def masked_whiten(x, mask, eps: float = 1e-8):
-    """(x - mean) / std over the positions where mask > 0; 0 elsewhere (TRL's masked_whiten)."""
+def masked_whiten(x, mask, eps: float = 1e-8, pool=None):
+    """(x - mean) / std over the positions where mask > 0; 0 elsewhere (TRL's masked_whiten).
+    pool: the masked values of the whole batch, when x holds only a rank's part of it (MPI)."""
     m = np.asarray(mask, bool)
-    vals = x[m]
+    vals = x[m] if pool is None else np.asarray(pool)
     out = np.zeros_like(x)
-    out[m] = (vals - vals.mean()) / (vals.std() + eps)
+    out[m] = (x[m] - vals.mean()) / (vals.std() + eps)
     return out
 
 
@@ -140,6 +141,10 @@ def ppo_losses(logp: Tensor, values: Tensor, old_logp, old_values, adv, returns,
              "ratio_max": float(r[valid].max()) if valid.any() else 1.0,
              "value_clip_frac": clip_fraction(values.data - old_v, m, value_clip)}
     return pg_loss, vf_loss, stats
+
+
+# the per-minibatch figures that are means over its reply tokens (ppo_losses' and the entropy)
+MEAN_METRICS = ("pg_loss", "value_loss", "approx_kl", "clip_frac", "value_clip_frac", "entropy")
 
 
 def entropy(logits: np.ndarray, mask) -> float:
@@ -171,4 +176,6 @@ class Experience:
     adv: np.ndarray
     returns: np.ndarray
     stats: dict
-    plan: list            # row-index arrays, one per minibatch step, epoch by epoch
+    plan: list            # row-index arrays of the whole episode, one per minibatch step, epoch by epoch
+    rows: tuple           # this rank's rows [lo, hi) of the episode (one process: all of them)
+    reply_tokens: np.ndarray   # (P,) reply tokens of every row of the episode, on every rank

@@ -55,9 +55,9 @@ from ..report import plot_stage
 from .chat_guard import ChatGuard, GuardStop, refusal_prompts, reply_penalties
 from .common import Stage, load_resume, make_saver
 from .policy import (EpochOrder, RLConfig, disable_dropout, frozen, kl_k1, local_rows, log_before_after,
-                     logprobs_no_grad, minibatch_plan, rollout, rollouts_in_chunks, row_rngs, used_columns)
+                     logprobs_no_grad, minibatch_plan, rollout, row_rngs, used_columns)
 from .ppo import (MEAN_METRICS, AdaptiveKLController, Experience, PolicyAndValue, ValueModel, entropy,
-                  explained_variance, gae, masked_whiten, ppo_losses, rm_scores, token_rewards)
+                  episode_stats, gae, masked_whiten, ppo_losses, rm_scores, score_replies, token_rewards)
 from .reward_model import RewardModel
 
 __all__ = ["RLHFConfig", "PPOTrainer", "ValueModel", "PolicyAndValue", "AdaptiveKLController", "STAGE",
@@ -200,12 +200,7 @@ class PPOTrainer:
                          penalty=penalty, looped=looped, refused=refused, adv=adv[valid], values=values[valid],
                          returns=returns[valid])
         adv = masked_whiten(adv, m, pool=g["adv"])
-        stats = {"episode": self.episode, "score": float(g["score"].mean()), "kl": float(g["kl"].mean()),
-                 "rlhf_reward": float((g["final"] - beta * g["kl"]).mean()), "kl_coef": beta,
-                 "eos_rate": float(g["finished"].mean()), "reply_len": float(g["lens"].mean()),
-                 "penalty": float(g["penalty"].mean()), "loop_share": float(g["looped"].mean()),
-                 "refusal_share": float(g["refused"].mean()),
-                 "explained_var": explained_variance(g["values"], g["returns"], np.ones(len(g["values"]), bool))}
+        stats = {"episode": self.episode, **episode_stats(g, beta)}
         self.kl_ctl.update(stats["kl"], P)
         dt = self.policy.dtype
         return Experience(x, y, m.astype(dt), old_logp.astype(dt), values.astype(dt), adv.astype(dt),
@@ -285,9 +280,9 @@ class PPOTrainer:
             self.episode = int(resume["step"]) // c.steps_per_episode
         self._updates = []
         try:
-            out = train(self.model, c.loop_config(c.num_episodes * c.steps_per_episode, c.prompts_per_episode), self.get_batch, self.loss_fn, stage="rlhf", logger=self.logger,
-                        save=save, resume=resume, rng=np.random.default_rng(self.seed),
-                        show_progress=self.show_progress, shard=self.shard)
+            out = train(self.model, c.loop_config(c.num_episodes * c.steps_per_episode, c.prompts_per_episode),
+                        self.get_batch, self.loss_fn, stage="rlhf", logger=self.logger, save=save, resume=resume,
+                        rng=np.random.default_rng(self.seed), show_progress=self.show_progress, shard=self.shard)
         except GuardStop as e:      # stop early on the best weights; they become the final checkpoint
             self.guard.restore(f"stopped early at {e}")
             if self.logger:
@@ -301,27 +296,12 @@ class PPOTrainer:
 
     # -- evaluation -----------------------------------------------------------------------
     def evaluate(self, prompts, samples: int | None = None, model: GPT | None = None, seed: int | None = None) -> dict:
-        """Sample `samples` replies per prompt (cfg.temperature, fixed seed: the same draws for
-        every model) -> mean RM score, KL to the reference (sum over tokens, per reply), EOS
-        rate, share of distinct replies, mean length, and the replies."""
-        c = self.cfg
-        model = model or self.policy
-        n = samples or c.eval_samples
+        """ppo.score_replies() of `model` (default: the policy) with this trainer's sampling settings
+        and a fixed seed (the same draws for every model)."""
+        c, model = self.cfg, model or self.policy
         rng = np.random.default_rng(self.seed + 99 if seed is None else seed)
-        scores, kls, finished, lens, texts = [], [], [], [], []
-        for ro in rollouts_in_chunks(model, self.tok, prompts, samples=n, temperature=c.temperature,
-                                     max_new_tokens=c.max_new_tokens, batch=c.eval_batch, rng=rng):
-            lp = logprobs_no_grad(model, ro.x, ro.y, c.temperature)
-            lr = logprobs_no_grad(self.ref, ro.x, ro.y, c.temperature)
-            kls += list((kl_k1(lp, lr) * ro.action_mask).sum(1))
-            scores += list(rm_scores(self.rm, ro))
-            finished += list(ro.finished)
-            lens += list(ro.action_mask.sum(1))
-            texts += ro.texts
-        return {"score": float(np.mean(scores)), "score_std": float(np.std(scores)), "kl": float(np.mean(kls)),
-                "eos_rate": float(np.mean(finished)), "distinct": len(set(texts)) / len(texts),
-                "reply_len": float(np.mean(lens)), "n": len(texts), "texts": texts, "samples_per_prompt": n,
-                "scores": np.array(scores), "kls": np.array(kls)}
+        return score_replies(model, self.ref, self.rm, self.tok, prompts, samples or c.eval_samples, rng,
+                             temperature=c.temperature, max_new_tokens=c.max_new_tokens, batch=c.eval_batch)
 
 
 # ----------------------------------------------------------------------------------------

@@ -44,7 +44,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from math import comb
 
 import numpy as np
 
@@ -56,15 +55,12 @@ from ..loop import train
 from ..report import plot_stage
 from .common import Stage, load_resume, make_saver
 from .policy import (EpochOrder, RLConfig, build_batch, clip_fraction, clipped_surrogate, disable_dropout, frozen,
-                     kl_k3, log_before_after, logprobs_no_grad, masked_mean, rollouts_in_chunks, rollout, row_rngs,
-                     token_logprobs)
+                     kl_k3, log_before_after, logprobs_no_grad, masked_mean, rollout, row_rngs, token_logprobs)
+from .task_eval import PASS_KS, evaluate_tasks, pass_at_k
 from .verifiers import LogicVerifier, MathVerifier, states_answer, step_credit, verify_task
 
 __all__ = ["RLVFConfig", "RLVFTrainer", "MathVerifier", "LogicVerifier", "STAGE", "TINY_OVERRIDES",
            "evaluate_tasks", "group_advantages", "grpo_loss", "pass_at_k", "step_credit", "task_rewards", "run"]
-
-PASS_KS = (1, 4)   # pass@k reported by evaluate()
-
 
 @renamed(beta="kl_coef", clip_eps="clip_ratio", warmup_iters="warmup_steps")   # this stage's names until 2026-12
 @dataclass
@@ -167,14 +163,6 @@ def grpo_loss(logp: Tensor, old_logp, ref_logp, adv, mask, clip_ratio: float = 0
     stats = {"kl": float(masked_mean(kl.data, m)), "pg": float(masked_mean(-surr.data, m)),
              "clip_frac": clip_fraction(np.exp(log_ratio.data) - 1, m, clip_ratio)}
     return loss, stats
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)
-    (Chen et al. 2021, "Evaluating Large Language Models Trained on Code", eq. 1)."""
-    if n < k:
-        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
-    return 1.0 if n - c < k else 1.0 - comb(n - c, k) / comb(n, k)
 
 
 # ----------------------------------------------------------------------------------------
@@ -329,33 +317,6 @@ class RLVFTrainer:
         return evaluate_tasks(model or self.policy, self.tok, tasks, c.eval_samples if samples is None else samples,
                               max_new_tokens=c.max_new_tokens, temperature=c.eval_temperature,
                               batch=c.eval_batch, seed=self.eval_seed)
-
-
-def evaluate_tasks(model, tok, tasks, samples: int = 0, *, max_new_tokens: int = RLVFConfig.max_new_tokens,
-                   temperature: float = 1.0, batch: int = 128, seed: int = 0) -> dict:
-    """Greedy accuracy (overall, per type, per kind) and, with `samples` > 0, pass@k for k in
-    PASS_KS from that many sampled replies per task. The SFT stage reports it too: it is the
-    starting point of RLVF."""
-    def generate(n, temp, rng) -> list[str]:
-        return [t for ro in rollouts_in_chunks(model, tok, [t["prompt"] for t in tasks], samples=n, temperature=temp,
-                                               max_new_tokens=max_new_tokens, batch=batch, rng=rng) for t in ro.texts]
-
-    greedy = generate(1, 0.0, None)
-    ok = np.array([verify_task(t, r) for t, r in zip(tasks, greedy)], dtype=bool)
-    types = np.array([t["type"] for t in tasks])
-    out = {"accuracy": float(ok.mean()), "n": len(tasks), "replies": greedy}
-    for typ in ("math", "logic"):
-        if (types == typ).any():
-            out[f"{typ}_accuracy"] = float(ok[types == typ].mean())
-    kinds = np.array([str(t.get("kind", t["type"])) for t in tasks])  # generated data tags a kind
-    out["by_kind"] = {str(k): float(ok[kinds == k].mean()) for k in sorted(set(kinds))}
-    if samples:
-        texts = generate(samples, temperature, np.random.default_rng(seed))
-        hits = np.array([verify_task(t, r) for t, r in zip([t for t in tasks for _ in range(samples)], texts)])
-        counts = hits.reshape(len(tasks), samples).sum(1)
-        for k in PASS_KS:
-            out[f"pass@{k}"] = float(np.mean([pass_at_k(samples, int(cc), k) for cc in counts]))
-    return out
 
 
 # ----------------------------------------------------------------------------------------

@@ -32,6 +32,12 @@ those replies higher, training stops and the best weights are kept.
 The minibatch steps run in the one training loop (loop.train): get_batch() pops the next
 minibatch and makes a new rollout whenever the episode's minibatches are used up.
 
+Under `mpiexec -n N` each rank samples the replies to its row_range of the episode's prompts
+(prompts, plan and sampling key drawn from the shared RNG; each reply its own RNG, policy.row_rngs),
+the whitening and the episode's figures use every rank's rows, and each rank trains on its
+rows of every minibatch, weighted by their share of its reply tokens: N ranks train what one
+process does. The chat guard and the evaluations run on every rank.
+
     trainer = PPOTrainer(policy, reward_model, tokenizer, model_config, RLHFConfig(clip_ratio=0.2, kl_coef=0.1))
     history = trainer.train(prompts)                 # one metrics dict per minibatch update
     trainer.evaluate(held_out_prompts)               # mean RM score, KL to SFT, EOS rate, distinct share

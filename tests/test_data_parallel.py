@@ -20,10 +20,12 @@ import pytest
 from safetensors.numpy import load_file
 
 import dp_worker
-from cli_helpers import ENV, ROOT, TIMEOUT, error_lines, run, run_many, train_cmd, tree_digest, write_tiny_data
+from cli_helpers import BUNDLED, ENV, ROOT, TIMEOUT, error_lines, run, run_many, train_cmd, tree_digest, write_tiny_data
 from tinygrad_llm.distributed import row_range, shard_rows
 from tinygrad_llm.model import GPT
 from tinygrad_llm.stages.reward_model import RewardModel, RewardModelTrainer
+from tinygrad_llm.stages.rlhf import TINY_OVERRIDES as TINY_RLHF, PPOTrainer, RLHFConfig
+from tinygrad_llm.stages.rlvf import TINY_OVERRIDES as TINY_RLVF
 
 MPIEXEC = shutil.which("mpiexec")
 needs_mpi = pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None or MPIEXEC is None,
@@ -77,17 +79,27 @@ def test_without_mpiexec_nothing_imports_mpi():
 # equality with one process (float64, dropout off)
 
 
-@needs_mpi
-def test_two_ranks_equal_one_process_and_each_other(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir(), two.mkdir()
+@pytest.fixture(scope="module")
+def worker_runs(tmp_path_factory) -> tuple:
+    """dp_worker.py's every kind, once alone and once under mpiexec -n 2 -> (one process's
+    arrays, rank 0's, rank 1's)."""
+    one, two = (tmp_path_factory.mktemp(k) for k in ("one", "two"))
     res = run_many({"one": [sys.executable, WORKER, one], "two": mpi_cmd(2, sys.executable, WORKER, two)})
     for k, r in res.items():
         assert r.returncode == 0, f"{k}: {r.stderr}"
-    ref, r0, r1 = (np.load(p) for p in (one / "rank0.npz", two / "rank0.npz", two / "rank1.npz"))
-    start = {f"{kind}/{k}": v for kind, cls in (("rows", GPT), ("masked", GPT), ("pairs", RewardModel))
-             for k, v in cls(dp_worker.MCFG, seed=3, dtype=np.float64).state_dict().items()}
+    ref, r0, r1 = (dict(np.load(p)) for p in (one / "rank0.npz", two / "rank0.npz", two / "rank1.npz"))
     assert set(ref) == set(r0) == set(r1) and len(ref) > 0
+    return ref, r0, r1
+
+
+@needs_mpi
+def test_two_ranks_equal_one_process_and_each_other(worker_runs):
+    ref, r0, r1 = ({k: v for k, v in r.items() if k.split("/")[0] in ("rows", "masked", "gaps", "pairs", "dpo")}
+                   for r in worker_runs)
+    start = {f"{kind}/{k}": v for kind, cls in (("rows", GPT), ("masked", GPT), ("gaps", GPT), ("pairs", RewardModel),
+                                                ("dpo", GPT))
+             for k, v in cls(dp_worker.MCFG, seed=3, dtype=np.float64).state_dict().items()}
+    assert set(ref) == set(start)
     for k in ref:
         # both ranks apply the same AdamW to the same summed gradient: bit-identical
         assert np.array_equal(r0[k], r1[k]), f"{k}: ranks differ by {np.abs(r0[k] - r1[k]).max()}"
@@ -98,6 +110,43 @@ def test_two_ranks_equal_one_process_and_each_other(tmp_path):
     still = {"pairs/reward_head.bias", "pairs/transformer.ln_f.bias"}
     moved = [np.abs(ref[k] - start[k]).max() for k in start if k not in still]
     assert min(moved) > 1e-4, "some weight did not move: the test would not see a wrong gradient"
+
+
+def rl_start(kind: str) -> dict:
+    """The weights dp_worker's RL run of `kind` starts from."""
+    if kind == "grpo":
+        return dp_worker.grpo_model(dp_worker.grpo_tokenizer()).state_dict()
+    tok, policy, rm = dp_worker.ppo_models()
+    return PPOTrainer(policy, rm, tok).model.state_dict()
+
+
+@needs_mpi
+@pytest.mark.parametrize("kind", ["grpo", "ppo"])
+def test_rl_on_two_ranks_equals_one_process(worker_runs, kind):
+    """GRPO and PPO (dp_worker.run_grpo / run_ppo): each rank samples its part of every batch (GRPO:
+    whole groups), with the replies one process samples; the whole-batch figures (curriculum, means,
+    PPO's whitening, each minibatch's token count) come from every rank, each rank's loss is
+    weighted by its share of the tokens. In both runs some step has a rank with nothing to learn."""
+    ref, r0, r1 = worker_runs
+    start = rl_start(kind)
+    assert {k for k in ref if k.startswith(f"{kind}/")} == {f"{kind}/{k}" for k in start}
+    for k in start:
+        a, b, want = r0[f"{kind}/{k}"], r1[f"{kind}/{k}"], ref[f"{kind}/{k}"]
+        assert np.array_equal(a, b), f"{k}: ranks differ by {np.abs(a - b).max()}"
+        # Adam's normalisation (lr 1e-2 / 1e-3) amplifies the rounding of reordered float64 sums
+        assert np.abs(a - want).max() < 1e-10, f"{k}: differs from one process by {np.abs(a - want).max()}"
+        assert np.abs(want - start[k]).max() > 1e-4, f"{k} did not move: the test would not see a wrong gradient"
+    log = [k for k in ref if k.startswith(f"{kind}_log/") and not k.endswith("had_loss")]
+    for k in log:                  # the logged figures: global, the same on both ranks (NaN: GRPO's KL, no update)
+        assert np.array_equal(r0[k], r1[k], equal_nan=True), k
+        assert np.allclose(r0[k], ref[k], rtol=0, atol=1e-10, equal_nan=True), f"{k}: {r0[k]} vs {ref[k]}"
+    alone = ref[f"{kind}_log/had_loss"]
+    ranks = np.stack([r0[f"{kind}_log/had_loss"], r1[f"{kind}_log/had_loss"]])
+    assert np.array_equal(ranks.any(0), alone)
+    # a rank without a loss while the other had one: it joined the Allreduce with a zero share
+    assert (alone & ~ranks.all(0)).any() and ranks.all(0).any()
+    if kind == "grpo":             # and steps where no group had signal: no update on any rank
+        assert (~alone).any() and np.array_equal(alone, ref["grpo_log/grad_norm"] > 0)
 
 
 # ----------------------------------------------------------------------------------------
@@ -126,26 +175,23 @@ def seeded_ckpt(work: Path) -> dict:
 def test_failing_rank_brings_every_rank_down_with_one_line(tmp_path, data_dir):
     """Rank 1 reads a corrupt file while rank 0, with good data, waits for it in the weights'
     broadcast; rank 1 builds another model than rank 0; a NaN (every rank at the same step, after
-    the Allreduce) exits 3 as one process does; an RL stage is refused under mpiexec. Each: one
-    error line, nothing written."""
+    the Allreduce) exits 3 as one process does. Each: one error line, nothing written."""
     bad = tmp_path / "bad data"
     shutil.copytree(data_dir, bad)
     (bad / "pretrain_data.txt").write_bytes((data_dir / "pretrain_data.txt").read_bytes()[:999] + b"\xff\xfe")
-    works = {k: tmp_path / k for k in ("shard", "layout", "nan", "rl")}
+    works = {k: tmp_path / k for k in ("shard", "layout", "nan")}
     before = {k: seeded_ckpt(w) for k, w in works.items()}
     py = [sys.executable, ROOT / "train.py"]
     cmds = {"shard": [MPIEXEC, "-n", "1", *map(str, py + tiny_args(works["shard"], data_dir, 5)), ":",
                       "-n", "1", *map(str, py + tiny_args(works["shard"], bad, 5))],
             "layout": [MPIEXEC, "-n", "1", *map(str, py + tiny_args(works["layout"], data_dir, 5)), ":",
                        "-n", "1", *map(str, py + tiny_args(works["layout"], data_dir, 5, "--model.n_embd=32"))],
-            "nan": mpi_cmd(2, *train_cmd(*tiny_args(works["nan"], data_dir, 10, "--pretrain.lr=1e30"))),
-            "rl": mpi_cmd(2, *train_cmd("--stage", "rlvf", "--ckpt-dir", works["rl"] / "ckpt", "--no-progress"))}
+            "nan": mpi_cmd(2, *train_cmd(*tiny_args(works["nan"], data_dir, 10, "--pretrain.lr=1e30")))}
     t0 = time.monotonic()
     res = run_many(cmds, timeout=TIMEOUT)
     assert time.monotonic() - t0 < TIMEOUT
     for k, code, fragment in (("shard", 2, str(bad / "pretrain_data.txt")), ("nan", 3, "non-finite"),
-                              ("layout", 2, "rank 1 built other parameters than rank 0"),
-                              ("rl", 2, "run them without mpiexec")):
+                              ("layout", 2, "rank 1 built other parameters than rank 0")):
         r = res[k]
         assert r.returncode == code, f"{k}: exit {r.returncode}\n{r.stderr}"
         errors = [l for l in error_lines(r.stderr) if "error" in l.lower()]
@@ -200,6 +246,40 @@ def test_ctrl_c_under_mpiexec_then_resume_is_bit_identical(tmp_path, data_dir):
         if reference.poll() is None:
             reference.kill()
             reference.wait()
+
+
+@needs_mpi
+def test_every_stage_through_the_cli_under_mpiexec(tmp_path, data_dir):
+    """--stage all, tiny, under mpiexec -n 2: the evaluations and RLHF's chat guard (every rank)
+    and the split steps finish without a hang; rank 0 alone writes checkpoints, one log row a step."""
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    for name, n in (("rlvf_data.json", 12), ("reward_data.json", 16), ("reward_val.json", 4), ("chat_eval.json", 40)):
+        items = json.loads((BUNDLED / name).read_text(encoding="utf-8"))[:n]
+        (data / name).write_text(json.dumps(items, ensure_ascii=False), encoding="utf-8")
+    res = run(mpi_cmd(2, *train_cmd("--config", "tiny", "--stage", "all", "--pretrain.max_steps=4", "--sft.max_steps=4",
+                                    "--reward.max_steps=4", "--data-dir", data, "--ckpt-dir", tmp_path / "ckpt",
+                                    "--runs-dir", tmp_path / "runs", "--run-id", "r", "--no-progress")))
+    assert res.returncode == 0, res.stderr
+    for stage in ("rlhf", "rlvf"):
+        assert (tmp_path / "ckpt" / f"{stage}_final.safetensors").exists()
+        assert not (tmp_path / "ckpt" / f"{stage}_last.safetensors").exists()
+    rows = [json.loads(l) for l in (tmp_path / "runs" / "r" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    for stage, key, n in (("rlvf", "reward", TINY_RLVF["num_iterations"]),
+                          ("rlhf", "pg_loss", TINY_RLHF["num_episodes"] * RLHFConfig(**TINY_RLHF).steps_per_episode)):
+        steps = [r["step"] for r in rows if r["stage"] == stage and key in r]
+        assert steps == list(range(1, n + 1)), f"{stage}: {steps}"            # once each: rank 0 alone logs
+    assert {"rlhf", "rlvf"} <= set(json.loads((tmp_path / "runs" / "r" / "summary.json").read_text(encoding="utf-8")))
+
+
+def test_a_stage_that_cannot_split_is_refused_under_mpiexec(monkeypatch):
+    import train
+    from tinygrad_llm.stages.common import Stage
+    assert all(s.data_parallel for s in train.STAGES.values())        # today every stage splits
+    monkeypatch.setitem(train.STAGES, "solo", Stage("solo", (), "solo_final", object, {}, run=None))
+    train.check_data_parallel(["pretrain", "solo"], 1)
+    with pytest.raises(train.UsageError, match="run them without mpiexec"):
+        train.check_data_parallel(["pretrain", "solo"], 2)
 
 
 def load_file_meta(path: Path) -> dict:

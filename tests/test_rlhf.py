@@ -133,7 +133,7 @@ def test_first_minibatch_ratio_is_exactly_one(tok):
     rng = np.random.default_rng(0)
     mb = trainer.get_batch(rng)
     _, st = trainer.loss_fn(trainer.model, mb)
-    assert st["ratio_min"] == 1.0 and st["ratio_max"] == 1.0
+    assert st["shared"]["ratio_min"] == 1.0 and st["shared"]["ratio_max"] == 1.0     # the whole minibatch's range
     assert st["approx_kl"] == 0.0 and st["clip_frac"] == 0.0
     # through the loop too: the first logged update of a real run
     hist = make_trainer(tok).train(PROMPTS)

@@ -124,6 +124,14 @@ def row_range(n: int, rank: int, size: int) -> tuple[int, int]:
     return rank * n // size, (rank + 1) * n // size
 
 
+def pair_rows(n_pairs: int, rank: int, size: int) -> tuple[np.ndarray, float]:
+    """For a batch of n_pairs preference pairs laid out as the chosen rows then the rejected rows
+    (reward model, DPO): -> (the row indices of this rank's pairs, both halves; its share of a
+    mean over pairs)."""
+    lo, hi = row_range(n_pairs, rank, size)
+    return np.r_[lo:hi, n_pairs + lo:n_pairs + hi], (hi - lo) / n_pairs
+
+
 def shard_rows(batch: tuple, rank: int, size: int, count=None) -> tuple[tuple, float]:
     """batch: arrays that all have the global batch's B rows -> (this rank's rows of each, its share
     of the loss's denominator). count (B,): what each row adds to the denominator of the loss's
@@ -133,6 +141,14 @@ def shard_rows(batch: tuple, rank: int, size: int, count=None) -> tuple[tuple, f
     lo, hi = row_range(B, rank, size)
     share = (hi - lo) / B if count is None else float(np.sum(count[lo:hi])) / max(float(np.sum(count)), 1e-12)
     return tuple(a[lo:hi] for a in batch), share
+
+
+def concat_ranks(world, **arrays) -> dict:
+    """Each rank's per-row arrays -> the same arrays of the whole global batch, on every rank
+    (concatenated in rank order, so rows stay in the order row_range gave them out). The RL
+    stages sample on each rank their part and need whole-batch figures (GRPO's curriculum, means)."""
+    parts = world.gather({k: np.asarray(v) for k, v in arrays.items()})
+    return {k: np.concatenate([p[k] for p in parts]) for k in arrays}
 
 
 # ----------------------------------------------------------------------------------------

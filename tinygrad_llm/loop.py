@@ -117,12 +117,16 @@ def train(model, cfg: LoopConfig, get_batch, loss_fn, *, stage: str, logger: Run
 
     get_batch(rng) -> batch; loss_fn(model, batch) -> (loss Tensor, {metric: float, "tokens": int}),
     or (None, metrics) when the batch carries nothing to learn (GRPO: every group's replies
-    scored alike): that step logs its metrics and leaves weights and optimizer as they are;
+    scored alike): that step logs its metrics and leaves weights and optimizer as they are
+    (under MPI: when no rank had a loss; a rank without one adds nothing to the Allreduce).
+    metrics["shared"], if any: {name: float} figures of the whole global batch, the same on
+    every rank, logged as they are (the others are means over this rank's rows, reduced);
     evaluate(model) -> {name: float} (model in eval mode, no graph);
     save(kind, step, optimizer, rng) writes a checkpoint (kind "periodic" | "interrupt" | "final");
     resume: {"step", "optimizer", "rng", "engine_rng"} from a previous interrupted run;
     shard(batch, rank, size) -> (this rank's part of the batch, its share of the loss's denominator)
-    (distributed.shard_rows): needed only under mpiexec with more than one process."""
+    (distributed.shard_rows): needed only under mpiexec with more than one process. (The RL
+    stages sample only their part: their get_batch returns it, their shard passes it on.)"""
     rng = rng if rng is not None else np.random.default_rng(0)
     dist = world()
     if dist.size > 1 and shard is None:
@@ -165,23 +169,26 @@ def train(model, cfg: LoopConfig, get_batch, loss_fn, *, stage: str, logger: Run
             adapt_threads()
             t_step = time.perf_counter()
             lr = get_lr(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, min_lr)
-            batch = get_batch(rng)           # the global batch (the same on every rank)
+            batch = get_batch(rng)           # the global batch (the same on every rank; RL: this rank's samples)
             if reducer:
                 batch, share = shard(batch, dist.rank, dist.size)
             stop_any = False
             with np.errstate(over="ignore", invalid="ignore"):   # a NaN/Inf is reported below, once
                 loss, metrics = loss_fn(model, batch)
+                metrics = dict(metrics)
+                shared = metrics.pop("shared", {})               # whole-batch figures: logged as they are
+                loss_val = 0.0
                 if loss is not None:
                     loss.backward()
                     loss_val = float(loss.data)
-                    if reducer:              # sum over ranks: the global batch's gradient and loss
-                        loss_val, metrics, stop_any = reducer.allreduce(loss_val, metrics, share, flag["stop"])
-                    norm = clip_grad_norm(plist, cfg.grad_clip)
-            if loss is None:                                     # nothing to learn: no update
-                if reducer:
-                    raise RuntimeError(f"{stage}: a step without a loss cannot be split over processes")
-                loss_val, norm = 0.0, 0.0
-            else:
+                if reducer:     # sum over ranks: the global batch's gradient and loss (every rank joins,
+                                # one with nothing to learn with no gradient and a share of 0)
+                    loss_val, metrics, stop_any = reducer.allreduce(loss_val, metrics, share, flag["stop"])
+                # a step learns when some rank's loss reached a parameter; else (GRPO: every group's
+                # replies scored alike) weights and optimizer stay as they are
+                learned = any(p.grad is not None for p in plist)
+                norm = clip_grad_norm(plist, cfg.grad_clip) if learned else 0.0
+            if learned:
                 if not (math.isfinite(loss_val) and math.isfinite(norm)):
                     opt.zero_grad()
                     raise NonFiniteError(f"{stage}: non-finite {'loss' if not math.isfinite(loss_val) else 'gradient norm'} "
@@ -190,6 +197,7 @@ def train(model, cfg: LoopConfig, get_batch, loss_fn, *, stage: str, logger: Run
                 opt.step(lr)
                 opt.zero_grad()
             step_time += time.perf_counter() - t_step
+            metrics.update(shared)
             # 3) log
             tokens_since += int(metrics.get("tokens", 0))
             row = {"loss": loss_val, "lr": lr, "grad_norm": norm,

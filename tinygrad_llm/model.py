@@ -143,11 +143,17 @@ class GPT(nn.Module):
         no_repeat_ngram = n > 0: a token that would complete an n-gram the reply already holds is
         never chosen (Hugging Face's no_repeat_ngram_size, but over the reply only: a character
         model must be free to restate the prompt's words).
-        stream(step, tokens (B,)) is called after each step (for interactive chat)."""
-        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        stream(step, tokens (B,)) is called after each step (for interactive chat).
+        rng: a Generator, a seed, or a list of one Generator per row: then a row's draws do not
+        depend on the other rows of the batch (GRPO's groups are sampled alike on any MPI rank)."""
         prompts = [list(map(int, p)) for p in prompts]
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one non-empty prompt")
+        if isinstance(rng, (list, tuple)):
+            if len(rng) != len(prompts):
+                raise ValueError(f"generate: {len(rng)} row generators for {len(prompts)} prompts")
+        elif not isinstance(rng, np.random.Generator):
+            rng = np.random.default_rng(rng)
         cfg = self.config
         max_new_tokens = int(min(max_new_tokens, cfg.block_size - 1))
         keep = cfg.block_size - max_new_tokens
@@ -268,7 +274,7 @@ def _sample(logits, temperature, top_k, top_p, repetition_penalty, seen, rng, ba
             p = np.zeros_like(p)
             np.put_along_axis(p, order, ps, -1)
             p /= p.sum(-1, keepdims=True)
-        u = rng.random((B, 1))
+        u = rng.random((B, 1)) if isinstance(rng, np.random.Generator) else np.array([[g.random()] for g in rng])
         tok = np.minimum((np.cumsum(p, -1) < u).sum(-1), V - 1)           # inverse-CDF sampling
     return tok.astype(np.int64), logp[np.arange(B), tok]
 

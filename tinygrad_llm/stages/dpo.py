@@ -25,6 +25,7 @@ import numpy as np
 from .. import chat_eval
 from ..config import ConfigError, LoopConfig
 from ..data import DataError, load_split
+from ..distributed import pair_rows
 from ..loop import train
 from ..tokenizer import IM_END_ID
 from .common import Stage, load_resume, make_saver
@@ -78,6 +79,13 @@ def pair_batch(enc, dtype=np.float32):
     """Encoded pairs -> x, y, reply mask (2B, L): the B chosen rows, then the B rejected rows."""
     prompts = [p for p, _, _ in enc] * 2
     return build_batch(prompts, [c for _, c, _ in enc] + [r for _, _, r in enc], dtype)
+
+
+def shard_pairs(batch, rank, size):
+    """Under mpiexec: this rank's pairs of a pair_batch (+ reference log-probs), its chosen rows
+    and their rejected rows, and its share of the loss, a mean over pairs (distributed.py)."""
+    rows, share = pair_rows(len(batch[0]) // 2, rank, size)
+    return tuple(a[rows] for a in batch), share
 
 
 def reply_logprobs(model, x, y, mask):
@@ -162,7 +170,7 @@ def run(ctx) -> dict:
         chat_before = chat_eval.evaluate_chat(ref, tok, chat_items, max_new_tokens=cfg.chat_eval_tokens, batch=32)
     tt = time.perf_counter()
     out = train(policy, cfg, get_batch, loss_fn, stage="dpo", logger=ctx.logger, evaluate=evaluate,
-                save=make_saver(ctx, policy, STAGE), resume=resume,
+                save=make_saver(ctx, policy, STAGE), resume=resume, shard=shard_pairs,
                 rng=np.random.default_rng(ctx.seed + 5), show_progress=ctx.show_progress)
     train_time = time.perf_counter() - tt
     last = out["evals"][-1]
@@ -190,4 +198,4 @@ def run(ctx) -> dict:
 
 
 STAGE = Stage("dpo", reads=("sft_final",), writes="dpo_final", config=DPOConfig, tiny=TINY_OVERRIDES, run=run,
-              in_all=False)
+              in_all=False, data_parallel=True)

@@ -35,8 +35,8 @@ class RLConfig:
     grad_clip: float = 1.0
     ckpt_every: int = 0              # steps between resumable checkpoints (0: on interrupt only)
 
-    def loop_config(self, max_steps: int) -> LoopConfig:
-        return LoopConfig(max_steps=max_steps, lr=self.lr, min_lr_ratio=self.min_lr_ratio,
+    def loop_config(self, max_steps: int, batch_size: int) -> LoopConfig:
+        return LoopConfig(max_steps=max_steps, batch_size=batch_size, lr=self.lr, min_lr_ratio=self.min_lr_ratio,
                           warmup_steps=self.warmup_steps, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
                           eval_every=0, log_every=1, ckpt_every=self.ckpt_every)
 
@@ -84,6 +84,14 @@ def rollout(policy, tok, user_prompts: list[str], *, samples: int = 1, temperatu
     x, y, m = build_batch(gen.prompts, replies, policy.dtype)
     texts = [tok.decode(r) for r in replies]
     return Rollout(x, y, m, gen.prompts, replies, texts, gen.finished.copy(), gen.logprobs)
+
+
+def row_rngs(key: int, groups, samples: int) -> list:
+    """One sampling Generator per row of the groups `groups` (their indices in the global batch),
+    `samples` rows each, seeded by (key, group, member): a reply's draws depend on which group
+    and member it is, not on the rank that samples it or the other rows of its batch, so N ranks
+    sample what one process does (key: drawn once per batch from the shared RNG)."""
+    return [np.random.default_rng([key, int(g), i]) for g in groups for i in range(samples)]
 
 
 def rollouts_in_chunks(model, tok, user_prompts: list[str], *, samples: int = 1, temperature: float = 1.0,
@@ -203,6 +211,13 @@ def minibatch_plan(rng, rows: int, epochs: int, minibatches: int) -> list:
     """`epochs` passes over rows 0 ... rows - 1, each reshuffled and cut into `minibatches`
     row-index arrays -> the list of them, in the order loop.train takes them."""
     return [chunk for _ in range(epochs) for chunk in np.array_split(rng.permutation(rows), minibatches)]
+
+
+def local_rows(rows, lo: int, hi: int):
+    """The rows of a global minibatch that this rank sampled (its row_range [lo, hi)), as indices
+    into its own rows, in the plan's order (MPI; one process: the rows as they are)."""
+    rows = np.asarray(rows)
+    return rows[(rows >= lo) & (rows < hi)] - lo
 
 
 def used_columns(mask, rows) -> int:

@@ -2,7 +2,8 @@
 head on a GPT trunk, initialised from the reward model), policy and critic under one
 optimizer, the adaptive KL controller, and the pure, unit-tested functions of one episode:
 reward-model scores, per-token rewards, GAE, whitening, the clipped policy and value losses,
-entropy and explained variance. The trainer and the stage are in rlhf.py."""
+entropy, explained variance and the episode's figures; and the held-out evaluation
+(score_replies). The trainer and the stage are in rlhf.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -14,7 +15,7 @@ from .. import nn
 from ..engine import Tensor
 from ..model import GPT, ScalarHead
 from ..tokenizer import IM_END_ID
-from .policy import clip_fraction, clipped_surrogate, kl_k3, masked_mean
+from .policy import clip_fraction, clipped_surrogate, kl_k1, kl_k3, logprobs_no_grad, masked_mean, rollouts_in_chunks
 from .reward_model import RewardModel
 
 
@@ -107,12 +108,13 @@ def rm_scores(rm: RewardModel, ro) -> np.ndarray:
     return rm.score_ids(seqs).astype(np.float64)
 
 
-def masked_whiten(x, mask, eps: float = 1e-8):
-    """(x - mean) / std over the positions where mask > 0; 0 elsewhere (TRL's masked_whiten)."""
+def masked_whiten(x, mask, eps: float = 1e-8, pool=None):
+    """(x - mean) / std over the positions where mask > 0; 0 elsewhere (TRL's masked_whiten).
+    pool: the masked values of the whole batch, when x holds only a rank's part of it (MPI)."""
     m = np.asarray(mask, bool)
-    vals = x[m]
+    vals = x[m] if pool is None else np.asarray(pool)
     out = np.zeros_like(x)
-    out[m] = (vals - vals.mean()) / (vals.std() + eps)
+    out[m] = (x[m] - vals.mean()) / (vals.std() + eps)
     return out
 
 
@@ -142,6 +144,10 @@ def ppo_losses(logp: Tensor, values: Tensor, old_logp, old_values, adv, returns,
     return pg_loss, vf_loss, stats
 
 
+# the per-minibatch figures that are means over its reply tokens (ppo_losses' and the entropy)
+MEAN_METRICS = ("pg_loss", "value_loss", "approx_kl", "clip_frac", "value_clip_frac", "entropy")
+
+
 def entropy(logits: np.ndarray, mask) -> float:
     """Mean entropy (nats) of softmax(logits) (B, L, V) over the positions where mask > 0."""
     z = logits[np.asarray(mask) > 0].astype(np.float64)              # (n, V)
@@ -160,6 +166,39 @@ def explained_variance(pred, target, mask) -> float:
     return float(1 - np.var(target[m] - pred[m]) / var) if var > 0 else float("nan")
 
 
+def episode_stats(g: dict, beta: float) -> dict:
+    """An episode's logged figures from its rows (every rank's, rlhf.PPOTrainer.collect): per row
+    score, kl (summed over the reply), final (score less penalties), finished, lens, penalty,
+    looped, refused; per reply token values, returns."""
+    return {"score": float(g["score"].mean()), "kl": float(g["kl"].mean()),
+            "rlhf_reward": float((g["final"] - beta * g["kl"]).mean()), "kl_coef": beta,
+            "eos_rate": float(g["finished"].mean()), "reply_len": float(g["lens"].mean()),
+            "penalty": float(g["penalty"].mean()), "loop_share": float(g["looped"].mean()),
+            "refusal_share": float(g["refused"].mean()),
+            "explained_var": explained_variance(g["values"], g["returns"], np.ones(len(g["values"]), bool))}
+
+
+def score_replies(model, ref, rm: RewardModel, tok, prompts, n: int, rng, *, temperature: float,
+                  max_new_tokens: int, batch: int) -> dict:
+    """Sample n replies per prompt from `model` -> mean RM score, KL to `ref` (sum over tokens,
+    per reply), EOS rate, share of distinct replies, mean length, and the replies (RLHF's
+    held-out evaluation)."""
+    scores, kls, finished, lens, texts = [], [], [], [], []
+    for ro in rollouts_in_chunks(model, tok, prompts, samples=n, temperature=temperature,
+                                 max_new_tokens=max_new_tokens, batch=batch, rng=rng):
+        lp = logprobs_no_grad(model, ro.x, ro.y, temperature)
+        lr = logprobs_no_grad(ref, ro.x, ro.y, temperature)
+        kls += list((kl_k1(lp, lr) * ro.action_mask).sum(1))
+        scores += list(rm_scores(rm, ro))
+        finished += list(ro.finished)
+        lens += list(ro.action_mask.sum(1))
+        texts += ro.texts
+    return {"score": float(np.mean(scores)), "score_std": float(np.std(scores)), "kl": float(np.mean(kls)),
+            "eos_rate": float(np.mean(finished)), "distinct": len(set(texts)) / len(texts),
+            "reply_len": float(np.mean(lens)), "n": len(texts), "texts": texts, "samples_per_prompt": n,
+            "scores": np.array(scores), "kls": np.array(kls)}
+
+
 @dataclass
 class Experience:
     """One episode's rollout, laid out (B, L) like policy.build_batch, plus the minibatch plan."""
@@ -171,4 +210,6 @@ class Experience:
     adv: np.ndarray
     returns: np.ndarray
     stats: dict
-    plan: list            # row-index arrays, one per minibatch step, epoch by epoch
+    plan: list            # row-index arrays of the whole episode, one per minibatch step, epoch by epoch
+    rows: tuple           # this rank's rows [lo, hi) of the episode (one process: all of them)
+    reply_tokens: np.ndarray   # (P,) reply tokens of every row of the episode, on every rank

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..config import ConfigError, GPTConfig, LoopConfig
 from ..data import DataError, first_turns, load_split, pad_rows
-from ..distributed import row_range
+from ..distributed import pair_rows
 from ..engine import Tensor
 from ..loop import train
 from ..model import GPT, ScalarHead
@@ -175,9 +175,8 @@ class RewardModelTrainer:
         """This rank's pairs of a batch (its chosen rows and their rejected rows) and its share
         of the loss, a mean over pairs (distributed.py)."""
         idx, last, B = batch
-        lo, hi = row_range(B, rank, size)
-        rows = np.r_[lo:hi, B + lo:B + hi]
-        return (idx[rows], last[rows], hi - lo), (hi - lo) / B
+        rows, share = pair_rows(B, rank, size)
+        return (idx[rows], last[rows], len(rows) // 2), share
 
     def loss_fn(self, model, batch):
         idx, last, B = batch

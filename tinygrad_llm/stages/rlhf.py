@@ -32,6 +32,12 @@ those replies higher, training stops and the best weights are kept.
 The minibatch steps run in the one training loop (loop.train): get_batch() pops the next
 minibatch and makes a new rollout whenever the episode's minibatches are used up.
 
+Under `mpiexec -n N` each rank samples the replies to its row_range of the episode's prompts
+(prompts, plan and sampling key drawn from the shared RNG; each reply its own RNG, policy.row_rngs),
+the whitening and the episode's figures use every rank's rows, and each rank trains on its
+rows of every minibatch, weighted by their share of its reply tokens: N ranks train what one
+process does. The chat guard and the evaluations run on every rank.
+
     trainer = PPOTrainer(policy, reward_model, tokenizer, model_config, RLHFConfig(clip_ratio=0.2, kl_coef=0.1))
     history = trainer.train(prompts)                 # one metrics dict per minibatch update
     trainer.evaluate(held_out_prompts)               # mean RM score, KL to SFT, EOS rate, distinct share
@@ -48,15 +54,16 @@ from .. import chat_eval
 from .. import engine as E
 from ..config import ConfigError
 from ..data import DataError, first_turns, load_split
+from ..distributed import concat_ranks, row_range, world
 from ..loop import train
 from ..model import GPT
 from ..report import plot_stage
 from .chat_guard import ChatGuard, GuardStop, refusal_prompts, reply_penalties
 from .common import Stage, load_resume, make_saver
-from .policy import (EpochOrder, RLConfig, disable_dropout, frozen, kl_k1, log_before_after, logprobs_no_grad,
-                     minibatch_plan, rollout, rollouts_in_chunks, used_columns)
-from .ppo import (AdaptiveKLController, Experience, PolicyAndValue, ValueModel, entropy, explained_variance, gae,
-                  masked_whiten, ppo_losses, rm_scores, token_rewards)
+from .policy import (EpochOrder, RLConfig, disable_dropout, frozen, kl_k1, local_rows, log_before_after,
+                     logprobs_no_grad, minibatch_plan, rollout, row_rngs, used_columns)
+from .ppo import (MEAN_METRICS, AdaptiveKLController, Experience, PolicyAndValue, ValueModel, entropy,
+                  episode_stats, gae, masked_whiten, ppo_losses, rm_scores, score_replies, token_rewards)
 from .reward_model import RewardModel
 
 __all__ = ["RLHFConfig", "PPOTrainer", "ValueModel", "PolicyAndValue", "AdaptiveKLController", "STAGE",
@@ -158,17 +165,25 @@ class PPOTrainer:
 
     # -- 1-4: rollout, rewards, advantages ------------------------------------------------
     def collect(self, rng) -> Experience:
-        """Sample one episode and compute everything PPO needs from it (no graph)."""
-        c = self.cfg
-        prompts = [self.prompts[self.order.next(rng, len(self.prompts))] for _ in range(c.prompts_per_episode)]
-        ro = rollout(self.policy, self.tok, prompts, temperature=c.temperature, max_new_tokens=c.max_new_tokens, rng=rng)
+        """Sample one episode and compute everything PPO needs from it (no graph). Under MPI each
+        rank samples its row_range of the episode's prompts (drawn, like the plan, from the shared
+        RNG); the whitening and the logged figures use every rank's rows."""
+        c, dist, P = self.cfg, world(), self.cfg.prompts_per_episode
+        prompts = [self.prompts[self.order.next(rng, len(self.prompts))] for _ in range(P)]
+        key = int(rng.integers(2 ** 63))                  # the episode's sampling seed (policy.row_rngs)
+        # the minibatch plan of all K epochs over the episode's P rows
+        plan = minibatch_plan(rng, P, c.ppo_epochs, c.minibatches)
+        lo, hi = row_range(P, dist.rank, dist.size)
+        prompts = prompts[lo:hi]
+        ro = rollout(self.policy, self.tok, prompts, temperature=c.temperature, max_new_tokens=c.max_new_tokens,
+                     rng=row_rngs(key, range(lo, hi), 1))
         x, y, m = ro.x, ro.y, ro.action_mask
-        B = len(x)
-        # the minibatch plan of all K epochs; old log-probs are computed in the chunks of the
-        # first epoch, so the first training forward repeats that computation bit for bit
-        plan = minibatch_plan(rng, B, c.ppo_epochs, c.minibatches)
+        # old log-probs are computed in this rank's chunks of the first epoch, so the first
+        # training forward repeats that computation bit for bit
         old_logp, ref_logp, values = (np.zeros(x.shape, np.float64) for _ in range(3))
-        for rows in plan[:c.minibatches]:
+        for rows in (local_rows(r, lo, hi) for r in plan[:c.minibatches]):
+            if not len(rows):
+                continue
             n = used_columns(m, rows)
             xs, ys = x[rows, :n], y[rows, :n]
             old_logp[rows, :n] = logprobs_no_grad(self.policy, xs, ys, c.temperature)
@@ -185,22 +200,22 @@ class PPOTrainer:
         kl = kl_k1(old_logp, ref_logp)                              # (B, L), 0 off the mask
         rewards, final = token_rewards(scores - penalty, ro.finished, kl, ro.last_index, beta, c.unfinished_penalty)
         adv, returns = gae(rewards, values, m, c.gamma, c.lam)
-        adv = masked_whiten(adv, m)
-        kl_seq = kl.sum(1)
-        lens = m.sum(1)
-        stats = {"episode": self.episode, "score": float(scores.mean()), "kl": float(kl_seq.mean()),
-                 "rlhf_reward": float((final - beta * kl_seq).mean()), "kl_coef": beta,
-                 "eos_rate": float(ro.finished.mean()), "reply_len": float(lens.mean()),
-                 "penalty": float(penalty.mean()), "loop_share": float(looped.mean()),
-                 "refusal_share": float(refused.mean()), "explained_var": explained_variance(values, returns, m)}
-        self.kl_ctl.update(stats["kl"], B)
+        valid = m > 0
+        # the whole episode's rows (and valid tokens), in row order, on every rank
+        g = concat_ranks(dist, score=scores, kl=kl.sum(1), final=final, finished=ro.finished, lens=m.sum(1),
+                         penalty=penalty, looped=looped, refused=refused, adv=adv[valid], values=values[valid],
+                         returns=returns[valid])
+        adv = masked_whiten(adv, m, pool=g["adv"])
+        stats = {"episode": self.episode, **episode_stats(g, beta)}
+        self.kl_ctl.update(stats["kl"], P)
         dt = self.policy.dtype
         return Experience(x, y, m.astype(dt), old_logp.astype(dt), values.astype(dt), adv.astype(dt),
-                          returns.astype(dt), stats, plan)
+                          returns.astype(dt), stats, plan, (lo, hi), g["lens"])
 
-    # -- 5: the loop's two callbacks ------------------------------------------------------
+    # -- 5: the loop's callbacks ----------------------------------------------------------
     def get_batch(self, rng):
-        """The next minibatch; a new rollout when the current one is used up."""
+        """The next minibatch (this rank's rows of it, under MPI); a new rollout when the current
+        one is used up."""
         if self.exp is None or not self.exp.plan:
             every = self.cfg.chat_eval_every
             if self.guard is not None and every and self.episode and self.episode % every == 0:
@@ -208,25 +223,44 @@ class PPOTrainer:
             self.exp = self.collect(rng)
             self.episode += 1
         e = self.exp
-        rows = e.plan.pop(0)
+        plan_rows = e.plan.pop(0)
+        rows = local_rows(plan_rows, *e.rows)
+        if not len(rows):                 # none of this minibatch's rows is this rank's (MPI)
+            return {"stats": e.stats, "share": 0.0}
         n = used_columns(e.mask, rows)                                 # drop columns that are padding for all rows
         return {"x": e.x[rows, :n], "y": e.y[rows, :n], "mask": e.mask[rows, :n], "old_logp": e.old_logp[rows, :n],
                 "old_values": e.old_values[rows, :n], "adv": e.adv[rows, :n], "returns": e.returns[rows, :n],
-                "stats": e.stats}
+                "stats": e.stats,
+                # the losses are means over the minibatch's reply tokens: this rank's share of them
+                "share": float(e.mask[rows].sum()) / float(e.reply_tokens[plan_rows].sum())}
+
+    @staticmethod
+    def shard(mb, rank: int, size: int):
+        """loop.train's shard under MPI: get_batch already holds only this rank's rows -> (them, their share)."""
+        return mb, mb["share"]
 
     def loss_fn(self, model: PolicyAndValue, mb):
-        """Clipped surrogate + vf_coef * clipped value loss on one minibatch -> (loss, metrics)."""
+        """Clipped surrogate + vf_coef * clipped value loss on one minibatch -> (loss, metrics);
+        (None, zero metrics) on a rank with no row of it (MPI)."""
         c = self.cfg
-        logits, _ = model.policy(mb["x"])
-        z = logits * (1.0 / c.temperature)                          # the sampled policy: softmax(logits / T)
-        logp = -E.cross_entropy(z, mb["y"], reduction="none")      # (b, L), as policy.token_logprobs
-        values = model.critic.values(mb["x"])                       # (b, L)
-        pg_loss, vf_loss, st = ppo_losses(logp, values, mb["old_logp"], mb["old_values"], mb["adv"],
-                                          mb["returns"], mb["mask"], c.clip_ratio, c.value_clip)
-        loss = pg_loss + vf_loss * c.vf_coef
-        st["entropy"] = entropy(z.data, mb["mask"])
-        self._updates.append({**mb["stats"], **st, "loss": float(loss.data)})
-        return loss, {**mb["stats"], **st, "tokens": int(mb["x"].size)}
+        if "x" in mb:
+            logits, _ = model.policy(mb["x"])
+            z = logits * (1.0 / c.temperature)                          # the sampled policy: softmax(logits / T)
+            logp = -E.cross_entropy(z, mb["y"], reduction="none")      # (b, L), as policy.token_logprobs
+            values = model.critic.values(mb["x"])                       # (b, L)
+            pg_loss, vf_loss, st = ppo_losses(logp, values, mb["old_logp"], mb["old_values"], mb["adv"],
+                                              mb["returns"], mb["mask"], c.clip_ratio, c.value_clip)
+            loss = pg_loss + vf_loss * c.vf_coef
+            st["entropy"] = entropy(z.data, mb["mask"])
+            tokens = int(mb["x"].size)
+        else:
+            loss, tokens = None, 0
+            st = {**dict.fromkeys(MEAN_METRICS, 0.0), "ratio_min": math.inf, "ratio_max": -math.inf}
+        # the ratio's range over the whole minibatch: a min and a max, which the Allreduce's sum cannot give
+        ranges = world().gather((st.pop("ratio_min"), st.pop("ratio_max")))
+        shared = {**mb["stats"], "ratio_min": min(a for a, _ in ranges), "ratio_max": max(b for _, b in ranges)}
+        self._updates.append({**shared, **st, "loss": float(loss.data) if loss is not None else 0.0})
+        return loss, {**st, "tokens": tokens, "shared": shared}
 
     def watch(self) -> dict:
         """One chat evaluation by the guard, with the last rollout's RM score and KL beside it;
@@ -244,14 +278,17 @@ class PPOTrainer:
         if not prompts:
             raise DataError("rlhf: no prompts to train on")
         self.prompts = list(prompts)
-        c = self.cfg
+        c, dist = self.cfg, world()
+        if dist.size > c.prompts_per_episode:
+            raise ConfigError(f"rlhf: {c.prompts_per_episode} prompts per episode cannot be split over {dist.size} "
+                              "processes (each samples at least one)")
         if resume:   # restart at the episode boundary the saved step belongs to
             self.episode = int(resume["step"]) // c.steps_per_episode
         self._updates = []
         try:
-            out = train(self.model, c.loop_config(c.num_episodes * c.steps_per_episode), self.get_batch, self.loss_fn, stage="rlhf", logger=self.logger,
-                        save=save, resume=resume, rng=np.random.default_rng(self.seed),
-                        show_progress=self.show_progress)
+            out = train(self.model, c.loop_config(c.num_episodes * c.steps_per_episode, c.prompts_per_episode),
+                        self.get_batch, self.loss_fn, stage="rlhf", logger=self.logger, save=save, resume=resume,
+                        rng=np.random.default_rng(self.seed), show_progress=self.show_progress, shard=self.shard)
         except GuardStop as e:      # stop early on the best weights; they become the final checkpoint
             self.guard.restore(f"stopped early at {e}")
             if self.logger:
@@ -265,27 +302,12 @@ class PPOTrainer:
 
     # -- evaluation -----------------------------------------------------------------------
     def evaluate(self, prompts, samples: int | None = None, model: GPT | None = None, seed: int | None = None) -> dict:
-        """Sample `samples` replies per prompt (cfg.temperature, fixed seed: the same draws for
-        every model) -> mean RM score, KL to the reference (sum over tokens, per reply), EOS
-        rate, share of distinct replies, mean length, and the replies."""
-        c = self.cfg
-        model = model or self.policy
-        n = samples or c.eval_samples
+        """ppo.score_replies() of `model` (default: the policy) with this trainer's sampling settings
+        and a fixed seed (the same draws for every model)."""
+        c, model = self.cfg, model or self.policy
         rng = np.random.default_rng(self.seed + 99 if seed is None else seed)
-        scores, kls, finished, lens, texts = [], [], [], [], []
-        for ro in rollouts_in_chunks(model, self.tok, prompts, samples=n, temperature=c.temperature,
-                                     max_new_tokens=c.max_new_tokens, batch=c.eval_batch, rng=rng):
-            lp = logprobs_no_grad(model, ro.x, ro.y, c.temperature)
-            lr = logprobs_no_grad(self.ref, ro.x, ro.y, c.temperature)
-            kls += list((kl_k1(lp, lr) * ro.action_mask).sum(1))
-            scores += list(rm_scores(self.rm, ro))
-            finished += list(ro.finished)
-            lens += list(ro.action_mask.sum(1))
-            texts += ro.texts
-        return {"score": float(np.mean(scores)), "score_std": float(np.std(scores)), "kl": float(np.mean(kls)),
-                "eos_rate": float(np.mean(finished)), "distinct": len(set(texts)) / len(texts),
-                "reply_len": float(np.mean(lens)), "n": len(texts), "texts": texts, "samples_per_prompt": n,
-                "scores": np.array(scores), "kls": np.array(kls)}
+        return score_replies(model, self.ref, self.rm, self.tok, prompts, samples or c.eval_samples, rng,
+                             temperature=c.temperature, max_new_tokens=c.max_new_tokens, batch=c.eval_batch)
 
 
 # ----------------------------------------------------------------------------------------
@@ -365,7 +387,7 @@ def run(ctx) -> dict:
     eval_time = time.perf_counter() - te - train_time
     log_before_after(ctx.logger, STAGE.name, len(history), before, after)
     # the run report's plotter (train.py redraws it with every stage at the end of the run)
-    plot = plot_stage("rlhf", ctx.logger.read_metrics("rlhf"), ctx.logger.dir) if history else None
+    plot = plot_stage("rlhf", ctx.logger.read_metrics("rlhf"), ctx.logger.dir) if history and world().is_main else None
     n = before["samples_per_prompt"]
     # paired by prompt: the standard error of the mean per-prompt gain
     gain = (after["scores"] - before["scores"]).reshape(-1, n).mean(1)
@@ -399,4 +421,4 @@ def run(ctx) -> dict:
 
 
 STAGE = Stage("rlhf", reads=("sft_final", "reward_model"), writes="rlhf_final", config=RLHFConfig,
-              tiny=TINY_OVERRIDES, run=run)
+              tiny=TINY_OVERRIDES, run=run, data_parallel=True)

@@ -23,6 +23,13 @@ The steps run in the one training loop (loop.train), as PPO's do: get_batch samp
 per task when the plan is used up and plans inner_epochs steps on the groups with signal (a
 step with none makes no update); loss_fn is the clipped surrogate and the KL.
 
+Under `mpiexec -n N` each rank samples whole groups (its row_range of the iteration's tasks,
+which the shared RNG draws alike on every rank), each reply with its own RNG seeded by
+(iteration key, group, member), so the replies do not depend on N; the rewards are gathered
+for the curriculum and the logged means, each rank's loss is weighted by its share of the
+batch's reply tokens, and the loop's one Allreduce sums the gradients: N ranks train what one
+process does. Evaluations run on every rank (the same weights give the same figures).
+
 What to expect: RL sharpens what the SFT model can already do sometimes. Greedy accuracy
 can rise at most toward pass@k of the starting model (the share of tasks it solves in k
 samples), so evaluate() reports pass@1 / pass@4 beside greedy accuracy: if pass@4 is barely
@@ -37,26 +44,23 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from math import comb
 
 import numpy as np
 
 from ..config import ConfigError, renamed
 from ..data import load_split
+from ..distributed import concat_ranks, row_range, world
 from ..engine import Tensor
 from ..loop import train
 from ..report import plot_stage
 from .common import Stage, load_resume, make_saver
 from .policy import (EpochOrder, RLConfig, build_batch, clip_fraction, clipped_surrogate, disable_dropout, frozen,
-                     kl_k3, log_before_after, logprobs_no_grad, masked_mean, rollouts_in_chunks, rollout,
-                     token_logprobs)
+                     kl_k3, log_before_after, logprobs_no_grad, masked_mean, rollout, row_rngs, token_logprobs)
+from .task_eval import PASS_KS, evaluate_tasks, pass_at_k
 from .verifiers import LogicVerifier, MathVerifier, states_answer, step_credit, verify_task
 
 __all__ = ["RLVFConfig", "RLVFTrainer", "MathVerifier", "LogicVerifier", "STAGE", "TINY_OVERRIDES",
            "evaluate_tasks", "group_advantages", "grpo_loss", "pass_at_k", "step_credit", "task_rewards", "run"]
-
-PASS_KS = (1, 4)   # pass@k reported by evaluate()
-
 
 @renamed(beta="kl_coef", clip_eps="clip_ratio", warmup_iters="warmup_steps")   # this stage's names until 2026-12
 @dataclass
@@ -161,14 +165,6 @@ def grpo_loss(logp: Tensor, old_logp, ref_logp, adv, mask, clip_ratio: float = 0
     return loss, stats
 
 
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)
-    (Chen et al. 2021, "Evaluating Large Language Models Trained on Code", eq. 1)."""
-    if n < k:
-        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
-    return 1.0 if n - c < k else 1.0 - comb(n - c, k) / comb(n, k)
-
-
 # ----------------------------------------------------------------------------------------
 # the trainer
 
@@ -230,31 +226,42 @@ class RLVFTrainer:
     # -- sampling: a group per task, rewards, advantages, the plan ---------------------------
     def collect(self, rng, tasks) -> dict:
         """Sample a group of G replies per task, score them -> the batch the next inner_epochs
-        steps train on (the groups with signal) and the iteration's metrics."""
-        c, G = self.cfg, self.cfg.samples_per_task
-        # rows task-major: task i owns rows i*G ... i*G+G-1
-        ro = rollout(self.policy, self.tok, [t["prompt"] for t in tasks], samples=G, temperature=c.temperature,
-                     max_new_tokens=c.max_new_tokens, rng=rng)
-        row_tasks = [t for t in tasks for _ in range(G)]
-        rewards, correct, steps = task_rewards(row_tasks, ro.texts, ro.finished, c)
-        adv, zero_var = group_advantages(rewards, G, c.adv_eps, scale=not c.dr_grpo)
-        self.sampler.update(tasks, correct.reshape(-1, G).mean(1))
+        steps train on (the groups with signal) and the iteration's metrics. Under MPI each rank
+        samples whole groups, its row_range of the tasks; every figure of the whole batch (the
+        curriculum, the means, the loss's denominator) comes from all ranks' rows."""
+        c, G, dist = self.cfg, self.cfg.samples_per_task, world()
+        key = int(rng.integers(2 ** 63))          # this iteration's sampling seed, from the shared RNG
+        lo, hi = row_range(len(tasks), dist.rank, dist.size)
+        mine = tasks[lo:hi]
+        # rows task-major: task i owns rows i*G ... i*G+G-1, each sampled with its own RNG (row_rngs)
+        ro = rollout(self.policy, self.tok, [t["prompt"] for t in mine], samples=G, temperature=c.temperature,
+                     max_new_tokens=c.max_new_tokens, rng=row_rngs(key, range(lo, hi), G))
+        rewards, correct, steps = task_rewards([t for t in mine for _ in range(G)], ro.texts, ro.finished, c)
         lens = np.array([len(r) for r in ro.replies])
-        # entropy of the sampling policy, Monte-Carlo: E[-log pi(y)] over the sampled tokens
-        entropy = -float(sum(ro.logprobs[b, :n].sum() for b, n in enumerate(lens)) / lens.sum())
-        stats = {"iteration": self.iteration, "reward": float(rewards.mean()), "accuracy": float(correct.mean()),
-                 "zero_var_share": float(zero_var.mean()), "reply_len": float(lens.mean()), "entropy": entropy,
-                 "finished": float(ro.finished.mean()), "step_credit": float(steps.mean()),
+        # the whole batch's rows, in task order, on every rank (one process: these rows as they are)
+        rows = concat_ranks(dist, rewards=rewards, correct=correct, steps=steps, finished=ro.finished, lens=lens,
+                            logp=[ro.logprobs[b, :n].sum() for b, n in enumerate(lens)])
+        adv, zero_var = group_advantages(rows["rewards"], G, c.adv_eps, scale=not c.dr_grpo)
+        groups_correct = rows["correct"].reshape(-1, G)
+        self.sampler.update(tasks, groups_correct.mean(1))
+        stats = {"iteration": self.iteration, "reward": float(rows["rewards"].mean()),
+                 "accuracy": float(rows["correct"].mean()), "zero_var_share": float(zero_var.mean()),
+                 "reply_len": float(rows["lens"].mean()),
+                 # entropy of the sampling policy, Monte-Carlo: E[-log pi(y)] over the sampled tokens
+                 "entropy": -float(sum(rows["logp"]) / rows["lens"].sum()),
+                 "finished": float(rows["finished"].mean()), "step_credit": float(rows["steps"].mean()),
                  # why groups carry no signal: all solved (too easy) or none solved (too hard)
-                 "groups_all_correct": float(correct.reshape(-1, G).all(1).mean()),
-                 "groups_none_correct": float((~correct.reshape(-1, G)).all(1).mean())}
+                 "groups_all_correct": float(groups_correct.all(1).mean()),
+                 "groups_none_correct": float((~groups_correct).all(1).mean())}
         # update on the groups that carry signal; the others would only add KL gradient
-        keep = np.flatnonzero(np.repeat(~zero_var, G))
-        if not len(keep):
-            return {"stats": stats}
+        signal = np.repeat(~zero_var, G)
+        total = int(rows["lens"][signal].sum())     # the reply tokens the loss averages over, all ranks
+        keep = np.flatnonzero(signal[lo * G:hi * G])
+        if not len(keep):     # nothing to learn here: a zero share (KL undefined if no rank has any)
+            return {"stats": stats, "share": 0.0, "kl": 0.0 if total else float("nan")}
         x, y, mask = build_batch([ro.prompts[i] for i in keep], [ro.replies[i] for i in keep], self.policy.dtype)
-        return {"stats": stats, "x": x, "y": y, "mask": mask, "adv": adv[keep], "old_logp": None,
-                "ref_logp": logprobs_no_grad(self.ref, x, y, c.temperature)}
+        return {"stats": stats, "x": x, "y": y, "mask": mask, "adv": adv[lo * G:hi * G][keep], "old_logp": None,
+                "ref_logp": logprobs_no_grad(self.ref, x, y, c.temperature), "share": float(mask.sum()) / total}
 
     # -- the loop's two callbacks ------------------------------------------------------------
     def get_batch(self, rng) -> dict:
@@ -269,13 +276,19 @@ class RLVFTrainer:
     def loss_fn(self, model, b):
         """grpo_loss on the batch -> (loss, metrics); (None, metrics) when no group had signal."""
         if "x" not in b:
-            return None, {**b["stats"], "kl": float("nan"), "pg": 0.0, "clip_frac": 0.0}
+            return None, {"kl": b["kl"], "pg": 0.0, "clip_frac": 0.0, "tokens": 0, "shared": b["stats"]}
         logp = token_logprobs(model, b["x"], b["y"], self.cfg.temperature)      # (B, L), with graph
         if b["old_logp"] is None:                  # dropout is off: the first pass *is* pi_old
             b["old_logp"] = logp.data.copy()
         loss, st = grpo_loss(logp, b["old_logp"], b["ref_logp"], b["adv"], b["mask"], self.cfg.clip_ratio,
                              self.cfg.kl_coef)
-        return loss, {**b["stats"], **st, "tokens": int(b["x"].size)}
+        return loss, {**st, "tokens": int(b["x"].size), "shared": b["stats"]}
+
+    @staticmethod
+    def shard(b, rank: int, size: int):
+        """loop.train's shard under MPI: collect() sampled only this rank's groups -> (them, their
+        share of the reply tokens the loss averages over)."""
+        return b, b["share"]
 
     def train(self, tasks, batch_size: int | None = None, save=None, resume=None) -> list[dict]:
         """cfg.num_iterations GRPO iterations over `tasks`, batch_size tasks each (default
@@ -284,13 +297,16 @@ class RLVFTrainer:
         iteration boundary of the saved step, and the task order restarts."""
         if not tasks:
             raise ValueError("RLVF needs at least one training task")
-        c = self.cfg
+        c, dist = self.cfg, world()
         self.batch_size = batch_size or c.tasks_per_iter
+        if dist.size > self.batch_size:
+            raise ConfigError(f"rlvf: {self.batch_size} tasks per iteration cannot be split over {dist.size} "
+                              "processes (each samples whole groups, at least one)")
         self.sampler = TaskSampler(tasks, self.rng, c.samples_per_task, c.curriculum, c.curriculum_floor)
         self.iteration, self.plan = (int(resume["step"]) // c.inner_epochs if resume else 0), []
-        out = train(self.policy, c.loop_config(c.num_iterations * c.inner_epochs), self.get_batch, self.loss_fn,
-                    stage="rlvf", logger=self.logger, save=save, resume=resume, rng=self.rng,
-                    show_progress=self.show_progress)
+        out = train(self.policy, c.loop_config(c.num_iterations * c.inner_epochs, self.batch_size), self.get_batch,
+                    self.loss_fn, stage="rlvf", logger=self.logger, save=save, resume=resume, rng=self.rng,
+                    show_progress=self.show_progress, shard=self.shard)
         self.plan = []
         return out["history"]
 
@@ -301,33 +317,6 @@ class RLVFTrainer:
         return evaluate_tasks(model or self.policy, self.tok, tasks, c.eval_samples if samples is None else samples,
                               max_new_tokens=c.max_new_tokens, temperature=c.eval_temperature,
                               batch=c.eval_batch, seed=self.eval_seed)
-
-
-def evaluate_tasks(model, tok, tasks, samples: int = 0, *, max_new_tokens: int = RLVFConfig.max_new_tokens,
-                   temperature: float = 1.0, batch: int = 128, seed: int = 0) -> dict:
-    """Greedy accuracy (overall, per type, per kind) and, with `samples` > 0, pass@k for k in
-    PASS_KS from that many sampled replies per task. The SFT stage reports it too: it is the
-    starting point of RLVF."""
-    def generate(n, temp, rng) -> list[str]:
-        return [t for ro in rollouts_in_chunks(model, tok, [t["prompt"] for t in tasks], samples=n, temperature=temp,
-                                               max_new_tokens=max_new_tokens, batch=batch, rng=rng) for t in ro.texts]
-
-    greedy = generate(1, 0.0, None)
-    ok = np.array([verify_task(t, r) for t, r in zip(tasks, greedy)], dtype=bool)
-    types = np.array([t["type"] for t in tasks])
-    out = {"accuracy": float(ok.mean()), "n": len(tasks), "replies": greedy}
-    for typ in ("math", "logic"):
-        if (types == typ).any():
-            out[f"{typ}_accuracy"] = float(ok[types == typ].mean())
-    kinds = np.array([str(t.get("kind", t["type"])) for t in tasks])  # generated data tags a kind
-    out["by_kind"] = {str(k): float(ok[kinds == k].mean()) for k in sorted(set(kinds))}
-    if samples:
-        texts = generate(samples, temperature, np.random.default_rng(seed))
-        hits = np.array([verify_task(t, r) for t, r in zip([t for t in tasks for _ in range(samples)], texts)])
-        counts = hits.reshape(len(tasks), samples).sum(1)
-        for k in PASS_KS:
-            out[f"pass@{k}"] = float(np.mean([pass_at_k(samples, int(cc), k) for cc in counts]))
-    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -363,7 +352,7 @@ def run(ctx) -> dict:
     after = trainer.evaluate(val_tasks)
     log_before_after(ctx.logger, STAGE.name, trainer.iteration, before, after)
     # the run report's plotter (train.py redraws it with every stage at the end of the run)
-    plot = plot_stage("rlvf", ctx.logger.read_metrics("rlvf"), ctx.logger.dir) if history else None
+    plot = plot_stage("rlvf", ctx.logger.read_metrics("rlvf"), ctx.logger.dir) if history and world().is_main else None
     k = max(1, min(3, len(history)))         # start/end reward: mean of the first/last k steps
     out = {"headline": f"held-out acc {_pct(before['accuracy'])} -> {_pct(after['accuracy'])} "
                        f"(math {_pct(before.get('math_accuracy', 0))} -> {_pct(after.get('math_accuracy', 0))}, "
@@ -394,4 +383,5 @@ def run(ctx) -> dict:
     return out
 
 
-STAGE = Stage("rlvf", reads=("sft_final",), writes="rlvf_final", config=RLVFConfig, tiny=TINY_OVERRIDES, run=run)
+STAGE = Stage("rlvf", reads=("sft_final",), writes="rlvf_final", config=RLVFConfig, tiny=TINY_OVERRIDES, run=run,
+              data_parallel=True)

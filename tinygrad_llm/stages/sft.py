@@ -23,6 +23,7 @@ from ..distributed import shard_rows
 from ..loop import train
 from ..model import GPT
 from .common import Stage, load_resume, make_saver
+from .task_eval import evaluate_tasks
 
 
 @dataclass
@@ -120,7 +121,6 @@ def run(ctx) -> dict:
 def task_eval_after(ctx, model) -> dict:
     """Greedy accuracy on the held-out verifiable tasks (rlvf_val), RLVF's starting point
     ({} when the data has no RLVF split). Logged as task_* at the stage's last step."""
-    from .rlvf import evaluate_tasks        # the RLVF stage owns the verifiers and the metric
     if data_file(ctx.data_dir, FILES["rlvf"]) is None:
         return {}
     _, val_tasks = load_split(ctx.data_dir, "rlvf", seed=ctx.seed)

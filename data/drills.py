@@ -1,4 +1,5 @@
-"""Pretraining text that teaches copying: reading drills and copy spans (used by generate.py).
+"""Pretraining text that teaches copying and the digit facts: reading drills, copy spans and
+single-digit facts (used by generate.py).
 
 Copying what was just read (an induction head) is what lets a model restate "72 加 19" as
 72 + 19. Two kinds of text teach it:
@@ -11,6 +12,11 @@ Copying what was just read (an induction head) is what lets a model restate "72 
   problem) stated and repeated under markers drawn from many lists, so the copying is also seen
   inside ordinary sentences and a problem is seen restated as its equation.
 The copy probe's phrasings (tinygrad_llm/probe.py) are never used.
+
+Copying is not all a worked sum needs: single-digit facts (pretrain_drills.txt too, beside the
+copy spans) give the table every worked reply chains, "7 + 8 = 15；15 - 8 = 7；7 × 8 = 56；…", in
+the replies' own format (bench/math_steps.py: with too few of them the model restates "72 加 19"
+as 72 + 19 and then writes "2 + 9 = 10").
 
 Standard library only; deterministic given the random.Random passed in.
 """
@@ -42,6 +48,37 @@ def copy_spans(rng, alphabet, n_chars):
         lines.append(span * rng.randint(2, 3) + "。")
         total += len(lines[-1])
     return ["".join(lines[i:i + 8]) for i in range(0, len(lines), 8)]
+
+
+def digit_fact(rng):
+    """One single-digit fact in the worked replies' format: '7 + 8 = 15', '7 + 1 + 1 = 9' (a carried
+    ten), '15 - 8 = 7' (a borrowed ten), '7 × 8 = 56', '56 ÷ 8 = 7'."""
+    kind = rng.randrange(5)
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    if kind == 0:
+        return f"{a} + {b} = {a + b}"
+    if kind == 1:
+        return f"{a} + {b} + 1 = {a + b + 1}"
+    if kind == 2:
+        a = b + rng.randint(0, 9)
+        return f"{a} - {b} = {a - b}"
+    a, b = max(a, 1), max(b, 1)
+    return f"{a} × {b} = {a * b}" if kind == 3 else f"{a * b} ÷ {b} = {a}"
+
+
+def digit_facts(rng, n_chars, keep=lambda fact: True):
+    """Lines of 8-16 single-digit facts (digit_fact) until n_chars: the table every worked sum
+    chains, dense enough to be learnt by heart. keep(fact): False drops one (a held-out key)."""
+    lines, total = [], 0
+    while total < n_chars:
+        facts = []
+        while len(facts) < rng.randint(8, 16):
+            f = digit_fact(rng)
+            if keep(f):
+                facts.append(f)
+        lines.append(rng.choice(["，", "；", "。"]).join(facts) + "。")
+        total += len(lines[-1])
+    return lines
 
 
 def drill_line(rng, sentences, arith_keys, names):

@@ -2,7 +2,8 @@
 
 The hand-written prose (every 20th paragraph of each file held out), interleaved with paragraphs of
 one-line facts on training keys ("十五加二十七等于四十二。"), worked question-answer lines from
-tasks.py, and data/drills.py's reading drills; the copy spans go to a file of their own.
+tasks.py, and data/drills.py's reading drills; the copy spans and single-digit facts go to a file
+of their own (pretrain_drills.txt, mixed into pretrain.drill_share of the batch rows).
 
 Standard library only; deterministic given the random.Random passed in.
 """
@@ -21,6 +22,7 @@ FACT_CHARS = {"train": 40_000, "val": 2_000}
 PRETRAIN_QA = {"train": 150, "val": 6}
 DRILL_CHARS = 40_000    # reading drills in pretrain_data.txt (drills.reading_drills)
 COPY_CHARS = 200_000    # copy spans, pretrain_drills.txt (drills.copy_spans)
+DIGIT_FACT_CHARS = 200_000   # single-digit facts, pretrain_drills.txt too (drills.digit_facts)
 FACT_WEIGHTS = {"add": 5, "sub": 4, "mul": 3, "div": 2, "weekday": 2, "parity": 2, "compare": 2, "neighbor": 2}
 
 
@@ -97,6 +99,8 @@ def build_pretrain(rng, prose, pools, held_all, drill_rng):
                                    keep=lambda line: not touches(line, held_all))
     alphabet = sorted(set("".join(train_prose)) - set("，。、；：？！“”《》（）\n")) or list("0123456789")
     spans = drills.copy_spans(drill_rng, alphabet, COPY_CHARS)
+    spans += drills.digit_facts(drill_rng, DIGIT_FACT_CHARS, keep=lambda fact: not touches(fact, held_all))
+    drill_rng.shuffle(spans)
     val += val_facts + qa_lines(rng, pools, "val", held_all, PRETRAIN_QA["val"])
     rng.shuffle(train)
     rng.shuffle(val)

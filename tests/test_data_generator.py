@@ -475,3 +475,20 @@ def test_chat_eval_does_not_move_when_training_phrasings_are_added(run, tmp_path
     chat_val = lambda d: sorted(json.dumps(it, ensure_ascii=False, sort_keys=True) for it in chat_items(d, "sft_val.json"))
     assert chat_val(other) == chat_val(out)
     assert len(chat_items(other, "sft_data.json")) == len(chat_items(out, "sft_data.json")) + 1
+
+
+def test_digit_facts_are_true_and_skip_what_keep_refuses():
+    import random
+
+    import drills as data_drills
+    lines = data_drills.digit_facts(random.Random(0), 5_000, keep=lambda f: "7 × 8" not in f)
+    facts = [f for line in lines for f in re.split("[，；。]", line) if f]
+    assert sum(map(len, lines)) >= 5_000 and len(facts) > 300
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "×": lambda a, b: a * b, "÷": lambda a, b: a / b}
+    for f in facts:
+        m = re.fullmatch(r"(\d+) ([+\-×÷]) (\d)( \+ 1)? = (\d+)", f)
+        assert m, f
+        a, op, b, carry, c = m.groups()
+        assert ops[op](int(a), int(b)) + (1 if carry else 0) == int(c), f
+        assert int(a) <= 81 and (op != "-" or 0 <= int(c) <= 9) and "7 × 8" not in f
+    assert {f.split(" ")[1] for f in facts} == {"+", "-", "×", "÷"}

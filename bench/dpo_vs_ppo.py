@@ -8,8 +8,8 @@
   SFT (nats per reply), the share that close and the share of distinct replies;
 - the chat evaluation (chat_eval.py, test half) of greedy replies.
 
-    python bench/dpo_vs_ppo.py --sft /work/ckpt_ref/sft_final.safetensors \\
-        --rm /work/ckpt_ref/reward_model.safetensors --policy PPO=/work/ckpt_ref/rlhf_final.safetensors \\
+    python bench/dpo_vs_ppo.py --sft REF/sft_final.safetensors \\
+        --rm REF/reward_model.safetensors --policy PPO=REF/rlhf_final.safetensors \\
         --policy DPO=checkpoints/dpo_final.safetensors
 
 Training times are not measured here: they are the stages' own (runs/<run-id>/summary.json).

@@ -2,7 +2,7 @@
 steps, batches and learning rate: held-out assistant loss, the share of replies to held-out
 prompts that close with <|im_end|>, trainable parameters, seconds per step and peak memory.
 
-    python bench/lora.py --pretrain /work/ckpt_ref/pretrain_final.safetensors --steps 200
+    python bench/lora.py --pretrain REF/pretrain_final.safetensors --steps 200
     python bench/lora.py --ranks 8 --targets c_attn,c_proj,c_fc --lr 3e-3
     python bench/lora.py --no-timing --memory-steps 20        # only the memory runs
 

@@ -8,10 +8,13 @@ split into the steps of the house style "72 + 19：先算个位，2 + 9 = 11，�
 - answer: the verifier accepts the reply (stages/verifiers.py).
 
 Also on a sample of the *training* math tasks (sft_data.json), to tell underfitting from a
-failure to generalise.
+failure to generalise; and, for a pretrained checkpoint (--facts), how many of the 281
+single-digit facts (a + b, a × b, a - b with a result 0..9) it completes greedily after three
+facts as context, the held-out ones included ("7 + 8 = " -> "15").
 
     python bench/math_steps.py --checkpoint checkpoints/sft_final.safetensors
     python bench/math_steps.py --checkpoint A.safetensors --checkpoint B.safetensors   # side by side
+    python bench/math_steps.py --facts --checkpoint checkpoints/pretrain_final.safetensors
 """
 from __future__ import annotations
 
@@ -49,12 +52,30 @@ def steps(tasks: list[dict], replies: list[str]) -> dict:
             "n": len(tasks)}
 
 
+def fact_probe(model, tok) -> tuple[int, int]:
+    """Greedy completions of every single-digit fact after a context of three -> (right, total)."""
+    facts = [(f"{a} + {b} = ", a + b) for a in range(10) for b in range(10)]
+    facts += [(f"{a} × {b} = ", a * b) for a in range(1, 10) for b in range(1, 10)]
+    facts += [(f"{b + d} - {b} = ", d) for b in range(10) for d in range(10)]
+    context = "3 + 4 = 7，6 × 2 = 12，9 - 5 = 4，"
+    gen = model.generate([tok.encode(context + f, False) for f, _ in facts], max_new_tokens=3, temperature=0.0,
+                         stop_tokens=())
+    right = sum(re.match(rf"{c}(?!\d)", tok.decode(list(out))) is not None for (_, c), out in zip(facts, gen.tokens))
+    return right, len(facts)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", action="append", help="a chat checkpoint (repeatable); default checkpoints/sft_final")
     ap.add_argument("--data-dir", default=str(ROOT / "data"))
     ap.add_argument("--train-sample", type=int, default=120, help="training math tasks to check (0: none)")
+    ap.add_argument("--facts", action="store_true", help="the single-digit fact probe (a pretrained checkpoint)")
     args = ap.parse_args(argv)
+    if args.facts:
+        for ck in args.checkpoint or [str(ROOT / "checkpoints" / "pretrain_final.safetensors")]:
+            right, n = fact_probe(*load_gpt(Path(ck))[:2])
+            print(f"{ck}: {right} of {n} single-digit facts completed right ({right / n:.0%})")
+        return
     data = Path(args.data_dir)
     held_out = [t for t in load_rlvf(data / "rlvf_val.json") if t["type"] == "math"]
     train = [{"type": "math", "prompt": it["user"], "expected_answer": m.group(1)}

@@ -197,3 +197,12 @@ def test_stage_runs_on_tiny_config_and_round_trips(tmp_path):
     rm = ctx.load_model("reward_model", RewardModel)
     assert rm.reward_head.bias.data[0] == pytest.approx(out["bias_shift"], abs=1e-6)
     assert ctx.logger.read_metrics("reward")
+
+
+def test_length_rule_prefers_the_longer_reply_per_kind():
+    from tinygrad_llm.stages.reward_model import length_rule
+    pairs = [{"chosen": "一个星期有七天。", "rejected": "七天", "kind": "short"},
+             {"chosen": "好的", "rejected": "好的好的好的好的", "kind": "loop"},
+             {"chosen": "对", "rejected": "错", "kind": "loop"}]
+    acc, by_kind = length_rule(pairs)
+    assert acc == (1 + 0 + 0.5) / 3 and by_kind == {"loop": 0.25, "short": 1.0}

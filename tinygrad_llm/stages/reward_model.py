@@ -255,6 +255,7 @@ class RewardModelTrainer:
             kinds = [p.get("kind", "?") for p in val_data]
             figures["val_accuracy_by_kind"] = {k: float((va["diff"][[i for i, q in enumerate(kinds) if q == k]] > 0).mean())
                                                for k in sorted(set(kinds))}
+            figures["length_rule_accuracy"], figures["length_rule_by_kind"] = length_rule(val_data)
         if center_replies:
             figures["bias_shift"] = self.center(center_replies)
         return figures
@@ -264,6 +265,15 @@ class RewardModelTrainer:
         mean = float(self.rm.score([p for p, _ in pairs], [r for _, r in pairs], self.tok).astype(np.float64).mean())
         self.rm.reward_head.bias.data = (self.rm.reward_head.bias.data - mean).astype(self.rm.dtype)
         return -mean
+
+
+def length_rule(pairs) -> tuple[float, dict]:
+    """The baseline a reward model must beat: prefer the longer reply (characters; a tie counts
+    one half) -> (accuracy over the pairs, accuracy per "kind")."""
+    hits = np.array([1.0 if len(p["chosen"]) > len(p["rejected"]) else 0.5 if len(p["chosen"]) == len(p["rejected"])
+                     else 0.0 for p in pairs])
+    kinds = [p.get("kind", "?") for p in pairs]
+    return float(hits.mean()), {k: float(hits[[i for i, q in enumerate(kinds) if q == k]].mean()) for k in sorted(set(kinds))}
 
 
 def _chunk(pairs, k: int, j: int) -> list:
@@ -365,7 +375,8 @@ def run(ctx) -> dict:
     figures = trainer.train(train_pairs, val_data=val_pairs, center_replies=center, mismatch_replies=pool,
                             save=save, resume=resume)
     saver("final", figures["steps"], None, None)
-    figures.update(headline=f"held-out pairwise acc {figures['val_accuracy']:.1%}, margin {figures['val_margin']:.2f}",
+    figures.update(headline=f"held-out pairwise acc {figures['val_accuracy']:.1%} (the longer reply: "
+                            f"{figures['length_rule_accuracy']:.1%}), margin {figures['val_margin']:.2f}",
                    train_pairs=len(train_pairs), val_pairs=len(val_pairs), time_s=time.perf_counter() - t0)
     return figures
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .. import chat_eval
 from ..checkpoint import CheckpointError, load_into, save_checkpoint, weights_path
 from ..config import DEFAULT_SEED
 from ..distributed import world
@@ -119,3 +120,16 @@ def load_resume(ctx: StageContext, model, stage: str) -> dict | None:
     ranks, rank = info.get("engine_rng_ranks") or [info["engine_rng"]], world().rank
     engine_rng = ranks[rank] if rank < len(ranks) else None
     return {"step": info["step"], "optimizer": arrays, "rng": info["rng"], "engine_rng": engine_rng}
+
+
+def chat_eval_after(ctx: StageContext, model, stage: str, step: int, items: int = 0, max_new_tokens: int = 96):
+    """The chat evaluation (chat_eval.py) of a stage's trained model on the test half of
+    chat_eval.json (the first `items` of it; 0 = all), logged to metrics.jsonl as chat_* at
+    `step`; None when the data has no chat_eval.json."""
+    found = chat_eval.load_chat_eval(ctx.data_dir)
+    if found is None:
+        return None
+    test = chat_eval.subset(chat_eval.dev_test_split(found)[1], items)
+    res = chat_eval.evaluate_chat(model, ctx.tokenizer, test, max_new_tokens=max_new_tokens)
+    ctx.logger.log(stage, step, **chat_eval.flat(res))
+    return res

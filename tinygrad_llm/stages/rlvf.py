@@ -47,13 +47,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import chat_eval
 from ..config import ConfigError, renamed
 from ..data import load_split
 from ..distributed import concat_ranks, row_range, world
 from ..engine import Tensor
 from ..loop import train
 from ..report import plot_stage
-from .common import Stage, load_resume, make_saver
+from .common import Stage, chat_eval_after, load_resume, make_saver
 from .policy import (EpochOrder, RLConfig, build_batch, clip_fraction, clipped_surrogate, disable_dropout, frozen,
                      kl_k3, log_before_after, logprobs_no_grad, masked_mean, rollout, row_rngs, token_logprobs)
 from .task_eval import PASS_KS, evaluate_tasks, pass_at_k
@@ -92,6 +93,8 @@ class RLVFConfig(RLConfig):
     eval_temperature: float = 1.0
     eval_batch: int = 128            # rows per generate() call during evaluation
     n_show: int = 5                  # held-out tasks shown before/after in the summary
+    chat_eval_tokens: int = 96       # the chat evaluation of the final model (test half of chat_eval.json)
+    chat_eval_items: int = 0         # 0 = every item of it
     init_from: str = "auto"          # "auto": rlhf_final if it exists, else sft_final
     seed: int | None = None          # None: the run's --seed
 
@@ -108,7 +111,7 @@ class RLVFConfig(RLConfig):
 
 # --config tiny: a handful of small iterations, seconds in all
 TINY_OVERRIDES = dict(num_iterations=3, samples_per_task=4, tasks_per_iter=2, max_new_tokens=12,
-                      eval_samples=4, n_show=2, warmup_steps=0)
+                      eval_samples=4, n_show=2, warmup_steps=0, chat_eval_tokens=12, chat_eval_items=4)
 
 
 # ----------------------------------------------------------------------------------------
@@ -374,6 +377,10 @@ def run(ctx) -> dict:
                    reward_end=float(np.mean([h["reward"] for h in history[-k:]])),
                    zero_var_share=float(np.mean([h["zero_var_share"] for h in history])),
                    kl_end=float(np.mean(kls)) if kls else None)
+    chat = chat_eval_after(ctx, policy, STAGE.name, trainer.iteration, c.chat_eval_items, c.chat_eval_tokens)
+    if chat is not None:            # what a user chatting with the final model sees (RLHF reported its start)
+        out["headline"] += f"; {chat_eval.headline(chat)}"
+        out.update(chat_eval.flat(chat))
     out["plot"] = str(plot) if plot else "skipped (matplotlib not installed)"
     out["time_s"] = time.perf_counter() - t0
     # a fixed spread of held-out tasks (not picked by outcome)

@@ -22,7 +22,7 @@ from ..data import FILES, DataError, data_file, first_turns, load_split, pad_bat
 from ..distributed import shard_rows
 from ..loop import train
 from ..model import GPT
-from .common import Stage, load_resume, make_saver
+from .common import Stage, chat_eval_after, load_resume, make_saver
 from .task_eval import evaluate_tasks
 
 
@@ -98,7 +98,7 @@ def run(ctx) -> dict:
     train_time = time.perf_counter() - t0
     eos_rate, texts = reply_eos_rate(model, tok, val_prompts, cfg.max_new_tokens)
     samples = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(val_prompts[:5], before_texts, texts[:5])]
-    chat = chat_eval_after(ctx, model, cfg)
+    chat = chat_eval_after(ctx, model, "sft", cfg.max_steps, cfg.chat_eval_items, cfg.chat_eval_tokens)
     if chat is not None:
         samples += chat_eval.samples(None, chat, n=8)
     tasks = task_eval_after(ctx, model)
@@ -129,18 +129,6 @@ def task_eval_after(ctx, model) -> dict:
            "task_logic_acc": ev.get("logic_accuracy", 0.0), "task_by_kind": ev["by_kind"]}
     ctx.logger.log("sft", ctx.cfg.sft.max_steps, **{k: v for k, v in out.items() if k != "task_by_kind"})
     return out
-
-
-def chat_eval_after(ctx, model, cfg) -> dict | None:
-    """The chat evaluation of the trained model (None without chat_eval.json), logged to
-    metrics.jsonl as chat_* at the stage's last step."""
-    items = chat_eval.load_chat_eval(ctx.data_dir)
-    if items is None:
-        return None
-    items = chat_eval.subset(chat_eval.dev_test_split(items)[1], cfg.chat_eval_items)   # test half, as RLHF reports
-    res = chat_eval.evaluate_chat(model, ctx.tokenizer, items, max_new_tokens=cfg.chat_eval_tokens)
-    ctx.logger.log("sft", cfg.max_steps, **chat_eval.flat(res))
-    return res
 
 
 STAGE = Stage("sft", reads=("pretrain_final",), writes="sft_final", config=SFTConfig, tiny=TINY_OVERRIDES, run=run,

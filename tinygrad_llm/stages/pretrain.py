@@ -28,9 +28,10 @@ class PretrainConfig(LoopConfig):
     lr: float = 2e-3
     warmup_steps: int = 60
     eval_batches: int = 16         # held-out batches per evaluation (the same windows every time)
-    # copy spans (data/pretrain_drills.txt, when the data has them; see data/generate.py):
-    # drill_share of every batch's rows, from the first step (bench/README.md, "Positions and
-    # copying": this is what forms a copying head that works in unseen phrasings). Optionally the
+    # copy spans and single-digit facts (data/pretrain_drills.txt, when the data has them; see
+    # data/drills.py): drill_share of every batch's rows, from the first step (bench/README.md,
+    # "Positions and copying": the spans form a copying head that works in unseen phrasings;
+    # "What a worked sum needs": the facts are the table a worked sum chains). Optionally the
     # first copy_warmup_steps steps are small batches of copy spans alone (off: the head they
     # form is lost once text comes in)
     copy_warmup_steps: int = 0

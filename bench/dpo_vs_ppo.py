@@ -42,7 +42,8 @@ def main():
     from tinygrad_llm.data import load_split
     from tinygrad_llm.stages.dpo import DPOConfig, encode_pairs, implicit_rewards, pair_logprobs, reward_stats
     from tinygrad_llm.stages.reward_model import RewardModel, RewardModelTrainer
-    from tinygrad_llm.stages.rlhf import PPOTrainer, RLHFConfig, prompt_split
+    from tinygrad_llm.stages.policy import prompt_split
+    from tinygrad_llm.stages.rlhf import PPOTrainer, RLHFConfig
 
     beta = args.beta or DPOConfig().beta
     sft, tok = load_gpt(args.sft)

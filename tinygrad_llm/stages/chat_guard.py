@@ -117,6 +117,13 @@ class ChatGuard:
     def stop(self) -> bool:
         return self.enabled and bool(self.history) and self.history[-1]["verdict"] == "hacking"
 
+    def figures(self) -> dict:
+        """What the stage reports of the guard: the RM score of its first and best evaluations
+        (dev half), what it decided, its best episode, how many evaluations it made."""
+        return {"chat_dev_rm_score_before": self.history[0]["rm_score"], "chat_dev_rm_score_best": self.best["rm_score"],
+                "chat_guard": self.reason or "kept the final weights", "chat_best_episode": self.best_episode,
+                "chat_evaluations": len(self.history)}
+
     def restore(self, reason: str) -> None:
         """Load the best weights back into the policy; remember why."""
         self.policy.load_state_dict(self.best_state, source="best chat-evaluation weights")

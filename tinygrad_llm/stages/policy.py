@@ -15,10 +15,11 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from .. import chat_eval
 from .. import engine as E
 from .. import nn
 from ..config import LoopConfig
-from ..data import pad_batch
+from ..data import DataError, first_turns, load_split, pad_batch
 from ..engine import Tensor
 from ..nn import evaluating
 from ..tokenizer import IM_END_ID
@@ -234,3 +235,28 @@ def log_before_after(logger, stage: str, step: int, before: dict, after: dict) -
     (val_before_<k>, val_after_<k> for every float figure)."""
     logger.log(stage, step, **{f"val_{w}_{k}": v for w, e in (("before", before), ("after", after))
                                for k, v in e.items() if isinstance(v, float)})
+
+
+# ----------------------------------------------------------------------------------------
+# the prompts an RL stage samples from
+
+
+def user_prompts(convs) -> list[str]:
+    """The first user turn of each conversation (data.first_turns), deduplicated in order."""
+    return list(dict.fromkeys(u for u, _ in map(first_turns, convs) if u))
+
+
+def prompt_split(data_dir, seed: int, eval_prompts: int = 0):
+    """-> (SFT training conversations, training prompts, held-out prompts). Training prompts:
+    every first user turn of the SFT training data, less the chat evaluation's prompts;
+    held-out: those of the SFT held-out split that are not training prompts, a seeded sample
+    of eval_prompts of them (0: all). The same held-out prompts for every model compared."""
+    train_convs, val_convs = load_split(data_dir, "sft", seed=seed)
+    chat_held_out = {it["prompt"] for it in chat_eval.load_chat_eval(data_dir) or []}
+    train_prompts = [p for p in user_prompts(train_convs) if p not in chat_held_out]
+    held_in = set(train_prompts)
+    val_prompts = [p for p in user_prompts(val_convs) if p not in held_in]
+    if not val_prompts:
+        raise DataError(f"{data_dir}: no held-out SFT prompt that is not also a training prompt")
+    pick = np.random.default_rng(seed).permutation(len(val_prompts))[:eval_prompts or None]
+    return train_convs, train_prompts, [val_prompts[i] for i in sorted(pick)]

@@ -53,7 +53,7 @@ import numpy as np
 from .. import chat_eval
 from .. import engine as E
 from ..config import ConfigError
-from ..data import DataError, first_turns, load_split
+from ..data import DataError
 from ..distributed import concat_ranks, row_range, world
 from ..loop import train
 from ..model import GPT
@@ -61,7 +61,7 @@ from ..report import plot_stage
 from .chat_guard import ChatGuard, GuardStop, refusal_prompts, reply_penalties
 from .common import Stage, load_resume, make_saver
 from .policy import (EpochOrder, RLConfig, disable_dropout, frozen, kl_k1, local_rows, log_before_after,
-                     logprobs_no_grad, minibatch_plan, rollout, row_rngs, used_columns)
+                     logprobs_no_grad, minibatch_plan, prompt_split, rollout, row_rngs, used_columns)
 from .ppo import (MEAN_METRICS, AdaptiveKLController, Experience, PolicyAndValue, ValueModel, entropy,
                   episode_stats, gae, masked_whiten, ppo_losses, rm_scores, score_replies, token_rewards)
 from .reward_model import RewardModel
@@ -314,27 +314,6 @@ class PPOTrainer:
 # the stage
 
 
-def user_prompts(convs) -> list[str]:
-    """The first user turn of each conversation (data.first_turns), deduplicated in order."""
-    return list(dict.fromkeys(u for u, _ in map(first_turns, convs) if u))
-
-
-def prompt_split(data_dir, seed: int, eval_prompts: int = 0):
-    """-> (SFT training conversations, training prompts, held-out prompts). Training prompts:
-    every first user turn of the SFT training data, less the chat evaluation's prompts;
-    held-out: those of the SFT held-out split that are not training prompts, a seeded sample
-    of eval_prompts of them (0: all). The same held-out prompts for every model compared."""
-    train_convs, val_convs = load_split(data_dir, "sft", seed=seed)
-    chat_held_out = {it["prompt"] for it in chat_eval.load_chat_eval(data_dir) or []}
-    train_prompts = [p for p in user_prompts(train_convs) if p not in chat_held_out]
-    held_in = set(train_prompts)
-    val_prompts = [p for p in user_prompts(val_convs) if p not in held_in]
-    if not val_prompts:
-        raise DataError(f"{data_dir}: no held-out SFT prompt that is not also a training prompt")
-    pick = np.random.default_rng(seed).permutation(len(val_prompts))[:eval_prompts or None]
-    return train_convs, train_prompts, [val_prompts[i] for i in sorted(pick)]
-
-
 def run(ctx) -> dict:
     """RLHF stage for train.py: sft_final + reward_model -> rlhf_final. -> headline figures."""
     c, tok, t0 = ctx.cfg.rlhf, ctx.tokenizer, time.perf_counter()
@@ -403,10 +382,7 @@ def run(ctx) -> dict:
             headline += f"; guard: {guard.reason}"
         samples += chat_eval.samples(chat_before, chat_after, n=8)
         chat_figures = {**chat_eval.flat(chat_before, "chat_before_"), **chat_eval.flat(chat_after, "chat_after_"),
-                        "chat_test_items": len(chat_test),
-                        "chat_dev_rm_score_before": guard.history[0]["rm_score"], "chat_dev_rm_score_best": guard.best["rm_score"],
-                        "chat_guard": guard.reason or "kept the final weights", "chat_best_episode": guard.best_episode,
-                        "chat_evaluations": len(guard.history)}
+                        "chat_test_items": len(chat_test), **guard.figures()}
     return {"headline": headline,
             "score_before": before["score"], "score_after": after["score"], "score_gain_se": gain_se,
             "kl_before": before["kl"], "kl_after": after["kl"],

@@ -27,7 +27,7 @@ def _query_blocks(T: int):
     return list(zip(edges[:-1], edges[1:]))
 
 
-def _attention_fwd(q, k, v):
+def _blocked_fwd(q, k, v):
     """q, k, v: (B, NH, T, hs) arrays -> y (B, NH, T, hs), ps [(B, NH, e - s, e)] for backward.
 
     Causal, by blocks of queries, so that the keys after a block (all masked) are never
@@ -43,8 +43,8 @@ def _attention_fwd(q, k, v):
     return y, ps
 
 
-def _attention_bwd(dy, q, k, v, ps):
-    """Backward of _attention_fwd, passes in reverse order per block -> dqkv (3, B, NH, T, hs):
+def _blocked_bwd(dy, q, k, v, ps):
+    """Backward of _blocked_fwd, passes in reverse order per block -> dqkv (3, B, NH, T, hs):
     dq, dk, dv stacked, as causal_self_attention wants them."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     dqkv = np.empty((3, *q.shape), q.dtype)
@@ -64,16 +64,35 @@ def _attention_bwd(dy, q, k, v, ps):
     return dqkv
 
 
+def _attention_fwd(q, k, v):
+    """q, k, v: (B, NH, T, hs) -> y (B, NH, T, hs), what the backward needs. The "attention"
+    kernel family picks the path: "numba" the fused kernel (keeps lse (B, NH, T) only),
+    "numpy" the blocked GEMMs (keep the probabilities of every block)."""
+    if K.use_numba("attention"):
+        y, lse = K.attention_fwd_nb(q, k, v, 1.0 / math.sqrt(q.shape[-1]))
+        return y, ("fused", lse)
+    y, ps = _blocked_fwd(q, k, v)
+    return y, ("blocked", ps)
+
+
+def _attention_bwd(dy, q, k, v, saved):
+    """Backward of _attention_fwd, on the path the forward took -> dqkv (3, B, NH, T, hs)."""
+    path, s = saved
+    if path == "fused":
+        return K.attention_bwd_nb(dy, q, k, v, s, 1.0 / math.sqrt(q.shape[-1]))
+    return _blocked_bwd(dy, q, k, v, s)
+
+
 @op
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Causal attention. q, k, v: (B, NH, T, hs) -> (B, NH, T, hs)."""
     if not (q.shape == k.shape == v.shape) or q.ndim != 4:
         raise ValueError(f"attention expects q, k, v of one shape (B, NH, T, hs), got {q.shape}, {k.shape}, {v.shape}")
-    y, ps = _attention_fwd(q.data, k.data, v.data)
+    y, saved = _attention_fwd(q.data, k.data, v.data)
     out = op_output(y, (q, k, v))
     if out.requires_grad:
         def _backward(dout):
-            dq, dk, dv = _attention_bwd(dout, q.data, k.data, v.data, ps)     # views of one array
+            dq, dk, dv = _attention_bwd(dout, q.data, k.data, v.data, saved)   # views of one array
             for t, g in ((q, dq), (k, dk), (v, dv)):
                 if t.requires_grad: t._accumulate(g)
         out._backward = _backward
@@ -182,12 +201,12 @@ def causal_self_attention(qkv: Tensor, n_head: int, cos: np.ndarray | None = Non
     rope = cos is not None
     if rope:
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)     # new contiguous arrays
-    y, ps = _attention_fwd(q, k, v)                         # (B, NH, T, hs)
+    y, saved = _attention_fwd(q, k, v)                      # (B, NH, T, hs)
     out = op_output(y.transpose(0, 2, 1, 3).reshape(B, T, C), (qkv,))
     if out.requires_grad:
         def _backward(dout):
             dy = np.ascontiguousarray(dout.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3))
-            dheads = _attention_bwd(dy, q, k, v, ps)       # (3, B, NH, T, hs), wrt rotated q, k
+            dheads = _attention_bwd(dy, q, k, v, saved)    # (3, B, NH, T, hs), wrt rotated q, k
             if rope:
                 dheads[0] = apply_rope_transposed(dheads[0], cos, sin)
                 dheads[1] = apply_rope_transposed(dheads[1], cos, sin)

@@ -4,6 +4,7 @@ a Numba kernel, in llm.c's order inside every file: reference, Numba kernel, dis
     embedding.py     embedding backward (scatter-add of rows)
     layernorm.py     LayerNorm forward / backward
     attn_softmax.py  the causal softmax inside attention
+    attention.py     fused causal attention forward / backward (no (T, T) matrix kept)
     gelu.py          GELU (tanh approximation)
     dropout.py       dropout masks from a counter-based hash
     softmax.py       softmax over the last axis
@@ -31,9 +32,10 @@ vectorized, so float32 kernels use their own polynomial exp (`_helpers.exp_neg`,
 Kernels import only NumPy and Numba; the engine builds on them.
 """
 from .adamw import adamw_update, adamw_update_nb, adamw_update_ref
+from .attention import attention_bwd_nb, attention_bwd_ref, attention_fwd_nb, attention_fwd_ref
 from .attn_softmax import (attn_softmax_bwd, attn_softmax_bwd_nb, attn_softmax_bwd_ref, attn_softmax_fwd,
                            attn_softmax_fwd_nb, attn_softmax_fwd_ref)
-from .backend import BACKENDS, DEFAULT_BACKEND, KERNELS, get_kernel_backend, set_kernel_backend
+from .backend import BACKENDS, DEFAULT_BACKEND, KERNELS, get_kernel_backend, set_kernel_backend, use_numba
 from .crossentropy import ce_bwd, ce_bwd_nb, ce_bwd_ref, ce_fwd, ce_fwd_nb, ce_fwd_ref
 from .dropout import dropout_bwd, dropout_bwd_nb, dropout_bwd_ref, dropout_fwd, dropout_fwd_nb, dropout_fwd_ref
 from .embedding import embedding_bwd, embedding_bwd_nb, embedding_bwd_ref

@@ -1,0 +1,57 @@
+"""The attention kernels against their NumPy references: the fused causal attention (forward and
+backward, kernels/attention.py) and the one-token decode attention over a KV cache
+(kernels/decode.py). Tolerances and helpers as in test_kernels.py."""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from test_kernels import DTYPES, FEW, close, randn, seeds
+
+from tinygrad_llm import kernels as K
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@FEW
+@given(B=st.integers(1, 2), NH=st.integers(1, 3), T=st.integers(1, 40), hs=st.integers(1, 20), seed=seeds)
+def test_attention(dtype, B, NH, T, hs, seed):
+    """The fused causal attention against its full-matrix reference, forward and backward.
+    atol 4x: y and the gradients are sums of up to T = 40 products of O(1) terms, added in
+    another order than the reference's BLAS matmuls."""
+    rng = np.random.default_rng(seed)
+    q, k, v, dy = (randn(rng, (B, NH, T, hs), dtype) for _ in range(4))
+    scale = 1 / math.sqrt(hs)
+    y, lse = K.attention_fwd_nb(q, k, v, scale)
+    y_ref, lse_ref = K.attention_fwd_ref(q, k, v, scale)
+    close(y, y_ref, dtype, atol_scale=4)
+    close(lse, lse_ref, dtype, atol_scale=4)
+    close(K.attention_bwd_nb(dy, q, k, v, lse, scale), K.attention_bwd_ref(dy, q, k, v, lse_ref, scale), dtype,
+          atol_scale=4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@FEW
+@given(B=st.integers(1, 3), NH=st.integers(1, 3), hs=st.sampled_from([2, 4, 6, 16]), L0=st.integers(0, 12),
+       rope=st.booleans(), smear=st.booleans(), seed=seeds)
+def test_decode_attention(dtype, B, NH, hs, L0, rope, smear, seed):
+    """One new token per row at position L0 of a cache with some keys masked (left padding):
+    the same output and bit-identical cache writes (key, transposed key, value, smear's raw key)."""
+    rng = np.random.default_rng(seed)
+    Tmax = L0 + 3
+    qkv = randn(rng, (B, 3 * NH * hs), dtype)
+    kc, vc = randn(rng, (B, NH, Tmax, hs), dtype), randn(rng, (B, NH, Tmax, hs), dtype)
+    key_valid = rng.random((B, Tmax)) < 0.6
+    cos, sin = (randn(rng, (B, hs), dtype) for _ in range(2)) if rope else (None, None)
+    k_last = randn(rng, (B, NH, hs), dtype) if smear else None
+    gate, mix = rng.random(NH).astype(dtype), rng.random(B) < 0.7
+    kT = np.ascontiguousarray(kc.swapaxes(-1, -2))
+    outs = []
+    for f in (K.decode_attention_nb, K.decode_attention_ref):
+        caches = [kc.copy(), kT.copy(), vc.copy(), None if k_last is None else k_last.copy()]
+        y = f(qkv, caches[0], caches[1], caches[2], key_valid, L0, cos, sin, caches[3], gate, mix)
+        outs.append((y, caches))
+    (y, got), (y_ref, want) = outs
+    close(y, y_ref, dtype, atol_scale=4)       # sums of up to 13 products of O(1) terms
+    for a, b in zip(got, want):
+        assert (a is None and b is None) or np.array_equal(a, b)

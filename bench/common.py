@@ -92,6 +92,37 @@ def table(headers, rows, fmts=None, left=(0,)) -> str:
     return "\n".join(lines)
 
 
+def blas_facts() -> dict:
+    """The BLAS NumPy calls (threadpoolctl): library, version, the kernel it picked for this CPU
+    (OpenBLAS: "Haswell", "SkylakeX", ...; OPENBLAS_CORETYPE overrides its choice), its thread
+    count right now, and Numba's threads. DESIGN.md section 4: every bench says which kernel ran."""
+    import os
+    facts = dict(openblas_coretype=os.environ.get("OPENBLAS_CORETYPE", "unset"))
+    try:
+        from threadpoolctl import threadpool_info
+        blas = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+        if blas:
+            b = blas[0]
+            facts.update(blas=f"{b.get('internal_api')} {b.get('version')}", blas_kernel=b.get("architecture"),
+                         blas_threads=b.get("num_threads"))
+    except ImportError:
+        pass
+    try:
+        import numba
+        facts.update(numba_threads=numba.get_num_threads())
+    except ImportError:
+        pass
+    return facts
+
+
+def blas_line() -> str:
+    """One line for a table's heading: 'BLAS openblas 0.3.27, kernel Haswell
+    (OPENBLAS_CORETYPE=Haswell), 2 BLAS threads, 2 Numba threads'."""
+    f = blas_facts()
+    return (f"BLAS {f.get('blas', '?')}, kernel {f.get('blas_kernel', '?')} (OPENBLAS_CORETYPE={f['openblas_coretype']}), "
+            f"{f.get('blas_threads', '?')} BLAS threads, {f.get('numba_threads', '?')} Numba threads")
+
+
 def meta(threads: int | None = None, **extra) -> dict:
     """Machine and library facts stored with each result."""
     import numpy as np
@@ -107,7 +138,7 @@ def meta(threads: int | None = None, **extra) -> dict:
         m["blas"] = [(i.get("internal_api"), i.get("version"), i.get("num_threads")) for i in threadpool_info()]
     except ImportError:
         pass
-    m.update(extra)
+    m.update(blas_facts=blas_facts(), **extra)
     return m
 
 

@@ -93,18 +93,19 @@ def table(headers, rows, fmts=None, left=(0,)) -> str:
 
 
 def blas_facts() -> dict:
-    """The BLAS NumPy calls (threadpoolctl): library, version, the kernel it picked for this CPU
-    (OpenBLAS: "Haswell", "SkylakeX", ...; OPENBLAS_CORETYPE overrides its choice), its thread
-    count right now, and Numba's threads. DESIGN.md section 4: every bench says which kernel ran."""
+    """The BLAS libraries loaded (threadpoolctl): library and version, the kernel each picked for
+    this CPU (OpenBLAS: "Haswell", "SkylakeX", ...; OPENBLAS_CORETYPE overrides its choice), its
+    thread count right now and where it comes from (NumPy's is in numpy.libs), plus Numba's
+    threads. DESIGN.md section 4: every bench says which kernel ran."""
     import os
-    facts = dict(openblas_coretype=os.environ.get("OPENBLAS_CORETYPE", "unset"))
+    facts = dict(openblas_coretype=os.environ.get("OPENBLAS_CORETYPE", "unset"), blas=[])
     try:
         from threadpoolctl import threadpool_info
-        blas = [i for i in threadpool_info() if i.get("user_api") == "blas"]
-        if blas:
-            b = blas[0]
-            facts.update(blas=f"{b.get('internal_api')} {b.get('version')}", blas_kernel=b.get("architecture"),
-                         blas_threads=b.get("num_threads"))
+        for i in threadpool_info():
+            if i.get("user_api") == "blas":
+                facts["blas"].append(dict(library=f"{i.get('internal_api')} {i.get('version')}",
+                                          kernel=i.get("architecture"), threads=i.get("num_threads"),
+                                          owner=os.path.basename(os.path.dirname(i.get("filepath", "")))))
     except ImportError:
         pass
     try:
@@ -116,11 +117,12 @@ def blas_facts() -> dict:
 
 
 def blas_line() -> str:
-    """One line for a table's heading: 'BLAS openblas 0.3.27, kernel Haswell
-    (OPENBLAS_CORETYPE=Haswell), 2 BLAS threads, 2 Numba threads'."""
+    """One line for a table's heading, e.g. 'BLAS openblas 0.3.27 (numpy.libs), kernel Haswell,
+    2 threads; OPENBLAS_CORETYPE=Haswell; 2 Numba threads'."""
     f = blas_facts()
-    return (f"BLAS {f.get('blas', '?')}, kernel {f.get('blas_kernel', '?')} (OPENBLAS_CORETYPE={f['openblas_coretype']}), "
-            f"{f.get('blas_threads', '?')} BLAS threads, {f.get('numba_threads', '?')} Numba threads")
+    libs = "; ".join(f"{b['library']} ({b['owner']}), kernel {b['kernel']}, {b['threads']} threads"
+                     for b in f["blas"]) or "none found by threadpoolctl"
+    return f"BLAS {libs}; OPENBLAS_CORETYPE={f['openblas_coretype']}; {f.get('numba_threads', '?')} Numba threads"
 
 
 def meta(threads: int | None = None, **extra) -> dict:

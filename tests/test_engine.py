@@ -306,6 +306,7 @@ def test_attention_by_query_blocks(name, monkeypatch):
     one = fn(*inputs).data
     from tinygrad_llm.engine import attention
     monkeypatch.setattr(attention, "ATTN_BLOCK", 2)
+    monkeypatch.setitem(tinygrad_llm.kernels.backend._chosen, "attention", "numpy")   # the blocked path
     assert attention._query_blocks(5) == [(0, 2), (2, 5)]
     np.testing.assert_allclose(fn(*inputs).data, one, rtol=1e-12, atol=1e-12)
     for r in G.check_op(name):

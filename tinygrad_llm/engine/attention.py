@@ -3,6 +3,14 @@
 output, with RoPE), the rotary-embedding helpers, and smeared keys (`smear_keys`). model.py's
 docstring has the formulas and the config fields that turn RoPE and smeared keys on; the KV cache
 uses the array helpers here (rope_table, apply_rope, smear_keys_array) without a graph.
+
+Two paths compute the attention itself, chosen by the "attention" kernel family (kernels.backend):
+"numpy" (the default) runs blocks of queries as BLAS GEMMs around the attn_softmax kernels and
+keeps each block's probabilities for the backward; "numba" runs kernels/attention.py, one fused
+forward and one fused backward over (batch, head), keeping only each query's log-sum-exp. The
+attention has no dropout on its probabilities and no padding mask here (training batches are
+right-padded, data.pad_batch, so causality alone keeps padding out; generation masks left padding
+in its KV cache), so the two paths compute the same function.
 """
 from __future__ import annotations
 

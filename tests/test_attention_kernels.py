@@ -55,3 +55,25 @@ def test_decode_attention(dtype, B, NH, hs, L0, rope, smear, seed):
     close(y, y_ref, dtype, atol_scale=4)       # sums of up to 13 products of O(1) terms
     for a, b in zip(got, want):
         assert (a is None and b is None) or np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("transposed_a", [False, True])
+def test_gemm_tiles(dtype, transposed_a):
+    """The register tiles under the fused attention: C (+)= A @ B for M a multiple of 8, N of 16,
+    A C-ordered or a transposed view; Numba's SLP setting is restored after the call."""
+    from numba.core import config as numba_config
+
+    from tinygrad_llm.kernels._tiles import gemm_tiles, run_with_slp
+    rng = np.random.default_rng(4)
+    M, N, K = 24, 32, 13
+    A = randn(rng, (K, M), dtype).T if transposed_a else randn(rng, (M, K), dtype)
+    B, C0 = randn(rng, (K, N), dtype), randn(rng, (M, N), dtype)
+    before = numba_config.SLP_VECTORIZE
+    C = C0.copy()
+    run_with_slp(gemm_tiles, A, B, C, M, N, K, False)
+    assert numba_config.SLP_VECTORIZE == before
+    close(C, A @ B, dtype, atol_scale=4)           # K = 13 products, in another order than BLAS
+    C = C0.copy()
+    run_with_slp(gemm_tiles, A, B, C, M, N, K, True)
+    close(C, C0 + A @ B, dtype, atol_scale=4)

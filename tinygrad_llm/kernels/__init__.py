@@ -12,6 +12,7 @@ a Numba kernel, in llm.c's order inside every file: reference, Numba kernel, dis
     crossentropy.py  fused cross-entropy over the vocabulary
     adamw.py         the AdamW update, in place
     _helpers.py      the Numba pieces they share (exp for t <= 0, row reductions, softmax rows)
+    _tiles.py        register-tiled small matrix products (the fused attention's GEMMs)
     backend.py       which side of each pair runs (set_kernel_backend, TINYGRAD_LLM_KERNELS)
 
 Every op comes as a pair with one signature: `<op>_ref` is the plain, vectorized NumPy algorithm

@@ -1,7 +1,8 @@
 """Fused causal attention, forward and backward, one (batch, head) at a time: y = softmax(scale *
 q k^T, causal) v without a (T, T) matrix. The forward keeps only each query's log-sum-exp
-(B, NH, T) for the backward, which recomputes each probability row from it (FlashAttention,
-Dao et al. 2022, algorithm 1 and 2, with blocks of one query row). The engine's other path,
+(B, NH, T) for the backward, which recomputes the probabilities of each block of queries from it
+(FlashAttention, Dao et al. 2022, algorithms 1 and 2, with whole key rows per query block: a
+block's (BQ, T) scores fit in cache, so no online rescaling is needed). The engine's other path,
 blocked BLAS GEMMs around the attn_softmax kernels, lives in engine/attention.py; backend.py's
 "attention" family chooses between them ("numba": these kernels, "numpy": the blocked GEMMs), so
 this family has no dispatcher of its own: its reference states the algorithm for the tests, and
@@ -13,6 +14,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._helpers import exp_neg, row_dot, row_max, row_sum
+from ._tiles import TILE_COLS, gemm_tiles, run_with_slp
 
 
 # ----------------------------------------------------------------------------------------------
@@ -46,58 +48,74 @@ def attention_bwd_ref(dy, q, k, v, lse, scale):
 
 # ----------------------------------------------------------------------------------------------
 # Numba kernels, same signatures. prange over the B*NH heads: each head's rows of y, dq, dk, dv
-# are written by one thread only. Every product is written as an axpy over a contiguous axis
-# (keys via k^T's rows, head channels via v's rows), the loop shape LLVM vectorizes without
-# reordering a sum; query i only touches keys 0..i.
+# are written by one thread only. Per head, the queries run in blocks of BQ rows: a block's
+# scores against the keys up to its last row (BQ x n, the only T-sized scratch), its softmax,
+# and every product as register tiles (_tiles.gemm_tiles). Each head's q, k, v are first copied
+# into zero-padded scratch (T up to a multiple of BQ, hs up to a multiple of 16): padded channels
+# add 0 to every product and padded keys are masked, so the tiles need no edge cases.
+
+BQ = 16  # query rows per block: a multiple of the tile's rows and columns; T = 256 computes 8.5/16 of T x T
 
 
 @njit(cache=True, fastmath=False, error_model="numpy")
-def _scores_row(qi, kT, s, n):
-    """s[:n] = qi . k_j for keys j < n, as hs axpys over the rows of kT (hs, T)."""
-    for j in range(n):
-        s[j] = 0
-    for d in range(kT.shape[0]):
-        a = qi[d]
-        kd = kT[d]
-        for j in range(n):
-            s[j] += a * kd[j]
+def _padded_head(x, rows, cols):
+    """x (T, hs) -> (rows, cols) >= (T, hs), zero where x has no entry: x itself when the shapes
+    already agree (T = 256, hs = 64: no copy), else a padded copy."""
+    T, hs = x.shape
+    if T == rows and hs == cols:
+        return x
+    out = np.empty((rows, cols), x.dtype)
+    for j in range(T):
+        for d in range(hs):
+            out[j, d] = x[j, d]
+        for d in range(hs, cols):
+            out[j, d] = 0
+    for j in range(T, rows):
+        for d in range(cols):
+            out[j, d] = 0
+    return out
 
 
 @njit(cache=True, fastmath=False, error_model="numpy")
-def _transpose_into(x, xT):
-    """x (T, hs) -> xT (hs, T)."""
+def _transposed(x):
+    """x (rows, cols) -> x^T (cols, rows), C order."""
+    out = np.empty((x.shape[1], x.shape[0]), x.dtype)
     for j in range(x.shape[0]):
         for d in range(x.shape[1]):
-            xT[d, j] = x[j, d]
+            out[d, j] = x[j, d]
+    return out
 
 
 @njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
 def _attention_fwd_kernel(q, k, v, y, lse, scale):
     BH, T, hs = q.shape  # q, k, v, y: (B*NH, T, hs) views; lse (B*NH, T)
+    Tp, hp = (T + BQ - 1) // BQ * BQ, (hs + TILE_COLS - 1) // TILE_COLS * TILE_COLS
     sc = q.dtype.type(scale)
     for bh in prange(BH):
-        kT = np.empty((hs, T), q.dtype)
-        s = np.empty(T, q.dtype)
-        _transpose_into(k[bh], kT)
-        for i in range(T):
-            n = i + 1
-            _scores_row(q[bh, i], kT, s, n)           # pass 1: raw scores of the visible keys
-            m = sc * row_max(s, n)                    # pass 2: unnormalized exps, as softmax_row
-            for j in range(n):
-                s[j] = exp_neg(sc * s[j] - m)
-            l = row_sum(s, n)
-            inv = q.dtype.type(1.0 / l)
-            for j in range(n):                        # pass 3: normalize
-                s[j] *= inv
-            yi = y[bh, i]                             # pass 4: y_i = sum_j p_j v_j
-            for c in range(hs):
-                yi[c] = 0
-            for j in range(n):
-                pj = s[j]
-                vj = v[bh, j]
-                for c in range(hs):
-                    yi[c] += pj * vj[c]
-            lse[bh, i] = m + math.log(l)
+        qP, vP = _padded_head(q[bh], Tp, hp), _padded_head(v[bh], Tp, hp)
+        kT = _transposed(_padded_head(k[bh], Tp, hp))
+        s, yb = np.empty((BQ, Tp), q.dtype), np.empty((BQ, hp), q.dtype)
+        for s0 in range(0, T, BQ):
+            n = s0 + BQ                                # keys 0..n-1 cover every row of the block
+            gemm_tiles(qP[s0:n], kT, s, BQ, n, hp, False)          # pass 1: scores (BQ, n)
+            for r in range(BQ):                                    # pass 2: causal softmax rows
+                i = s0 + r
+                if i >= T:                                         # a padded query: no output
+                    s[r, :n] = 0
+                    continue
+                m = sc * row_max(s[r], i + 1)
+                for j in range(i + 1):
+                    s[r, j] = exp_neg(sc * s[r, j] - m)
+                l = row_sum(s[r], i + 1)
+                inv = q.dtype.type(1.0 / l)
+                for j in range(i + 1):
+                    s[r, j] *= inv
+                for j in range(i + 1, n):                          # keys after the query
+                    s[r, j] = 0
+                lse[bh, i] = m + math.log(l)
+            gemm_tiles(s, vP, yb, BQ, hp, n, False)                # pass 3: y = p @ v
+            for r in range(min(BQ, T - s0)):
+                y[bh, s0 + r] = yb[r, :hs]
 
 
 def attention_fwd_nb(q, k, v, scale):
@@ -106,53 +124,48 @@ def attention_fwd_nb(q, k, v, scale):
     q, k, v = (np.ascontiguousarray(a) for a in (q, k, v))
     y = np.empty(q.shape, q.dtype)
     lse = np.empty((B, NH, T), q.dtype)
-    _attention_fwd_kernel(q.reshape(-1, T, hs), k.reshape(-1, T, hs), v.reshape(-1, T, hs),
-                          y.reshape(-1, T, hs), lse.reshape(-1, T), scale)
+    run_with_slp(_attention_fwd_kernel, q.reshape(-1, T, hs), k.reshape(-1, T, hs), v.reshape(-1, T, hs),
+                 y.reshape(-1, T, hs), lse.reshape(-1, T), scale)
     return y, lse
 
 
 @njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
 def _attention_bwd_kernel(dy, q, k, v, lse, dq, dk, dv, scale):
     BH, T, hs = q.shape  # (B*NH, T, hs) views; dq, dk, dv written whole here
+    Tp, hp = (T + BQ - 1) // BQ * BQ, (hs + TILE_COLS - 1) // TILE_COLS * TILE_COLS
     sc = q.dtype.type(scale)
     for bh in prange(BH):
-        kT = np.empty((hs, T), q.dtype)
-        vT = np.empty((hs, T), q.dtype)
-        p = np.empty(T, q.dtype)
-        dp = np.empty(T, q.dtype)
-        _transpose_into(k[bh], kT)
-        _transpose_into(v[bh], vT)
-        dk[bh] = 0
-        dv[bh] = 0
-        for i in range(T):
-            n = i + 1
-            # pass 1: recompute p_ij = exp(scale * s_ij - lse_i) (lse_i >= every scale * s_ij)
-            _scores_row(q[bh, i], kT, p, n)
-            li = lse[bh, i]
-            for j in range(n):
-                p[j] = exp_neg(sc * p[j] - li)
-            # pass 2: backward of y_i = sum_j p_j v_j: dp_j = dy_i . v_j, dv_j += p_j dy_i
-            dyi = dy[bh, i]
-            _scores_row(dyi, vT, dp, n)
-            for j in range(n):
-                pj = p[j]
-                dvj = dv[bh, j]
-                for c in range(hs):
-                    dvj[c] += pj * dyi[c]
-            # pass 3: backward of the softmax, scale folded in: ds_j = scale * p_j (dp_j - p . dp)
-            d = q.dtype.type(row_dot(p, dp, n))
-            for j in range(n):
-                dp[j] = sc * p[j] * (dp[j] - d)       # dp now holds ds
-            # pass 4: backward of s_j = q_i . k_j: dq_i = sum_j ds_j k_j, dk_j += ds_j q_i
-            dqi, qi = dq[bh, i], q[bh, i]
-            for c in range(hs):
-                dqi[c] = 0
-            for j in range(n):
-                dsj = dp[j]
-                kj, dkj = k[bh, j], dk[bh, j]
-                for c in range(hs):
-                    dqi[c] += dsj * kj[c]
-                    dkj[c] += dsj * qi[c]
+        qP, kP, dyP = _padded_head(q[bh], Tp, hp), _padded_head(k[bh], Tp, hp), _padded_head(dy[bh], Tp, hp)
+        kT, vT = _transposed(kP), _transposed(_padded_head(v[bh], Tp, hp))
+        dK, dV = np.zeros((Tp, hp), q.dtype), np.zeros((Tp, hp), q.dtype)
+        p, ds, dqb = np.empty((BQ, Tp), q.dtype), np.empty((BQ, Tp), q.dtype), np.empty((BQ, hp), q.dtype)
+        for s0 in range(0, T, BQ):
+            n = s0 + BQ
+            # pass 1: recompute p = exp(scale * q k^T - lse) (lse_i >= every scale * s_ij)
+            gemm_tiles(qP[s0:n], kT, p, BQ, n, hp, False)
+            for r in range(BQ):
+                i = s0 + r
+                last = i + 1 if i < T else 0                       # a padded query sees no key
+                li = lse[bh, min(i, T - 1)]                        # (the input dtype: float32 exp)
+                for j in range(last):
+                    p[r, j] = exp_neg(sc * p[r, j] - li)
+                for j in range(last, n):
+                    p[r, j] = 0
+            # pass 2: backward of y = p @ v: dp = dy v^T, dv += p^T dy
+            gemm_tiles(dyP[s0:n], vT, ds, BQ, n, hp, False)
+            gemm_tiles(p[:, :n].T, dyP[s0:n], dV, n, hp, BQ, True)
+            # pass 3: backward of the softmax, scale folded in: ds = scale * p (dp - sum(p dp))
+            for r in range(BQ):
+                d = q.dtype.type(row_dot(p[r], ds[r], n))
+                for j in range(n):
+                    ds[r, j] = sc * p[r, j] * (ds[r, j] - d)
+            # pass 4: backward of the scores: dq = ds k, dk += ds^T q
+            gemm_tiles(ds, kP, dqb, BQ, hp, n, False)
+            gemm_tiles(ds[:, :n].T, qP[s0:n], dK, n, hp, BQ, True)
+            for r in range(min(BQ, T - s0)):
+                dq[bh, s0 + r] = dqb[r, :hs]
+        dk[bh] = dK[:T, :hs]
+        dv[bh] = dV[:T, :hs]
 
 
 def attention_bwd_nb(dy, q, k, v, lse, scale):
@@ -160,6 +173,6 @@ def attention_bwd_nb(dy, q, k, v, lse, scale):
     B, NH, T, hs = q.shape
     dy, q, k, v = (np.ascontiguousarray(a) for a in (dy, q, k, v))
     dqkv = np.empty((3, *q.shape), q.dtype)
-    views = [a.reshape(-1, T, hs) for a in (dy, q, k, v)] + [lse.reshape(-1, T)]
-    _attention_bwd_kernel(*views, *(dqkv[i].reshape(-1, T, hs) for i in range(3)), scale)
+    views = [a.reshape(-1, T, hs) for a in (dy, q, k, v)] + [np.ascontiguousarray(lse).reshape(-1, T)]
+    run_with_slp(_attention_bwd_kernel, *views, *(dqkv[i].reshape(-1, T, hs) for i in range(3)), scale)
     return dqkv

@@ -116,6 +116,20 @@ def blas_facts() -> dict:
     return facts
 
 
+def cache_sizes() -> str:
+    """'L2 1024K, L3 16384K' for CPU 0 (Linux sysfs), or 'the caches' where unknown."""
+    base, out = "/sys/devices/system/cpu/cpu0/cache", []
+    try:
+        for d in sorted(os.listdir(base)):
+            with open(f"{base}/{d}/level") as f1, open(f"{base}/{d}/size") as f2, open(f"{base}/{d}/type") as f3:
+                level, size, kind = f1.read().strip(), f2.read().strip(), f3.read().strip()
+            if kind != "Instruction" and level in ("2", "3"):
+                out.append(f"L{level} {size}")
+    except OSError:
+        pass
+    return ", ".join(out) or "the caches"
+
+
 def blas_line() -> str:
     """One line for a table's heading, e.g. 'BLAS openblas 0.3.27 (numpy.libs), kernel Haswell,
     2 threads; OPENBLAS_CORETYPE=Haswell; 2 Numba threads'."""

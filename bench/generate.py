@@ -15,7 +15,9 @@ generated tokens (B * new tokens) over the whole call, prefill included. All var
 interleaved; medians reported. Greedy runs also check that all three give the same tokens.
 GFLOP/s counts 2 * (matmul parameters) + 4 * n_layer * C * L FLOPs per processed token at
 context length L (prompt and generated tokens), against the best 1-thread float32 GEMM of the
-same run (decoding runs at one thread: runtime.single_thread). Every table names the BLAS, its
+same run (decoding runs at one thread: runtime.single_thread). The memory line is the physical
+limit of small batches: every step reads all matmul weights once, at the measured bandwidth (a
+large copy), less what the CPU's caches keep between steps. Every table names the BLAS, its
 kernel and thread counts. Writes runs/bench/generate.json.
 """
 from __future__ import annotations
@@ -23,6 +25,8 @@ from __future__ import annotations
 import argparse
 
 import common as C
+
+BANDWIDTH_FLOATS = 64 * 2**20            # 256 MB: far past any cache
 
 
 def parse_args():
@@ -95,6 +99,8 @@ def main():
 
     gemms = C.gemm_thunks()
     variants = {f"gemm {g}": lambda fn=fn: (C.setup_threads(1), fn()) for g, (fn, _) in gemms.items()}
+    stream, dst = np.ones(BANDWIDTH_FLOATS, np.float32), np.zeros(BANDWIDTH_FLOATS, np.float32)
+    variants["copy"] = lambda: (C.setup_threads(1), np.copyto(dst, stream))   # bandwidth: decoding streams weights
     kinds = ("cache", "tensor") + (() if args.no_recompute else ("recompute",))
     for th in args.threads:
         for b in args.batches:
@@ -106,6 +112,7 @@ def main():
     times = C.interleave(variants, args.repeats, warmup=1)
     load1 = C.loadavg()
     ceiling = max(f / min(times[f"gemm {g}"]) for g, (_, f) in gemms.items()) / 1e9   # 1 thread, best run
+    copy_gbs = 2 * stream.nbytes / min(times["copy"]) / 1e9                     # bytes read + written
 
     Cn, L = cfg.n_embd, cfg.n_layer
     n_mm = 12 * L * Cn * Cn + cfg.vocab_size * Cn                        # c_attn, c_proj, c_fc, mlp.c_proj, lm_head
@@ -120,6 +127,7 @@ def main():
         n = b * args.new_tokens
         gflops = b * flops_per_row / t["cache"] / 1e9
         results.append(dict(threads=th, batch=b, same_tokens=same, gflops=gflops, gemm_ceiling_gflops=ceiling,
+                            copy_gb_per_s=copy_gbs, weights_mb_per_step=4 * n_mm / 1e6,
                             **{f"{k}_s": t[k] for k in kinds}, **{f"{k}_tokens_per_s": n / t[k] for k in kinds},
                             **{f"{k}_s_all": times[f"t{th} {k} B={b}"] for k in kinds}))
         rec = [n / t["recompute"], f"{t['recompute'] / t['cache']:.1f}x"] if "recompute" in t else ["-", "-"]
@@ -132,7 +140,11 @@ def main():
           f"load avg before/after {load0[0]:.2f}/{load1[0]:.2f}")
     C.setup_threads(max(args.threads))
     print(f"{C.blas_line()} (decoding itself runs at 1 thread)")
-    print(f"GEMM ceiling: best 1-thread float32 GEMM of this run, {ceiling:.1f} GFLOP/s\n")
+    print(f"GEMM ceiling: best 1-thread float32 GEMM of this run, {ceiling:.1f} GFLOP/s")
+    weights_mb = 4 * n_mm / 1e6                                      # float32 matmul weights, read once a step
+    print(f"memory: {copy_gbs:.1f} GB/s at 1 thread (a {stream.nbytes / 1e6:.0f} MB copy, read + write); one decoding "
+          f"step streams {weights_mb:.1f} MB of weights: >= {weights_mb / copy_gbs:.2f} ms a step (batch 1: <= "
+          f"{1e3 * copy_gbs / weights_mb:.0f} tokens/s) from memory; {C.cache_sizes()} may hold part of them\n")
     print(C.table(["threads", "batch", "cache tok/s", "tensor tok/s", "decode_step buys", "recompute tok/s",
                    "cache buys", "cache ms/step", "GFLOP/s", "of ceiling", "same tokens"],
                   rows, ["d", "d", ".1f", ".1f", None, ".1f", None, ".2f", ".2f", None, None]))

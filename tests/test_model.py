@@ -218,3 +218,17 @@ def test_fast_decoding_chooses_the_tokens_of_the_tensor_path(variant, monkeypatc
         np.testing.assert_allclose(runs[True].logprobs, runs[False].logprobs, atol=1e-4)
         distinct |= set(runs[True].tokens.ravel().tolist())
     assert len(distinct) > 3                                               # not a degenerate test
+
+
+def test_models_with_lora_adapters_decode_through_the_tensor_path():
+    """decode_step knows plain Linear layers only: with adapters generation takes the Tensor path
+    (and still runs); once merged, the fast path again, choosing the same tokens."""
+    from tinygrad_llm import decode, lora
+    m = _varied(get_tiny_config(vocab_size=60), seed=2).to(np.float32)
+    lora.apply_lora(m, lora.LoRAConfig(r=2), seed=0)
+    assert not decode.fast_decoding_supported(m)
+    adapted = m.generate([[7, 8, 9]], max_new_tokens=8, temperature=0.0, stop_tokens=())
+    lora.merge_lora(m)
+    assert decode.fast_decoding_supported(m)
+    merged = m.generate([[7, 8, 9]], max_new_tokens=8, temperature=0.0, stop_tokens=())
+    np.testing.assert_array_equal(adapted.tokens, merged.tokens)   # B = 0 at init: the same weights

@@ -9,7 +9,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._helpers import exp_neg
+from ._helpers import exp_neg, row_max, row_sum
 from .backend import use_numba
 
 
@@ -62,12 +62,13 @@ def _decode_kernel(qkv, kc, kT, vc, key_valid, L0, cos, sin, k_last, gate, mix, 
     B, NH, _, hs = kc.shape
     C, h2 = NH * hs, hs // 2
     sc = qkv.dtype.type(1.0 / math.sqrt(hs))
+    # scratch rows per head, allocated once per call (an allocation per head cost ~1 us each)
+    t_all, qr_all, s_all = np.empty((B * NH, hs), qkv.dtype), np.empty((B * NH, hs), qkv.dtype), np.empty((B * NH, L0 + 1), qkv.dtype)
     for bh in prange(B * NH):
         b, h = bh // NH, bh % NH
         o = h * hs                                             # the head's columns in q, k and v
         q, k, v = qkv[b, o:o + hs], qkv[b, C + o:C + o + hs], qkv[b, 2 * C + o:2 * C + o + hs]
-        kn, t = kc[b, h, L0], np.empty(hs, qkv.dtype)          # kn: the new key's cache slot
-        qr, s = np.empty(hs, qkv.dtype), np.empty(L0 + 1, qkv.dtype)
+        kn, t, qr, s = kc[b, h, L0], t_all[bh], qr_all[bh], s_all[bh]   # kn: the new key's cache slot
         # pass 1: the new key smeared with the previous raw key, q and k rotated, k and v cached
         for c in range(hs):
             t[c] = k[c] + gate[h] * (k_last[b, h, c] - k[c]) if smear and mix[b] else k[c]
@@ -91,24 +92,21 @@ def _decode_kernel(qkv, kc, kT, vc, key_valid, L0, cos, sin, k_last, gate, mix, 
             a, kc_row = qr[c], kT[b, h, c]
             for j in range(L0 + 1):
                 s[j] += a * kc_row[j]
+        # pass 3: softmax over the real keys; a masked key's score becomes -inf, so its exp is 0
+        neg_inf = qkv.dtype.type(-np.inf)
         for j in range(L0 + 1):
-            s[j] *= sc
-        # pass 3: softmax over the real keys, pass 4: y = sum_j p_j v_j
+            s[j] = s[j] * sc if key_valid[b, j] or j == L0 else neg_inf
+        m = row_max(s, L0 + 1)                                  # finite: the new key is always seen
+        for j in range(L0 + 1):
+            s[j] = exp_neg(s[j] - m)
+        inv = qkv.dtype.type(1.0 / row_sum(s, L0 + 1))
+        # pass 4: y = sum_j p_j v_j, one axpy per key along v's contiguous rows, normalized once
         yh = y[b, o:o + hs]
         yh[:] = 0
-        m = -np.inf
         for j in range(L0 + 1):
-            if (key_valid[b, j] or j == L0) and s[j] > m:
-                m = s[j]
-        l = 0.0
-        for j in range(L0 + 1):
-            if key_valid[b, j] or j == L0:
-                pj = exp_neg(s[j] - m)
-                l += pj
-                vj = vc[b, h, j]
-                for c in range(hs):
-                    yh[c] += pj * vj[c]
-        inv = qkv.dtype.type(1.0 / l)
+            pj, vj = s[j], vc[b, h, j]
+            for c in range(hs):
+                yh[c] += pj * vj[c]
         for c in range(hs):
             yh[c] *= inv
 

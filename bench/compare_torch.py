@@ -198,7 +198,7 @@ def speed_worker(side, args, user_gomp_env, conn):
     (tinygrad_llm/runtime.py), which PyTorch does not do. The PyTorch worker gets none of
     these: the user's libgomp settings or none, and glibc's default allocator, as a plain
     PyTorch run. Answers ("train",), ("generate", b), ("tokens", b), ("state",),
-    ("load", state), ("quit",) over `conn`."""
+    ("load", state), ("blas",), ("quit",) over `conn`."""
     import os
     if side == "torch":
         for var, value in user_gomp_env.items():
@@ -264,7 +264,7 @@ def speed_worker(side, args, user_gomp_env, conn):
             load_ours_into_torch(torch, tm, ours)
 
     handlers = {"train": step, "generate": generate, "tokens": lambda b: toks[b],
-                "state": ours.state_dict, "load": load}
+                "state": ours.state_dict, "load": load, "blas": C.blas_line}
     while True:
         cmd, *rest = conn.recv()
         if cmd == "quit":
@@ -291,6 +291,7 @@ def main():
     # 1. numerics
     num = [numerics(torch, cfg, np.float32), numerics(torch, cfg, np.float64)]
     print(f"\nnumerics, dropout off, B x T = {num[0]['B']}x{num[0]['T']}, max abs difference ours vs PyTorch:")
+    print(C.blas_line())
     print(C.table(["dtype", "logits", "(|logits| max)", "loss", "grads (worst)", "(|grad| max)", "worst param"],
                   [[r["dtype"], r["logits"], r["logits_scale"], r["loss"], r["grad_max"], r["grad_scale"],
                     r["grad_worst"]] for r in num], [None, ".2e", ".2e", ".2e", ".2e", ".2e", None], left=(0, 6)))
@@ -321,6 +322,7 @@ def main():
         gen_t = C.interleave(gen_variants, args.repeats, warmup=1)
         load1 = C.loadavg()
         toks = {(side, b): call(side, "tokens", b) for side in conns for b in args.gen_batches}
+        blas = {side: call(side, "blas") for side in conns}
     finally:
         for side in conns:
             conns[side].send(("quit",))
@@ -343,11 +345,15 @@ def main():
         rows.append([f"generate B={b} (KV cache)", n / go, n / gt, f"{gt / go:.2f}", f"{agree:.0%}"])
     print(f"\nspeed, mini model (vocab {cfg.vocab_size}, dropout {cfg.dropout}), float32, {args.threads} threads, "
           f"torch {torch.__version__}; generation: greedy, prompt {args.prompt_len}, {args.new_tokens} new; "
-          f"repeats {args.repeats}, interleaved; load avg before/after {load0[0]:.2f}/{load1[0]:.2f}\n")
+          f"repeats {args.repeats}, interleaved; load avg before/after {load0[0]:.2f}/{load1[0]:.2f}")
+    for side in conns:
+        print(f"{side} process: {blas[side]}")
+    print()
     print(C.table(["", "ours tok/s", "torch tok/s", "ours/torch", "same tokens"], rows,
                   [None, ".0f", ".0f", None, None]))
     path = C.write_json(f"compare_torch-t{args.threads}", dict(
-        meta=C.meta(args.threads, torch=torch.__version__, repeats=args.repeats, loadavg_before=load0,
+        meta=C.meta(args.threads, torch=torch.__version__, repeats=args.repeats, blas_per_process=blas,
+                    loadavg_before=load0,
                     loadavg_after=load1, train_shape=[args.batch, args.seq], prompt_len=args.prompt_len,
                     new_tokens=args.new_tokens, torch_generation="KV cache (preallocated, SDPA), greedy"),
         numerics=num, speed=speed))

@@ -232,3 +232,24 @@ def test_models_with_lora_adapters_decode_through_the_tensor_path():
     assert decode.fast_decoding_supported(m)
     merged = m.generate([[7, 8, 9]], max_new_tokens=8, temperature=0.0, stop_tokens=())
     np.testing.assert_array_equal(adapted.tokens, merged.tokens)   # B = 0 at init: the same weights
+
+
+@pytest.mark.parametrize("variant", ["learned", "rope_smear"])
+def test_fused_attention_path_gives_the_gradients_of_the_blocked_path(variant, monkeypatch):
+    """A whole float64 GPT step on the fused attention kernel (kernels "attention" = numba) against
+    the blocked GEMMs (numpy): the same loss and every parameter's gradient, to rounding."""
+    from tinygrad_llm.kernels import backend
+    cfg = dataclasses.replace(get_tiny_config(vocab_size=40), dropout=0.0, **POS_VARIANTS.get(variant, {}))
+    m = _varied(cfg, seed=4)
+    rng = np.random.default_rng(6)
+    idx, tgt = rng.integers(0, 40, (3, 37)), rng.integers(0, 40, (3, 37))   # T = 37: padded blocks
+    out = {}
+    for path in ("numpy", "numba"):
+        monkeypatch.setitem(backend._chosen, "attention", path)
+        m.zero_grad()
+        _, loss = m(idx, targets=tgt)
+        loss.backward()
+        out[path] = (loss.data.item(), {n: p.grad.copy() for n, p in m.named_parameters()})
+    assert abs(out["numpy"][0] - out["numba"][0]) < 1e-12
+    for n, g in out["numpy"][1].items():
+        np.testing.assert_allclose(out["numba"][1][n], g, rtol=1e-9, atol=1e-12, err_msg=n)

@@ -96,6 +96,13 @@ def build_cases(K, np):
                lambda: _blocked_fwd(q, k, v)),
               ("attention", "bwd", f"({B}, {NH}, {T}, {HS}) x3", lambda: K.attention_bwd_nb(dyh, q, k, v, lse, sc),
                lambda: _blocked_bwd(dyh, q, k, v, ps))]
+    # the head split with RoPE (and its backward) on c_attn's output (8, 256, 768)
+    qkv3, dheads = randn(B, T, 3 * C), randn(3, B, NH, T, HS)
+    cos_r, sin_r = randn(1, T, HS), randn(1, T, HS)
+    cases += [("rope", "fwd", f"({B}, {T}, {3 * C})", lambda: K.rope_split_nb(qkv3, NH, cos_r, sin_r),
+               lambda: K.rope_split_ref(qkv3, NH, cos_r, sin_r)),
+              ("rope", "bwd", f"(3, {B}, {NH}, {T}, {HS})", lambda: K.rope_merge_nb(dheads, cos_r, sin_r),
+               lambda: K.rope_merge_ref(dheads, cos_r, sin_r))]
     # one decode step's attention, batch 16, 128 cached positions of a 256-slot cache, RoPE
     Bd, L0 = 16, 128
     qkv1 = randn(Bd, 3 * C)
@@ -188,6 +195,8 @@ def compile_child():
         "dropout_bwd": lambda: K.dropout_bwd_nb(x, K.dropout_fwd_ref(x, 0.1, 7)[1], 0.1),
         "embedding_bwd": lambda: K.embedding_bwd_nb(t, x, 8),
         "adamw": lambda: K.adamw_update_nb(x.copy(), x, x.copy(), x * x, 1e-3, 0.9, 0.95, 1e-8, 0.1, 1),
+        "rope_split": lambda: K.rope_split_nb(np.ones((1, 4, 24), f32), 2, np.ones((1, 4, 4), f32), np.ones((1, 4, 4), f32)),
+        "rope_merge": lambda: K.rope_merge_nb(np.ones((3, 1, 2, 4, 4), f32), np.ones((1, 4, 4), f32), np.ones((1, 4, 4), f32)),
         "attention_fwd": lambda: K.attention_fwd_nb(att, att, att, 0.5),
         "attention_bwd": lambda: K.attention_bwd_nb(att, att, att, att, att[..., 0], 0.5),
         "decode_attention": lambda: K.decode_attention_nb(np.ones((1, 48), f32), att.copy(), att.copy(), att.copy(),

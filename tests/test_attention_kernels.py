@@ -77,3 +77,22 @@ def test_gemm_tiles(dtype, transposed_a):
     C = C0.copy()
     run_with_slp(gemm_tiles, A, B, C, M, N, K, True)
     close(C, C0 + A @ B, dtype, atol_scale=4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@FEW
+@given(B=st.integers(1, 3), T=st.integers(1, 9), NH=st.integers(1, 3), hs=st.sampled_from([2, 4, 8]),
+       per_row=st.booleans(), seed=seeds)
+def test_rope_split_and_merge(dtype, B, T, NH, hs, per_row, seed):
+    """The head split with RoPE and its backward: bit-identical to the NumPy reference (the same
+    operations in the same order), and merge is the transpose of split: <split(x), g> = <x, merge(g)>."""
+    rng = np.random.default_rng(seed)
+    qkv, g = randn(rng, (B, T, 3 * NH * hs), dtype), randn(rng, (3, B, NH, T, hs), dtype)
+    cos, sin = (randn(rng, (B if per_row else 1, T, hs), dtype) for _ in range(2))
+    heads = K.rope_split_nb(qkv, NH, cos, sin)
+    np.testing.assert_array_equal(heads, K.rope_split_ref(qkv, NH, cos, sin))
+    dqkv = K.rope_merge_nb(g, cos, sin)
+    np.testing.assert_array_equal(dqkv, K.rope_merge_ref(g, cos, sin))
+    assert heads.dtype == dqkv.dtype == dtype
+    lhs, rhs = float((heads.astype(np.float64) * g).sum()), float((qkv.astype(np.float64) * dqkv).sum())
+    assert abs(lhs - rhs) <= 1e-4 * (1 + abs(lhs))

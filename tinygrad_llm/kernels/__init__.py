@@ -6,6 +6,7 @@ a Numba kernel, in llm.c's order inside every file: reference, Numba kernel, dis
     attn_softmax.py  the causal softmax inside attention
     attention.py     fused causal attention forward / backward (no (T, T) matrix kept)
     decode.py        one new token's attention over the KV cache (generation)
+    rope.py          the head split with RoPE on q, k, and its backward (one pass each)
     gelu.py          GELU (tanh approximation)
     dropout.py       dropout masks from a counter-based hash
     softmax.py       softmax over the last axis
@@ -45,4 +46,5 @@ from .embedding import embedding_bwd, embedding_bwd_nb, embedding_bwd_ref
 from .gelu import GELU_A, GELU_K, gelu_bwd, gelu_bwd_nb, gelu_bwd_ref, gelu_fwd, gelu_fwd_nb, gelu_fwd_ref
 from .layernorm import (layernorm_bwd, layernorm_bwd_nb, layernorm_bwd_ref, layernorm_fwd, layernorm_fwd_nb,
                         layernorm_fwd_ref)
+from .rope import rope_merge, rope_merge_nb, rope_merge_ref, rope_split, rope_split_nb, rope_split_ref
 from .softmax import softmax_bwd, softmax_bwd_nb, softmax_bwd_ref, softmax_fwd, softmax_fwd_nb, softmax_fwd_ref

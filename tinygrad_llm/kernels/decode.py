@@ -11,12 +11,7 @@ from numba import njit, prange
 
 from ._helpers import exp_neg, row_max, row_sum
 from .backend import use_numba
-
-
-def _rotate_ref(x, cos, sin):
-    """x (..., hs) -> x*cos + rotate_half(x)*sin, rotate_half([x1, x2]) = [-x2, x1] (engine.apply_rope)."""
-    h = x.shape[-1] // 2
-    return x * cos + np.concatenate([-x[..., h:], x[..., :h]], axis=-1) * sin
+from .rope import apply_rope
 
 
 # ----------------------------------------------------------------------------------------------
@@ -39,7 +34,7 @@ def decode_attention_ref(qkv, kc, kT, vc, key_valid, L0, cos, sin, k_last, gate,
         k = k + w * (k_last - k)
         k_last[...] = k_raw
     if cos is not None:
-        q, k = _rotate_ref(q, cos[:, None], sin[:, None]), _rotate_ref(k, cos[:, None], sin[:, None])
+        q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
     kc[:, :, L0] = k
     kT[:, :, :, L0] = k
     vc[:, :, L0] = v

@@ -56,46 +56,43 @@ def _store8(x, j, c):
     x[j], x[j + u(1)], x[j + u(2)], x[j + u(3)], x[j + u(4)], x[j + u(5)], x[j + u(6)], x[j + u(7)] = c
 
 
+@njit(cache=True, fastmath=_FM, error_model="numpy", inline="always")
+def _fma_rows(c, a, b):
+    """c[r] + a[r] * b for the 8 rows of a tile half: c 8 tuples of 8, a 8 scalars, b a tuple of 8."""
+    return (_fma8(c[0], a[0], b), _fma8(c[1], a[1], b), _fma8(c[2], a[2], b), _fma8(c[3], a[3], b),
+            _fma8(c[4], a[4], b), _fma8(c[5], a[5], b), _fma8(c[6], a[6], b), _fma8(c[7], a[7], b))
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy", inline="always")
+def _store_rows(C, r, j, c):
+    """C[r[k], j:j + 8] = c[k] for the 8 rows, written out: a loop would index the tuple c at
+    run time, which keeps it in memory instead of registers."""
+    _store8(C[r[0]], j, c[0]), _store8(C[r[1]], j, c[1]), _store8(C[r[2]], j, c[2]), _store8(C[r[3]], j, c[3])
+    _store8(C[r[4]], j, c[4]), _store8(C[r[5]], j, c[5]), _store8(C[r[6]], j, c[6]), _store8(C[r[7]], j, c[7])
+
+
 @njit(cache=True, fastmath=_FM, error_model="numpy")
 def _tile(A, B, C, i0, j0, K, accumulate):
-    """C[i0:i0+8, j0:j0+16] (+)= A[i0:i0+8, :K] @ B[:K, j0:j0+16]: per row r two accumulator
-    tuples, c_r for columns j0..j0+7 and e_r for j0+8..j0+15 (16 registers in all)."""
+    """C[i0:i0+8, j0:j0+16] (+)= A[i0:i0+8, :K] @ B[:K, j0:j0+16]: the left half of each row
+    (columns j0..j0+7) accumulates in c[r], the right half in e[r] (16 registers in all)."""
     u = np.uint64
-    i0, j0 = u(i0), u(j0)
-    j8 = j0 + u(8)
-    rows = (i0, i0 + u(1), i0 + u(2), i0 + u(3), i0 + u(4), i0 + u(5), i0 + u(6), i0 + u(7))
-    i1, i2, i3, i4, i5, i6, i7 = rows[1:]
+    j0, j8 = u(j0), u(j0) + u(8)
+    r = (u(i0), u(i0) + u(1), u(i0) + u(2), u(i0) + u(3), u(i0) + u(4), u(i0) + u(5), u(i0) + u(6), u(i0) + u(7))
     if accumulate:
-        c0, c1, c2, c3 = _load8(C[i0], j0), _load8(C[i1], j0), _load8(C[i2], j0), _load8(C[i3], j0)
-        c4, c5, c6, c7 = _load8(C[i4], j0), _load8(C[i5], j0), _load8(C[i6], j0), _load8(C[i7], j0)
-        e0, e1, e2, e3 = _load8(C[i0], j8), _load8(C[i1], j8), _load8(C[i2], j8), _load8(C[i3], j8)
-        e4, e5, e6, e7 = _load8(C[i4], j8), _load8(C[i5], j8), _load8(C[i6], j8), _load8(C[i7], j8)
+        c = (_load8(C[r[0]], j0), _load8(C[r[1]], j0), _load8(C[r[2]], j0), _load8(C[r[3]], j0),
+             _load8(C[r[4]], j0), _load8(C[r[5]], j0), _load8(C[r[6]], j0), _load8(C[r[7]], j0))
+        e = (_load8(C[r[0]], j8), _load8(C[r[1]], j8), _load8(C[r[2]], j8), _load8(C[r[3]], j8),
+             _load8(C[r[4]], j8), _load8(C[r[5]], j8), _load8(C[r[6]], j8), _load8(C[r[7]], j8))
     else:
         z = C.dtype.type(0)
-        c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = (z, z, z, z, z, z, z, z)
-        e0 = e1 = e2 = e3 = e4 = e5 = e6 = e7 = c0
+        z8 = (z, z, z, z, z, z, z, z)
+        c = e = (z8, z8, z8, z8, z8, z8, z8, z8)
     for d in range(u(K)):
-        b, bb = _load8(B[d], j0), _load8(B[d], j8)              # one row of B, shared by 8 rows of A
-        a = A[i0, d]
-        c0, e0 = _fma8(c0, a, b), _fma8(e0, a, bb)
-        a = A[i1, d]
-        c1, e1 = _fma8(c1, a, b), _fma8(e1, a, bb)
-        a = A[i2, d]
-        c2, e2 = _fma8(c2, a, b), _fma8(e2, a, bb)
-        a = A[i3, d]
-        c3, e3 = _fma8(c3, a, b), _fma8(e3, a, bb)
-        a = A[i4, d]
-        c4, e4 = _fma8(c4, a, b), _fma8(e4, a, bb)
-        a = A[i5, d]
-        c5, e5 = _fma8(c5, a, b), _fma8(e5, a, bb)
-        a = A[i6, d]
-        c6, e6 = _fma8(c6, a, b), _fma8(e6, a, bb)
-        a = A[i7, d]
-        c7, e7 = _fma8(c7, a, b), _fma8(e7, a, bb)
-    for i, c, e in ((i0, c0, e0), (i1, c1, e1), (i2, c2, e2), (i3, c3, e3),
-                    (i4, c4, e4), (i5, c5, e5), (i6, c6, e6), (i7, c7, e7)):
-        _store8(C[i], j0, c)
-        _store8(C[i], j8, e)
+        a = (A[r[0], d], A[r[1], d], A[r[2], d], A[r[3], d], A[r[4], d], A[r[5], d], A[r[6], d], A[r[7], d])
+        c = _fma_rows(c, a, _load8(B[d], j0))                 # one row of B, shared by the 8 rows of A
+        e = _fma_rows(e, a, _load8(B[d], j8))
+    _store_rows(C, r, j0, c)
+    _store_rows(C, r, j8, e)
 
 
 @njit(cache=True, fastmath=_FM, error_model="numpy")

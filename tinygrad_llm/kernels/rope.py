@@ -56,67 +56,54 @@ def rope_merge_ref(dheads, cos, sin):
 
 
 # ----------------------------------------------------------------------------------------------
-# Numba kernels, same signatures: prange over the (b, t) rows of qkv; the pair (x_c, x_c+hs/2)
-# of a rotation lies in one row, so each row is read once and written once. The same
+# Numba kernels, same signatures, one kernel for both directions: prange over the (b, t) rows of
+# qkv; the pair (x_c, x_c+hs/2) of a rotation lies in one row, so each row is read once and
+# written once. The same
 # operations as the reference, in the same order: results are bit-identical.
 
 
 @njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
-def _rope_split_kernel(qkv, cos, sin, heads):
+def _rope_kernel(rows, heads, cos, sin, forward):
+    """forward: rows (B, T, 3C) -> heads (3, B, NH, T, hs), q and k rotated; else heads (the
+    gradients) -> rows, the rotation transposed. v moves unchanged either way."""
     _, B, NH, T, hs = heads.shape
     h2 = hs // 2
     for bt in prange(B * T):
         b, t = bt // T, bt % T
         cb = b if cos.shape[0] > 1 else 0
-        cr, sr, row = cos[cb, t], sin[cb, t], qkv[b, t]
+        cr, sr, row = cos[cb, t], sin[cb, t], rows[b, t]
         for part in range(3):
             for h in range(NH):
-                x, out = row[(part * NH + h) * hs:(part * NH + h + 1) * hs], heads[part, b, h, t]
-                if part == 2:                                          # v: moved, not rotated
+                seg, hd = row[(part * NH + h) * hs:(part * NH + h + 1) * hs], heads[part, b, h, t]
+                x, out = (seg, hd) if forward else (hd, seg)
+                if part == 2:                                          # v
                     for c in range(hs):
                         out[c] = x[c]
-                    continue
-                for c in range(h2):
-                    out[c] = x[c] * cr[c] + (-x[c + h2]) * sr[c]
-                for c in range(h2, hs):
-                    out[c] = x[c] * cr[c] + x[c - h2] * sr[c]
+                elif forward:                                          # x*cos + rotate_half(x)*sin
+                    for c in range(h2):
+                        out[c] = x[c] * cr[c] + (-x[c + h2]) * sr[c]
+                    for c in range(h2, hs):
+                        out[c] = x[c] * cr[c] + x[c - h2] * sr[c]
+                else:                                                  # g*cos - rotate_half(g*sin)
+                    for c in range(h2):
+                        out[c] = x[c] * cr[c] - (-(x[c + h2] * sr[c + h2]))
+                    for c in range(h2, hs):
+                        out[c] = x[c] * cr[c] - x[c - h2] * sr[c - h2]
 
 
 def rope_split_nb(qkv, n_head, cos, sin):
     """Same contract as rope_split_ref."""
     B, T, C3 = qkv.shape
-    hs = C3 // 3 // n_head
-    heads = np.empty((3, B, n_head, T, hs), qkv.dtype)
-    _rope_split_kernel(np.ascontiguousarray(qkv), np.ascontiguousarray(cos), np.ascontiguousarray(sin), heads)
+    heads = np.empty((3, B, n_head, T, C3 // 3 // n_head), qkv.dtype)
+    _rope_kernel(np.ascontiguousarray(qkv), heads, np.ascontiguousarray(cos), np.ascontiguousarray(sin), True)
     return heads
-
-
-@njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
-def _rope_merge_kernel(dheads, cos, sin, dqkv):
-    _, B, NH, T, hs = dheads.shape
-    h2 = hs // 2
-    for bt in prange(B * T):
-        b, t = bt // T, bt % T
-        cb = b if cos.shape[0] > 1 else 0
-        cr, sr, row = cos[cb, t], sin[cb, t], dqkv[b, t]
-        for part in range(3):
-            for h in range(NH):
-                g, out = dheads[part, b, h, t], row[(part * NH + h) * hs:(part * NH + h + 1) * hs]
-                if part == 2:
-                    for c in range(hs):
-                        out[c] = g[c]
-                    continue
-                for c in range(h2):                                    # - rotate_half(g*sin) = + g[c+h2]*sin
-                    out[c] = g[c] * cr[c] - (-(g[c + h2] * sr[c + h2]))
-                for c in range(h2, hs):
-                    out[c] = g[c] * cr[c] - g[c - h2] * sr[c - h2]
 
 
 def rope_merge_nb(dheads, cos, sin):
     """Same contract as rope_merge_ref."""
     _, B, NH, T, hs = dheads.shape
     dqkv = np.empty((B, T, 3 * NH * hs), dheads.dtype)
-    _rope_merge_kernel(np.ascontiguousarray(dheads), np.ascontiguousarray(cos), np.ascontiguousarray(sin), dqkv)
+    _rope_kernel(dqkv, np.ascontiguousarray(dheads), np.ascontiguousarray(cos), np.ascontiguousarray(sin), False)
     return dqkv
 
 

@@ -19,7 +19,9 @@ never install torch without that pin). Without it the script says so and exits 0
 The PyTorch model is nanoGPT's: pre-LN blocks, fused c_attn (3C, C) with q, k, v in that
 order, GELU tanh approximation, LayerNorm eps 1e-5, lm_head tied to wte, and the same parameter
 names, so our state_dict() loads 1:1. Like ours it has no dropout on the attention weights
-(dropout after the embeddings, after attn.c_proj and after mlp.c_proj).
+(dropout after the embeddings, after attn.c_proj and after mlp.c_proj). Positions follow the
+config: learned wpe, or RoPE on q and k from the same float64 table (the mini config's choice);
+smeared keys are not written in PyTorch here. Every table names each process's BLAS and kernel.
 Writes runs/bench/compare_torch-t<threads>.json.
 """
 from __future__ import annotations
@@ -62,6 +64,15 @@ def parse_args():
 
 def build_torch_gpt(torch, cfg):
     nn, F = torch.nn, torch.nn.functional
+    if cfg.smear_keys:
+        raise NotImplementedError("compare_torch: the PyTorch model has no smeared keys")
+    rope = cfg.pos_emb == "rope"
+
+    def rotate(x, cos, sin):
+        """RoPE, rotate-half convention (model.py's docstring): x*cos + rotate_half(x)*sin."""
+        h = x.shape[-1] // 2
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)   # float64 tables rounded to the model's dtype, as ours
+        return x * cos + torch.cat([-x[..., h:], x[..., :h]], dim=-1) * sin
 
     class CausalSelfAttention(nn.Module):
         def __init__(self):
@@ -70,11 +81,13 @@ def build_torch_gpt(torch, cfg):
             self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
             self.resid_dropout = nn.Dropout(cfg.dropout)
 
-        def forward(self, x, cache=None, layer=0, pos=0):
+        def forward(self, x, cache=None, layer=0, pos=0, cos_sin=None):
             B, T, Cn = x.shape
             nh = cfg.n_head
             q, k, v = self.c_attn(x).split(Cn, dim=2)
             q, k, v = (t.view(B, T, nh, Cn // nh).transpose(1, 2) for t in (q, k, v))   # (B, nh, T, hs)
+            if cos_sin is not None:                     # positions pos..pos+T-1 (no padding here)
+                q, k = rotate(q, *cos_sin), rotate(k, *cos_sin)
             if cache is not None:                       # write the new keys/values, attend to all so far
                 cache[0][layer][:, :, pos:pos + T] = k
                 cache[1][layer][:, :, pos:pos + T] = v
@@ -101,26 +114,35 @@ def build_torch_gpt(torch, cfg):
             self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=1e-5, bias=cfg.bias)
             self.mlp = MLP()
 
-        def forward(self, x, cache=None, layer=0, pos=0):
-            x = x + self.attn(self.ln_1(x), cache, layer, pos)
+        def forward(self, x, cache=None, layer=0, pos=0, cos_sin=None):
+            x = x + self.attn(self.ln_1(x), cache, layer, pos, cos_sin)
             return x + self.mlp(self.ln_2(x))
 
     class GPT(nn.Module):
         def __init__(self):
             super().__init__()
-            self.transformer = nn.ModuleDict(dict(
-                wte=nn.Embedding(cfg.vocab_size, cfg.n_embd), wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
-                drop=nn.Dropout(cfg.dropout), h=nn.ModuleList(Block() for _ in range(cfg.n_layer)),
-                ln_f=nn.LayerNorm(cfg.n_embd, eps=1e-5, bias=cfg.bias)))
+            parts = dict(wte=nn.Embedding(cfg.vocab_size, cfg.n_embd), drop=nn.Dropout(cfg.dropout),
+                         h=nn.ModuleList(Block() for _ in range(cfg.n_layer)),
+                         ln_f=nn.LayerNorm(cfg.n_embd, eps=1e-5, bias=cfg.bias))
+            if not rope:
+                parts["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
+            self.transformer = nn.ModuleDict(parts)
+            if rope:                                    # the same float64 table as ours
+                from tinygrad_llm.engine import rope_table
+                cos, sin = rope_table(cfg.block_size, cfg.n_embd // cfg.n_head, cfg.rope_base)
+                self.rope_cos, self.rope_sin = torch.from_numpy(cos), torch.from_numpy(sin)
             self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
             self.lm_head.weight = self.transformer.wte.weight          # tied
 
         def forward(self, idx, targets=None, cache=None, pos=0):
             B, T = idx.shape
             tr = self.transformer
-            x = tr.drop(tr.wte(idx) + tr.wpe(torch.arange(pos, pos + T)))
+            if rope:
+                x, cos_sin = tr.drop(tr.wte(idx)), (self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T])
+            else:
+                x, cos_sin = tr.drop(tr.wte(idx) + tr.wpe(torch.arange(pos, pos + T))), None
             for i, block in enumerate(tr.h):
-                x = block(x, cache, i, pos)
+                x = block(x, cache, i, pos, cos_sin)
             logits = self.lm_head(tr.ln_f(x))
             loss = None
             if targets is not None:

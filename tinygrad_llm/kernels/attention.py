@@ -50,9 +50,10 @@ def attention_bwd_ref(dy, q, k, v, lse, scale):
 # Numba kernels, same signatures. prange over the B*NH heads: each head's rows of y, dq, dk, dv
 # are written by one thread only. Per head, the queries run in blocks of BQ rows: a block's
 # scores against the keys up to its last row (BQ x n, the only T-sized scratch), its softmax,
-# and every product as register tiles (_tiles.gemm_tiles). Each head's q, k, v are first copied
-# into zero-padded scratch (T up to a multiple of BQ, hs up to a multiple of 16): padded channels
-# add 0 to every product and padded keys are masked, so the tiles need no edge cases.
+# and every product as register tiles (_tiles.gemm_tiles). Each head's q, k, v are zero-padded
+# (T up to a multiple of BQ, hs up to a multiple of 16; used in place when already so, as at the
+# mini shapes) and k, v also transposed once: padded channels add 0 to every product and padded
+# keys are masked, so the tiles need no edge cases.
 
 BQ = 16  # query rows per block: a multiple of the tile's rows and columns; T = 256 computes 8.5/16 of T x T
 

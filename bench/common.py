@@ -92,6 +92,53 @@ def table(headers, rows, fmts=None, left=(0,)) -> str:
     return "\n".join(lines)
 
 
+def blas_facts() -> dict:
+    """The BLAS libraries loaded (threadpoolctl): library and version, the kernel each picked for
+    this CPU (OpenBLAS: "Haswell", "SkylakeX", ...; OPENBLAS_CORETYPE overrides its choice), its
+    thread count right now and where it comes from (NumPy's is in numpy.libs), plus Numba's
+    threads. DESIGN.md section 4: every bench says which kernel ran."""
+    import os
+    facts = dict(openblas_coretype=os.environ.get("OPENBLAS_CORETYPE", "unset"), blas=[])
+    try:
+        from threadpoolctl import threadpool_info
+        for i in threadpool_info():
+            if i.get("user_api") == "blas":
+                facts["blas"].append(dict(library=f"{i.get('internal_api')} {i.get('version')}",
+                                          kernel=i.get("architecture"), threads=i.get("num_threads"),
+                                          owner=os.path.basename(os.path.dirname(i.get("filepath", "")))))
+    except ImportError:
+        pass
+    try:
+        import numba
+        facts.update(numba_threads=numba.get_num_threads())
+    except ImportError:
+        pass
+    return facts
+
+
+def cache_sizes() -> str:
+    """'L2 1024K, L3 16384K' for CPU 0 (Linux sysfs), or 'the caches' where unknown."""
+    base, out = "/sys/devices/system/cpu/cpu0/cache", []
+    try:
+        for d in sorted(os.listdir(base)):
+            with open(f"{base}/{d}/level") as f1, open(f"{base}/{d}/size") as f2, open(f"{base}/{d}/type") as f3:
+                level, size, kind = f1.read().strip(), f2.read().strip(), f3.read().strip()
+            if kind != "Instruction" and level in ("2", "3"):
+                out.append(f"L{level} {size}")
+    except OSError:
+        pass
+    return ", ".join(out) or "the caches"
+
+
+def blas_line() -> str:
+    """One line for a table's heading, e.g. 'BLAS openblas 0.3.27 (numpy.libs), kernel Haswell,
+    2 threads; OPENBLAS_CORETYPE=Haswell; 2 Numba threads'."""
+    f = blas_facts()
+    libs = "; ".join(f"{b['library']} ({b['owner']}), kernel {b['kernel']}, {b['threads']} threads"
+                     for b in f["blas"]) or "none found by threadpoolctl"
+    return f"BLAS {libs}; OPENBLAS_CORETYPE={f['openblas_coretype']}; {f.get('numba_threads', '?')} Numba threads"
+
+
 def meta(threads: int | None = None, **extra) -> dict:
     """Machine and library facts stored with each result."""
     import numpy as np
@@ -107,7 +154,7 @@ def meta(threads: int | None = None, **extra) -> dict:
         m["blas"] = [(i.get("internal_api"), i.get("version"), i.get("num_threads")) for i in threadpool_info()]
     except ImportError:
         pass
-    m.update(extra)
+    m.update(blas_facts=blas_facts(), **extra)
     return m
 
 

@@ -19,7 +19,9 @@ never install torch without that pin). Without it the script says so and exits 0
 The PyTorch model is nanoGPT's: pre-LN blocks, fused c_attn (3C, C) with q, k, v in that
 order, GELU tanh approximation, LayerNorm eps 1e-5, lm_head tied to wte, and the same parameter
 names, so our state_dict() loads 1:1. Like ours it has no dropout on the attention weights
-(dropout after the embeddings, after attn.c_proj and after mlp.c_proj).
+(dropout after the embeddings, after attn.c_proj and after mlp.c_proj). Positions follow the
+config: learned wpe, or RoPE on q and k from the same float64 table (the mini config's choice);
+smeared keys are not written in PyTorch here. Every table names each process's BLAS and kernel.
 Writes runs/bench/compare_torch-t<threads>.json.
 """
 from __future__ import annotations
@@ -62,6 +64,15 @@ def parse_args():
 
 def build_torch_gpt(torch, cfg):
     nn, F = torch.nn, torch.nn.functional
+    if cfg.smear_keys:
+        raise NotImplementedError("compare_torch: the PyTorch model has no smeared keys")
+    rope = cfg.pos_emb == "rope"
+
+    def rotate(x, cos, sin):
+        """RoPE, rotate-half convention (model.py's docstring): x*cos + rotate_half(x)*sin."""
+        h = x.shape[-1] // 2
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)   # float64 tables rounded to the model's dtype, as ours
+        return x * cos + torch.cat([-x[..., h:], x[..., :h]], dim=-1) * sin
 
     class CausalSelfAttention(nn.Module):
         def __init__(self):
@@ -70,11 +81,13 @@ def build_torch_gpt(torch, cfg):
             self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
             self.resid_dropout = nn.Dropout(cfg.dropout)
 
-        def forward(self, x, cache=None, layer=0, pos=0):
+        def forward(self, x, cache=None, layer=0, pos=0, cos_sin=None):
             B, T, Cn = x.shape
             nh = cfg.n_head
             q, k, v = self.c_attn(x).split(Cn, dim=2)
             q, k, v = (t.view(B, T, nh, Cn // nh).transpose(1, 2) for t in (q, k, v))   # (B, nh, T, hs)
+            if cos_sin is not None:                     # positions pos..pos+T-1 (no padding here)
+                q, k = rotate(q, *cos_sin), rotate(k, *cos_sin)
             if cache is not None:                       # write the new keys/values, attend to all so far
                 cache[0][layer][:, :, pos:pos + T] = k
                 cache[1][layer][:, :, pos:pos + T] = v
@@ -101,26 +114,35 @@ def build_torch_gpt(torch, cfg):
             self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=1e-5, bias=cfg.bias)
             self.mlp = MLP()
 
-        def forward(self, x, cache=None, layer=0, pos=0):
-            x = x + self.attn(self.ln_1(x), cache, layer, pos)
+        def forward(self, x, cache=None, layer=0, pos=0, cos_sin=None):
+            x = x + self.attn(self.ln_1(x), cache, layer, pos, cos_sin)
             return x + self.mlp(self.ln_2(x))
 
     class GPT(nn.Module):
         def __init__(self):
             super().__init__()
-            self.transformer = nn.ModuleDict(dict(
-                wte=nn.Embedding(cfg.vocab_size, cfg.n_embd), wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
-                drop=nn.Dropout(cfg.dropout), h=nn.ModuleList(Block() for _ in range(cfg.n_layer)),
-                ln_f=nn.LayerNorm(cfg.n_embd, eps=1e-5, bias=cfg.bias)))
+            parts = dict(wte=nn.Embedding(cfg.vocab_size, cfg.n_embd), drop=nn.Dropout(cfg.dropout),
+                         h=nn.ModuleList(Block() for _ in range(cfg.n_layer)),
+                         ln_f=nn.LayerNorm(cfg.n_embd, eps=1e-5, bias=cfg.bias))
+            if not rope:
+                parts["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
+            self.transformer = nn.ModuleDict(parts)
+            if rope:                                    # the same float64 table as ours
+                from tinygrad_llm.engine import rope_table
+                cos, sin = rope_table(cfg.block_size, cfg.n_embd // cfg.n_head, cfg.rope_base)
+                self.rope_cos, self.rope_sin = torch.from_numpy(cos), torch.from_numpy(sin)
             self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
             self.lm_head.weight = self.transformer.wte.weight          # tied
 
         def forward(self, idx, targets=None, cache=None, pos=0):
             B, T = idx.shape
             tr = self.transformer
-            x = tr.drop(tr.wte(idx) + tr.wpe(torch.arange(pos, pos + T)))
+            if rope:
+                x, cos_sin = tr.drop(tr.wte(idx)), (self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T])
+            else:
+                x, cos_sin = tr.drop(tr.wte(idx) + tr.wpe(torch.arange(pos, pos + T))), None
             for i, block in enumerate(tr.h):
-                x = block(x, cache, i, pos)
+                x = block(x, cache, i, pos, cos_sin)
             logits = self.lm_head(tr.ln_f(x))
             loss = None
             if targets is not None:
@@ -198,7 +220,7 @@ def speed_worker(side, args, user_gomp_env, conn):
     (tinygrad_llm/runtime.py), which PyTorch does not do. The PyTorch worker gets none of
     these: the user's libgomp settings or none, and glibc's default allocator, as a plain
     PyTorch run. Answers ("train",), ("generate", b), ("tokens", b), ("state",),
-    ("load", state), ("quit",) over `conn`."""
+    ("load", state), ("blas",), ("quit",) over `conn`."""
     import os
     if side == "torch":
         for var, value in user_gomp_env.items():
@@ -264,7 +286,7 @@ def speed_worker(side, args, user_gomp_env, conn):
             load_ours_into_torch(torch, tm, ours)
 
     handlers = {"train": step, "generate": generate, "tokens": lambda b: toks[b],
-                "state": ours.state_dict, "load": load}
+                "state": ours.state_dict, "load": load, "blas": C.blas_line}
     while True:
         cmd, *rest = conn.recv()
         if cmd == "quit":
@@ -291,6 +313,7 @@ def main():
     # 1. numerics
     num = [numerics(torch, cfg, np.float32), numerics(torch, cfg, np.float64)]
     print(f"\nnumerics, dropout off, B x T = {num[0]['B']}x{num[0]['T']}, max abs difference ours vs PyTorch:")
+    print(C.blas_line())
     print(C.table(["dtype", "logits", "(|logits| max)", "loss", "grads (worst)", "(|grad| max)", "worst param"],
                   [[r["dtype"], r["logits"], r["logits_scale"], r["loss"], r["grad_max"], r["grad_scale"],
                     r["grad_worst"]] for r in num], [None, ".2e", ".2e", ".2e", ".2e", ".2e", None], left=(0, 6)))
@@ -321,6 +344,7 @@ def main():
         gen_t = C.interleave(gen_variants, args.repeats, warmup=1)
         load1 = C.loadavg()
         toks = {(side, b): call(side, "tokens", b) for side in conns for b in args.gen_batches}
+        blas = {side: call(side, "blas") for side in conns}
     finally:
         for side in conns:
             conns[side].send(("quit",))
@@ -343,11 +367,15 @@ def main():
         rows.append([f"generate B={b} (KV cache)", n / go, n / gt, f"{gt / go:.2f}", f"{agree:.0%}"])
     print(f"\nspeed, mini model (vocab {cfg.vocab_size}, dropout {cfg.dropout}), float32, {args.threads} threads, "
           f"torch {torch.__version__}; generation: greedy, prompt {args.prompt_len}, {args.new_tokens} new; "
-          f"repeats {args.repeats}, interleaved; load avg before/after {load0[0]:.2f}/{load1[0]:.2f}\n")
+          f"repeats {args.repeats}, interleaved; load avg before/after {load0[0]:.2f}/{load1[0]:.2f}")
+    for side in conns:
+        print(f"{side} process: {blas[side]}")
+    print()
     print(C.table(["", "ours tok/s", "torch tok/s", "ours/torch", "same tokens"], rows,
                   [None, ".0f", ".0f", None, None]))
     path = C.write_json(f"compare_torch-t{args.threads}", dict(
-        meta=C.meta(args.threads, torch=torch.__version__, repeats=args.repeats, loadavg_before=load0,
+        meta=C.meta(args.threads, torch=torch.__version__, repeats=args.repeats, blas_per_process=blas,
+                    loadavg_before=load0,
                     loadavg_after=load1, train_shape=[args.batch, args.seq], prompt_len=args.prompt_len,
                     new_tokens=args.new_tokens, torch_generation="KV cache (preallocated, SDPA), greedy"),
         numerics=num, speed=speed))

@@ -6,18 +6,27 @@
     python bench/generate.py --quick            # 32 new tokens, 2 repeats
 
 "cache": model.generate(prompts, max_new_tokens, temperature, stop_tokens=()) - prefill the
-prompt once, then one token per step against the KV cache. "recompute": a loop calling
+prompt once, then one token per step against the KV cache, each step through decode.decode_step
+(arrays only, one attention kernel per layer). "tensor": the same with decode.ENABLED = False,
+every step through the model's Tensor forward (the path before decode_step). "recompute": a loop calling
 model(idx) under engine.no_grad() on the whole sequence at every step (the full (B, T, V)
 logits included, as a plain forward does) and taking the last position. tokens/s counts
 generated tokens (B * new tokens) over the whole call, prefill included. All variants run
-interleaved; medians reported. Greedy runs also check that both give the same tokens.
-Writes runs/bench/generate.json.
+interleaved; medians reported. Greedy runs also check that all three give the same tokens.
+GFLOP/s counts 2 * (matmul parameters) + 4 * n_layer * C * L FLOPs per processed token at
+context length L (prompt and generated tokens), against the best 1-thread float32 GEMM of the
+same run (decoding runs at one thread: runtime.single_thread). The memory line is the physical
+limit of small batches: every step reads all matmul weights once, at the measured bandwidth (a
+large copy), less what the CPU's caches keep between steps. Every table names the BLAS, its
+kernel and thread counts. Writes runs/bench/generate.json.
 """
 from __future__ import annotations
 
 import argparse
 
 import common as C
+
+BANDWIDTH_FLOATS = 64 * 2**20            # 256 MB: far past any cache
 
 
 def parse_args():
@@ -28,6 +37,7 @@ def parse_args():
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--no-recompute", action="store_true", help="skip the (slow) recompute variant")
     ap.add_argument("--quick", action="store_true", help="32 new tokens, 2 repeats")
     args = ap.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
@@ -69,45 +79,75 @@ def main():
     rng = np.random.default_rng(0)
     prompts = {b: rng.integers(6, cfg.vocab_size, (b, args.prompt_len)).tolist() for b in args.batches}
 
+    from tinygrad_llm import decode
     out = {}
 
-    def cached(th, b):
+    def cached(th, b, fast=True):
         C.setup_threads(th)
-        g = model.generate(prompts[b], max_new_tokens=args.new_tokens, temperature=args.temperature,
-                           stop_tokens=(), rng=1)
-        out[("cache", th, b)] = g.tokens
+        decode.ENABLED = fast
+        try:
+            g = model.generate(prompts[b], max_new_tokens=args.new_tokens, temperature=args.temperature,
+                               stop_tokens=(), rng=1)
+        finally:
+            decode.ENABLED = True
+        out[("cache" if fast else "tensor", th, b)] = g.tokens
 
     def recompute(th, b):
         C.setup_threads(th)
         out[("recompute", th, b)] = recompute_generate(model, prompts[b], args.new_tokens, args.temperature,
                                                    np.random.default_rng(1))
 
-    variants = {}
+    gemms = C.gemm_thunks()
+    variants = {f"gemm {g}": lambda fn=fn: (C.setup_threads(1), fn()) for g, (fn, _) in gemms.items()}
+    stream, dst = np.ones(BANDWIDTH_FLOATS, np.float32), np.zeros(BANDWIDTH_FLOATS, np.float32)
+    variants["copy"] = lambda: (C.setup_threads(1), np.copyto(dst, stream))   # bandwidth: decoding streams weights
+    kinds = ("cache", "tensor") + (() if args.no_recompute else ("recompute",))
     for th in args.threads:
         for b in args.batches:
             variants[f"t{th} cache B={b}"] = lambda th=th, b=b: cached(th, b)
-            variants[f"t{th} recompute B={b}"] = lambda th=th, b=b: recompute(th, b)
+            variants[f"t{th} tensor B={b}"] = lambda th=th, b=b: cached(th, b, fast=False)
+            if not args.no_recompute:
+                variants[f"t{th} recompute B={b}"] = lambda th=th, b=b: recompute(th, b)
     load0 = C.loadavg()
     times = C.interleave(variants, args.repeats, warmup=1)
     load1 = C.loadavg()
+    ceiling = max(f / min(times[f"gemm {g}"]) for g, (_, f) in gemms.items()) / 1e9   # 1 thread, best run
+    copy_gbs = 2 * stream.nbytes / min(times["copy"]) / 1e9                     # bytes read + written
 
+    Cn, L = cfg.n_embd, cfg.n_layer
+    n_mm = 12 * L * Cn * Cn + cfg.vocab_size * Cn                        # c_attn, c_proj, c_fc, mlp.c_proj, lm_head
+    ctx = np.arange(1, args.prompt_len + args.new_tokens + 1)
+    flops_per_row = float((2 * n_mm + 4 * L * Cn * ctx).sum())
     results, rows = [], []
     for th, b in [(th, b) for th in args.threads for b in args.batches]:
-        kc, kr = f"t{th} cache B={b}", f"t{th} recompute B={b}"
-        tc, tr = C.median(times[kc]), C.median(times[kr])
-        same = bool(np.array_equal(out[("cache", th, b)], out[("recompute", th, b)])) if args.temperature <= 0 else None
+        t = {k: C.median(times[f"t{th} {k} B={b}"]) for k in kinds}
+        same = None
+        if args.temperature <= 0:
+            same = all(np.array_equal(out[("cache", th, b)], out[(k, th, b)]) for k in kinds)
         n = b * args.new_tokens
-        results.append(dict(threads=th, batch=b, cache_s=tc, recompute_s=tr, cache_tokens_per_s=n / tc,
-                            recompute_tokens_per_s=n / tr, speedup=tr / tc, same_tokens=same,
-                            cache_s_all=times[kc], recompute_s_all=times[kr]))
-        rows.append([th, b, n / tc, n / tr, f"{tr / tc:.1f}x", tc * 1e3 / args.new_tokens,
+        gflops = b * flops_per_row / t["cache"] / 1e9
+        results.append(dict(threads=th, batch=b, same_tokens=same, gflops=gflops, gemm_ceiling_gflops=ceiling,
+                            copy_gb_per_s=copy_gbs, weights_mb_per_step=4 * n_mm / 1e6,
+                            **{f"{k}_s": t[k] for k in kinds}, **{f"{k}_tokens_per_s": n / t[k] for k in kinds},
+                            **{f"{k}_s_all": times[f"t{th} {k} B={b}"] for k in kinds}))
+        rec = [n / t["recompute"], f"{t['recompute'] / t['cache']:.1f}x"] if "recompute" in t else ["-", "-"]
+        rows.append([th, b, n / t["cache"], n / t["tensor"], f"{t['tensor'] / t['cache']:.2f}x", *rec,
+                     t["cache"] * 1e3 / args.new_tokens, gflops, f"{gflops / ceiling:.1%}",
                      "-" if same is None else ("yes" if same else "NO")])
     mode = "greedy" if args.temperature <= 0 else f"sampling T={args.temperature}"
     print(f"\nmini model, vocab {cfg.vocab_size}, float32, prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, {mode}; repeats {args.repeats}, interleaved; "
-          f"load avg before/after {load0[0]:.2f}/{load1[0]:.2f}\n")
-    print(C.table(["threads", "batch", "cache tok/s", "recompute tok/s", "cache buys", "cache ms/step", "same tokens"],
-                  rows, ["d", "d", ".1f", ".1f", None, ".1f", None]))
+          f"load avg before/after {load0[0]:.2f}/{load1[0]:.2f}")
+    C.setup_threads(max(args.threads))
+    print(f"{C.blas_line()} (decoding itself runs at 1 thread)")
+    print(f"GEMM ceiling: best 1-thread float32 GEMM of this run, {ceiling:.1f} GFLOP/s")
+    weights_mb = 4 * n_mm / 1e6                                      # float32 matmul weights, read once a step
+    print(f"memory: {copy_gbs:.1f} GB/s at 1 thread (a {stream.nbytes / 1e6:.0f} MB copy, read + write); one decoding "
+          f"step streams {weights_mb:.1f} MB of weights: >= {weights_mb / copy_gbs:.2f} ms a step (batch 1: <= "
+          f"{1e3 * copy_gbs / weights_mb:.0f} tokens/s) from memory; {C.cache_sizes()} may hold part of them\n")
+    print(C.table(["threads", "batch", "cache tok/s", "tensor tok/s", "decode_step buys", "recompute tok/s",
+                   "cache buys", "cache ms/step", "GFLOP/s", "of ceiling", "same tokens"],
+                  rows, ["d", "d", ".1f", ".1f", None, ".1f", None, ".2f", ".2f", None, None]))
     path = C.write_json("generate", dict(
         meta=C.meta(args.threads, repeats=args.repeats, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                     temperature=args.temperature, loadavg_before=load0, loadavg_after=load1),

@@ -86,6 +86,32 @@ def build_cases(K, np):
                lambda: K.attn_softmax_fwd_ref(att, sc)),
               ("attn_softmax", "bwd", f"({B}, {NH}, {T}, {T})", lambda: K.attn_softmax_bwd_nb(p, dp, sc),
                lambda: K.attn_softmax_bwd_ref(p, dp, sc))]
+    # fused causal attention against the engine's blocked GEMMs + attn_softmax (the "numpy" side
+    # of the "attention" family), q, k, v (8, 4, 256, 64)
+    from tinygrad_llm.engine.attention import _blocked_bwd, _blocked_fwd
+    q, k, v, dyh = (randn(B, NH, T, HS) for _ in range(4))
+    _, lse = K.attention_fwd_nb(q, k, v, sc)
+    _, ps = _blocked_fwd(q, k, v)
+    cases += [("attention", "fwd", f"({B}, {NH}, {T}, {HS}) x3", lambda: K.attention_fwd_nb(q, k, v, sc),
+               lambda: _blocked_fwd(q, k, v)),
+              ("attention", "bwd", f"({B}, {NH}, {T}, {HS}) x3", lambda: K.attention_bwd_nb(dyh, q, k, v, lse, sc),
+               lambda: _blocked_bwd(dyh, q, k, v, ps))]
+    # the head split with RoPE (and its backward) on c_attn's output (8, 256, 768)
+    qkv3, dheads = randn(B, T, 3 * C), randn(3, B, NH, T, HS)
+    cos_r, sin_r = randn(1, T, HS), randn(1, T, HS)
+    cases += [("rope", "fwd", f"({B}, {T}, {3 * C})", lambda: K.rope_split_nb(qkv3, NH, cos_r, sin_r),
+               lambda: K.rope_split_ref(qkv3, NH, cos_r, sin_r)),
+              ("rope", "bwd", f"(3, {B}, {NH}, {T}, {HS})", lambda: K.rope_merge_nb(dheads, cos_r, sin_r),
+               lambda: K.rope_merge_ref(dheads, cos_r, sin_r))]
+    # one decode step's attention, batch 16, 128 cached positions of a 256-slot cache, RoPE
+    Bd, L0 = 16, 128
+    qkv1 = randn(Bd, 3 * C)
+    kc, vc = randn(Bd, NH, T, HS), randn(Bd, NH, T, HS)
+    kT, valid = np.ascontiguousarray(kc.swapaxes(-1, -2)), np.ones((Bd, T), bool)
+    cos, sin = randn(Bd, HS), randn(Bd, HS)
+    cases += [("decode", "step", f"B={Bd}, {L0} cached", lambda: K.decode_attention_nb(
+                   qkv1, kc, kT, vc, valid, L0, cos, sin, None, None, None),
+               lambda: K.decode_attention_ref(qkv1, kc, kT, vc, valid, L0, cos, sin, None, None, None))]
     # row softmax and cross-entropy over the vocabulary, (2048, 6400)
     logits, dl = randn(N, V, scale=3.0), randn(N, V)
     y = K.softmax_fwd_ref(logits)
@@ -169,6 +195,12 @@ def compile_child():
         "dropout_bwd": lambda: K.dropout_bwd_nb(x, K.dropout_fwd_ref(x, 0.1, 7)[1], 0.1),
         "embedding_bwd": lambda: K.embedding_bwd_nb(t, x, 8),
         "adamw": lambda: K.adamw_update_nb(x.copy(), x, x.copy(), x * x, 1e-3, 0.9, 0.95, 1e-8, 0.1, 1),
+        "rope_split": lambda: K.rope_split_nb(np.ones((1, 4, 24), f32), 2, np.ones((1, 4, 4), f32), np.ones((1, 4, 4), f32)),
+        "rope_merge": lambda: K.rope_merge_nb(np.ones((3, 1, 2, 4, 4), f32), np.ones((1, 4, 4), f32), np.ones((1, 4, 4), f32)),
+        "attention_fwd": lambda: K.attention_fwd_nb(att, att, att, 0.5),
+        "attention_bwd": lambda: K.attention_bwd_nb(att, att, att, att, att[..., 0], 0.5),
+        "decode_attention": lambda: K.decode_attention_nb(np.ones((1, 48), f32), att.copy(), att.copy(), att.copy(),
+                                                          np.ones((1, 8), bool), 3, None, None, None, None, None),
     }
     for name, f in calls.items():
         t0, c0 = time.perf_counter(), time.process_time()
@@ -202,6 +234,8 @@ def main():
     import numpy as np
     from threadpoolctl import threadpool_limits
 
+    from common import blas_facts, blas_line
+
     from tinygrad_llm import kernels as K
 
     numba.set_num_threads(args.threads)
@@ -215,7 +249,8 @@ def main():
     rows = []
     print(f"\nthreads={args.threads}  repeats={args.repeats}  clock={args.clock}  "
           f"layer={numba.threading_layer()}  "
-          f"load avg before/after {load_before[0]:.2f}/{load_after[0]:.2f}\n")
+          f"load avg before/after {load_before[0]:.2f}/{load_after[0]:.2f}")
+    print(f"{blas_line()}\n")
     print("medians of the interleaved runs; 'best' compares the fastest run of each side, a steadier")
     print("estimate when other processes share the cores\n")
     print(f"{'kernel':13s} {'pass':7s} {'shape':32s} {'numpy ms':>9s} {'numba ms':>9s} "
@@ -256,7 +291,7 @@ def main():
     meta = dict(threads=args.threads, repeats=args.repeats, clock=args.clock,
                 threading_layer=numba.threading_layer(),
                 numpy=np.__version__, numba=numba.__version__, python=platform.python_version(),
-                cpu=cpu_name(), loadavg_before=load_before,
+                cpu=cpu_name(), blas_facts=blas_facts(), loadavg_before=load_before,
                 loadavg_after=load_after, time=time.strftime("%Y-%m-%d %H:%M:%S"))
     with open(args.out, "w") as f:
         json.dump(dict(meta=meta, results=rows, suggested_default_backend=suggestion,

@@ -3,6 +3,8 @@
     python bench/train_step.py                  # 2 threads, B x T = 8x256, 16x256, 32x128
     python bench/train_step.py --threads 1,2    # both thread counts, interleaved in one process
     python bench/train_step.py --quick          # 3 repeats, a short profile
+    python bench/train_step.py --kernels "default;attention=numba"   # kernel choices A/B, interleaved
+    python bench/train_step.py --kernels "default;rope=numpy"        # ... e.g. without the fused RoPE split
 
 Model: get_mini_config(vocab_size=6400), float32, dropout as configured (0.1), random token
 batches. Reported per shape: tokens/s, achieved GFLOP/s with nanoGPT's / PaLM's model FLOPs
@@ -12,7 +14,10 @@ throughput NumPy reaches in the same run at the same thread count (GEMMs timed i
 with the steps; their best run, since load only ever slows a GEMM down). Then the op profiler
 (engine.profile()) over a few 8x256 steps at each thread count: each op's forward and backward
 time as a share of the step, plus clip, AdamW and the rest (Python, graph bookkeeping).
-Writes runs/bench/train_step.json.
+--kernels names kernel choices to compare, ';' between variants, each "default" (kernels.DEFAULT_BACKEND)
+or family=backend pairs over it, e.g. "attention=numba" (the fused attention instead of the blocked
+BLAS GEMMs) or "rope=numpy,attention=numpy"; the profile runs on the first variant.
+Every table names the BLAS, its kernel and the thread counts. Writes runs/bench/train_step.json.
 """
 from __future__ import annotations
 
@@ -30,9 +35,14 @@ def parse_args():
     ap.add_argument("--repeats", type=int, default=10, help="timed steps per variant (median reported)")
     ap.add_argument("--profile-steps", type=int, default=None, help="steps under the op profiler (5; quick: 2)")
     ap.add_argument("--top", type=int, default=14, help="profiler rows shown")
+    ap.add_argument("--shapes", default=",".join(f"{B}x{T}" for B, T in SHAPES), help="B x T list, e.g. 8x256,16x256")
+    ap.add_argument("--kernels", default="default",
+                    help="';'-separated kernel choices to compare, each 'default' or family=backend pairs")
     ap.add_argument("--quick", action="store_true", help="3 repeats, 2 profiled steps")
     args = ap.parse_args()
     args.threads = [int(t) for t in args.threads.split(",")]
+    args.kernels = [k.strip() for k in args.kernels.split(";")]
+    args.shapes = [tuple(int(v) for v in st.split("x")) for st in args.shapes.split(",")]
     if args.quick:
         args.repeats = 3
     if args.profile_steps is None:
@@ -57,7 +67,7 @@ def op_flops(cfg, B: int, T: int) -> dict:
 class Trainer:
     """One model + AdamW; step(B, T) runs a full training step on a fixed random batch."""
 
-    def __init__(self, vocab_size=6400, seed=0):
+    def __init__(self, vocab_size=6400, seed=0, shapes=SHAPES):
         import numpy as np
         from tinygrad_llm.config import get_mini_config
         from tinygrad_llm.model import GPT
@@ -68,7 +78,7 @@ class Trainer:
         self.opt = AdamW(self.model.named_parameters(), lr=3e-4, weight_decay=0.1)
         rng = np.random.default_rng(seed)
         self.batches = {}
-        for B, T in SHAPES:
+        for B, T in shapes:
             xy = rng.integers(0, vocab_size, (B, T + 1))
             self.batches[(B, T)] = (xy[:, :-1], xy[:, 1:])
         self.clip_s = self.adamw_s = 0.0
@@ -132,17 +142,28 @@ def profile_table(tr: Trainer, B: int, T: int, steps: int, top: int):
 def main():
     args = parse_args()
     C.setup_threads(max(args.threads))
-    tr = Trainer()
-    n_no_wpe = tr.model.num_parameters() - tr.model.transformer.wpe.weight.size
+    from tinygrad_llm import kernels as K
+    tr = Trainer(shapes=sorted(set(args.shapes) | {(8, 256)}))           # 8x256: the profiled shape
+    wpe = tr.model.transformer.wpe
+    n_no_wpe = tr.model.num_parameters() - (wpe.weight.size if wpe is not None else 0)   # rope: no wpe
     gemms = C.gemm_thunks()
 
-    # one variant per (threads, shape) and per (threads, GEMM); each sets its thread count first
+    def use_kernels(choice):
+        """'default' or 'family=backend,...' over the defaults."""
+        K.set_kernel_backend("default")
+        if choice != "default":
+            K.set_kernel_backend(dict(pair.split("=") for pair in choice.split(",")))
+
+    # one variant per (threads, shape, kernel choice) and per (threads, GEMM); each sets its
+    # thread count (and kernel choice) first
     variants, labels = {}, {}
     for th in args.threads:
-        for B, T in SHAPES:
-            name = f"t{th} {B}x{T}"
-            variants[name] = lambda th=th, B=B, T=T: (C.setup_threads(th), tr.step(B, T))
-            labels[name] = (th, B, T)
+        for B, T in args.shapes:
+            for path in args.kernels:
+                name = f"t{th} {B}x{T} {path}"
+                variants[name] = lambda th=th, B=B, T=T, path=path: (C.setup_threads(th), use_kernels(path),
+                                                                     tr.step(B, T))
+                labels[name] = (th, B, T, path)
         for g, (fn, _) in gemms.items():
             variants[f"t{th} {g}"] = lambda th=th, fn=fn: (C.setup_threads(th), fn())
     load0 = C.loadavg()
@@ -159,33 +180,37 @@ def main():
         # the ceiling is what the machine can do: the best GEMM run, not the median (load only slows)
         peak[th] = dict(gemm_gflops=gf, gemm_gflops_best=best, peak=max(best.values()))
     rows = []
-    for name, (th, B, T) in labels.items():
+    for name, (th, B, T, path) in labels.items():
         s = C.median(times[name])
         tok_s = B * T / s
         gflops = tok_s * model_flops(tr.cfg, n_no_wpe, T) / 1e9
         mfu = gflops / peak[th]["peak"]
-        results.append(dict(threads=th, B=B, T=T, step_ms=s * 1e3, tokens_per_s=tok_s, gflops=gflops, mfu=mfu,
-                            step_ms_all=[t * 1e3 for t in times[name]]))
-        rows.append([th, f"{B}x{T}", s * 1e3, tok_s, gflops, f"{mfu:.1%}", f"{min(times[name]) * 1e3:.0f}"])
+        results.append(dict(threads=th, B=B, T=T, kernels=path, step_ms=s * 1e3, tokens_per_s=tok_s,
+                            gflops=gflops, mfu=mfu, step_ms_all=[t * 1e3 for t in times[name]]))
+        rows.append([th, f"{B}x{T}", path, s * 1e3, tok_s, gflops, f"{mfu:.1%}", f"{min(times[name]) * 1e3:.0f}"])
 
+    C.setup_threads(max(args.threads))
     print(f"\nmini model, vocab {tr.cfg.vocab_size}, {tr.model.num_parameters() / 1e6:.2f}M params "
           f"({n_no_wpe / 1e6:.2f}M without wpe), dropout {tr.cfg.dropout}, float32; repeats {args.repeats}, "
-          f"interleaved; load avg before/after {load0[0]:.2f}/{load1[0]:.2f}\n")
-    print(C.table(["threads", "B x T", "ms/step", "tokens/s", "GFLOP/s", "MFU", "min ms"], rows,
-                  ["d", None, ".0f", ".0f", ".1f", None, None]))
+          f"interleaved; load avg before/after {load0[0]:.2f}/{load1[0]:.2f}")
+    print(f"{C.blas_line()} (each row at its own thread count); MFU = fraction of the GEMM ceiling below\n")
+    print(C.table(["threads", "B x T", "kernels", "ms/step", "tokens/s", "GFLOP/s", "MFU", "min ms"], rows,
+                  ["d", None, None, ".0f", ".0f", ".1f", None, None]))
     print("\nfloat32 GEMM, same run, GFLOP/s median / best (MFU is against the best of the best):")
     print(C.table(["threads"] + list(gemms),
                   [[th] + [f"{peak[th]['gemm_gflops'][g]:.1f} / {peak[th]['gemm_gflops_best'][g]:.1f}" for g in gemms]
                    for th in args.threads], ["d"] + [None] * len(gemms)))
 
     profiles = []
+    use_kernels(args.kernels[0])
     for th in args.threads:
         C.setup_threads(th)
         prof_rows, prof_step, text = profile_table(tr, 8, 256, args.profile_steps, args.top)
         profiles.append(dict(B=8, T=256, threads=th, steps=args.profile_steps, step_ms=prof_step * 1e3,
                              rows=prof_rows, loadavg=C.loadavg()))
-        print(f"\nop profile, 8x256, {th} thread(s), {args.profile_steps} steps, load avg {C.loadavg()[0]:.2f} "
-              f"(profiler overhead included; GF/s from the ops' matmul FLOPs):\n{text}")
+        print(f"\nop profile, 8x256, {th} thread(s), kernels {args.kernels[0]}, {args.profile_steps} steps, "
+              f"load avg {C.loadavg()[0]:.2f} (profiler overhead included; GF/s from the ops' matmul FLOPs)\n"
+              f"{C.blas_line()}\n{text}")
     path = C.write_json("train_step", dict(
         meta=C.meta(args.threads, repeats=args.repeats, loadavg_before=load0, loadavg_after=load1, wall_s=wall,
                     n_params=tr.model.num_parameters(), n_params_no_wpe=n_no_wpe, vocab_size=tr.cfg.vocab_size),

@@ -92,6 +92,16 @@ def test_softmax_rows_sum_to_one(n, d, dtype):
 @SETTINGS
 @given(st.integers(1, 2), st.integers(1, 3), st.integers(2, 9), st.sampled_from([2, 4, 8]), st.data())
 def test_attention_is_causal(B, NH, T, hs, data):
+    path = data.draw(st.sampled_from(["numpy", "numba"]))        # blocked GEMMs | fused kernel
+    before = tinygrad_llm.kernels.get_kernel_backend()["attention"]
+    tinygrad_llm.kernels.set_kernel_backend({"attention": path})
+    try:
+        _check_attention_is_causal(B, NH, T, hs, data)
+    finally:
+        tinygrad_llm.kernels.set_kernel_backend({"attention": before})
+
+
+def _check_attention_is_causal(B, NH, T, hs, data):
     t = data.draw(st.integers(0, T - 2))
     rng = np.random.default_rng(5)
     q, k, v = (rng.standard_normal((B, NH, T, hs)).astype(np.float32) for _ in range(3))
@@ -296,6 +306,7 @@ def test_attention_by_query_blocks(name, monkeypatch):
     one = fn(*inputs).data
     from tinygrad_llm.engine import attention
     monkeypatch.setattr(attention, "ATTN_BLOCK", 2)
+    monkeypatch.setitem(tinygrad_llm.kernels.backend._chosen, "attention", "numpy")   # the blocked path
     assert attention._query_blocks(5) == [(0, 2), (2, 5)]
     np.testing.assert_allclose(fn(*inputs).data, one, rtol=1e-12, atol=1e-12)
     for r in G.check_op(name):

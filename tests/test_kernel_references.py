@@ -59,6 +59,26 @@ def test_refs_against_formulas():
     np.testing.assert_allclose(K.gelu_fwd_ref(xs), g, rtol=1e-12, atol=1e-15)
 
 
+def test_attention_ref_is_softmax_then_values_and_its_backward_the_gradient():
+    """attention_fwd_ref = attn_softmax_fwd_ref(q k^T) @ v with lse = log of each row's
+    normalizer; attention_bwd_ref = central differences of sum(y * dy) (float64, h = 1e-6)."""
+    rng = np.random.default_rng(12)
+    q, k, v, dy = rng.standard_normal((4, 2, 2, 5, 3))
+    scale = 0.6
+    y, lse = K.attention_fwd_ref(q, k, v, scale)
+    att = q @ k.swapaxes(-1, -2)
+    np.testing.assert_allclose(y, K.attn_softmax_fwd_ref(att, scale) @ v, rtol=1e-12)
+    for b, h, i in np.ndindex(2, 2, 5):
+        np.testing.assert_allclose(lse[b, h, i], np.log(np.exp(scale * att[b, h, i, : i + 1]).sum()), rtol=1e-12)
+    grads = K.attention_bwd_ref(dy, q, k, v, lse, scale)
+    for n, x in enumerate((q, k, v)):
+        def f(a, n=n):
+            args = [q, k, v]
+            args[n] = a
+            return K.attention_fwd_ref(*args, scale)[0]
+        np.testing.assert_allclose(grads[n], numgrad(f, x.copy(), dy), rtol=1e-6, atol=1e-8)
+
+
 def test_ref_backwards_by_finite_differences():
     """Each backward reference is the gradient of sum(forward * dout), by central differences."""
     rng = np.random.default_rng(9)

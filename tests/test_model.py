@@ -195,3 +195,61 @@ def test_tiny_model_overfits_a_single_batch():
         opt.zero_grad()
         losses.append(float(loss.data))
     assert losses[0] > 3.0 and losses[-1] < 0.1, (losses[0], losses[-1])
+
+
+@pytest.mark.parametrize("variant", ["learned"] + list(POS_VARIANTS))
+def test_fast_decoding_chooses_the_tokens_of_the_tensor_path(variant, monkeypatch):
+    """decode.decode_step (arrays, one attention kernel per layer) against the model's Tensor
+    forward over the cache: greedy tokens identical at batch 1 and in a ragged, left-padded
+    batch of 16, float32; log-probs to float32 rounding (the attention sums in another order)."""
+    from tinygrad_llm import decode
+    cfg = dataclasses.replace(get_tiny_config(vocab_size=60), **POS_VARIANTS.get(variant, {}))
+    m = _varied(cfg, seed=7).to(np.float32)
+    rng = np.random.default_rng(11)
+    batch = [rng.integers(6, 60, int(n)).tolist() for n in rng.integers(1, 12, 16)]   # ragged
+    distinct = set()
+    for prompts in ([batch[0]], batch):
+        runs = {}
+        for fast in (True, False):
+            monkeypatch.setattr(decode, "ENABLED", fast)
+            runs[fast] = m.generate(prompts, max_new_tokens=20, temperature=0.0, stop_tokens=(),
+                                    return_logprobs=True)
+        np.testing.assert_array_equal(runs[True].tokens, runs[False].tokens)
+        np.testing.assert_allclose(runs[True].logprobs, runs[False].logprobs, atol=1e-4)
+        distinct |= set(runs[True].tokens.ravel().tolist())
+    assert len(distinct) > 3                                               # not a degenerate test
+
+
+def test_models_with_lora_adapters_decode_through_the_tensor_path():
+    """decode_step knows plain Linear layers only: with adapters generation takes the Tensor path
+    (and still runs); once merged, the fast path again, choosing the same tokens."""
+    from tinygrad_llm import decode, lora
+    m = _varied(get_tiny_config(vocab_size=60), seed=2).to(np.float32)
+    lora.apply_lora(m, lora.LoRAConfig(r=2), seed=0)
+    assert not decode.fast_decoding_supported(m)
+    adapted = m.generate([[7, 8, 9]], max_new_tokens=8, temperature=0.0, stop_tokens=())
+    lora.merge_lora(m)
+    assert decode.fast_decoding_supported(m)
+    merged = m.generate([[7, 8, 9]], max_new_tokens=8, temperature=0.0, stop_tokens=())
+    np.testing.assert_array_equal(adapted.tokens, merged.tokens)   # B = 0 at init: the same weights
+
+
+@pytest.mark.parametrize("variant", ["learned", "rope_smear"])
+def test_fused_attention_path_gives_the_gradients_of_the_blocked_path(variant, monkeypatch):
+    """A whole float64 GPT step on the fused attention kernel (kernels "attention" = numba) against
+    the blocked GEMMs (numpy): the same loss and every parameter's gradient, to rounding."""
+    from tinygrad_llm.kernels import backend
+    cfg = dataclasses.replace(get_tiny_config(vocab_size=40), dropout=0.0, **POS_VARIANTS.get(variant, {}))
+    m = _varied(cfg, seed=4)
+    rng = np.random.default_rng(6)
+    idx, tgt = rng.integers(0, 40, (3, 37)), rng.integers(0, 40, (3, 37))   # T = 37: padded blocks
+    out = {}
+    for path in ("numpy", "numba"):
+        monkeypatch.setitem(backend._chosen, "attention", path)
+        m.zero_grad()
+        _, loss = m(idx, targets=tgt)
+        loss.backward()
+        out[path] = (loss.data.item(), {n: p.grad.copy() for n, p in m.named_parameters()})
+    assert abs(out["numpy"][0] - out["numba"][0]) < 1e-12
+    for n, g in out["numpy"][1].items():
+        np.testing.assert_allclose(out["numba"][1][n], g, rtol=1e-9, atol=1e-12, err_msg=n)

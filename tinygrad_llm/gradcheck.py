@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import engine as E
+from . import kernels as K
 from . import nn
 from .engine import Tensor
 
@@ -103,6 +104,19 @@ def _seeded(fn, seed=123):
     return wrapped
 
 
+def _fused_attention(fn):
+    """Run an attention op on the fused kernel (kernels/attention.py), whatever the default path;
+    its backward follows the path the forward took."""
+    def wrapped(*args):
+        before = K.get_kernel_backend()["attention"]
+        K.set_kernel_backend({"attention": "numba"})
+        try:
+            return fn(*args)
+        finally:
+            K.set_kernel_backend({"attention": before})
+    return wrapped
+
+
 _IDX = np.array([[0, 3, 3], [5, 1, 0]])
 # per-row positions as generation makes them: row 1 is left-padded (two pads at position 0)
 _POS = np.array([[0, 1, 2, 3, 4], [0, 0, 0, 1, 2]])
@@ -161,6 +175,10 @@ OPS = {
     "attention": (E.scaled_dot_product_attention, lambda r: [_t(r, 2, 2, 5, 4), _t(r, 2, 2, 5, 4), _t(r, 2, 2, 5, 4)]),
     "self_attention": (lambda qkv: E.causal_self_attention(qkv, 2), lambda r: [_t(r, 2, 5, 12)]),
     "self_attention_rope": (lambda qkv: E.causal_self_attention(qkv, 2, _COS, _SIN), lambda r: [_t(r, 2, 5, 24)]),
+    "attention_fused": (_fused_attention(E.scaled_dot_product_attention),
+                        lambda r: [_t(r, 2, 2, 5, 4), _t(r, 2, 2, 5, 4), _t(r, 2, 2, 5, 4)]),
+    "self_attention_rope_fused": (_fused_attention(lambda qkv: E.causal_self_attention(qkv, 2, _COS, _SIN)),
+                                  lambda r: [_t(r, 2, 5, 24)]),
     "smear_keys": (lambda qkv, a: E.smear_keys(qkv, a, 2, _POS != 0), lambda r: [_t(r, 2, 5, 24), _t(r, 2)]),
     "smear_keys_rope_attention": (lambda qkv, a: E.causal_self_attention(E.smear_keys(qkv, a, 2, _POS != 0), 2, _COS, _SIN),
                                   lambda r: [_t(r, 2, 5, 24), _t(r, 2)]),

@@ -38,6 +38,7 @@ from . import engine as E
 from . import kernels as K
 from . import nn
 from .config import GPTConfig
+from .decode import decode_step, fast_decoding_supported
 from .engine import Tensor
 from .runtime import bmm, single_thread
 from .tokenizer import EOS_ID, IM_END_ID, PAD_ID
@@ -183,11 +184,14 @@ class GPT(nn.Module):
             with E.no_grad(), single_thread():      # tiny ops: threads cost more than they give
                 positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)    # first real token at 0
                 step_idx, n_real = idx, valid.sum(1)
+                fast = fast_decoding_supported(self)                       # one token a row: arrays only
                 for t in range(max_new_tokens):
                     cache.add_valid(valid if t == 0 else np.ones((B, 1), bool))
-                    logits, _ = self(step_idx, positions=positions, cache=cache)
+                    if t > 0 and fast:
+                        last = decode_step(self, step_idx[:, 0], positions[:, 0], cache)   # (B, V)
+                    else:
+                        last = self(step_idx, positions=positions, cache=cache)[0].data[:, -1, :]
                     cache.advance(step_idx.shape[1])
-                    last = logits.data[:, -1, :]                           # (B, V)
                     banned = _ngram_bans(ngrams, out_tokens[:, :t], no_repeat_ngram, cfg.vocab_size)
                     tok, lp = _sample(last, temperature, top_k, top_p, repetition_penalty, seen, rng, banned)
                     tok = np.where(finished, PAD_ID, tok)
@@ -281,13 +285,15 @@ def _sample(logits, temperature, top_k, top_p, repetition_penalty, seen, rng, ba
 
 class KVCache:
     """Keys and values of every layer for generation: (L, B, NH, Tmax, hs) each, plus which
-    key positions are real tokens (left padding is masked out). Keys are stored as attention
+    key positions are real tokens (left padding is masked out). The keys are kept a second time
+    as kT (L, B, NH, hs, Tmax), the layout the one-token decode kernel reads. Keys are stored as attention
     uses them (smeared, rotated); with smear_keys, k_last (L, B, NH, hs) keeps each layer's
     raw key of the latest position, the previous key of the next token."""
 
     def __init__(self, cfg: GPTConfig, B: int, Tmax: int, dtype):
         hs = cfg.n_embd // cfg.n_head
         self.k = np.zeros((cfg.n_layer, B, cfg.n_head, Tmax, hs), dtype)
+        self.kT = np.zeros((cfg.n_layer, B, cfg.n_head, hs, Tmax), dtype)   # the keys again, for decode_step
         self.v = np.zeros_like(self.k)
         self.k_last = np.zeros((cfg.n_layer, B, cfg.n_head, hs), dtype) if cfg.smear_keys else None
         self.key_valid = np.zeros((B, Tmax), dtype=bool)
@@ -326,6 +332,7 @@ class KVCache:
         if pos is not None and pos.cos is not None:
             q, k = E.apply_rope(q, pos.cos, pos.sin), E.apply_rope(k, pos.cos, pos.sin)
         self.k[layer, :, :, L0:L0 + T] = k
+        self.kT[layer, :, :, :, L0:L0 + T] = k.swapaxes(-1, -2)
         self.v[layer, :, :, L0:L0 + T] = v
         keys, vals = self.k[layer, :, :, :L0 + T], self.v[layer, :, :, :L0 + T]  # (B, NH, L, hs)
         att = bmm(np.ascontiguousarray(q), keys.swapaxes(-1, -2)) * (1.0 / math.sqrt(hs))  # (B, NH, T, L)

@@ -3,6 +3,14 @@
 output, with RoPE), the rotary-embedding helpers, and smeared keys (`smear_keys`). model.py's
 docstring has the formulas and the config fields that turn RoPE and smeared keys on; the KV cache
 uses the array helpers here (rope_table, apply_rope, smear_keys_array) without a graph.
+
+Two paths compute the attention itself, chosen by the "attention" kernel family (kernels.backend):
+"numpy" (the default) runs blocks of queries as BLAS GEMMs around the attn_softmax kernels and
+keeps each block's probabilities for the backward; "numba" runs kernels/attention.py, one fused
+forward and one fused backward over (batch, head), keeping only each query's log-sum-exp. The
+attention has no dropout on its probabilities and no padding mask here (training batches are
+right-padded, data.pad_batch, so causality alone keeps padding out; generation masks left padding
+in its KV cache), so the two paths compute the same function.
 """
 from __future__ import annotations
 
@@ -11,6 +19,7 @@ import math
 import numpy as np
 
 from .. import kernels as K
+from ..kernels.rope import apply_rope, apply_rope_transposed, rotate_half  # noqa: F401 (the engine's RoPE helpers)
 from ..runtime import bmm
 from .ops import sigmoid_array
 from .tensor import Tensor, op, op_output
@@ -27,7 +36,7 @@ def _query_blocks(T: int):
     return list(zip(edges[:-1], edges[1:]))
 
 
-def _attention_fwd(q, k, v):
+def _blocked_fwd(q, k, v):
     """q, k, v: (B, NH, T, hs) arrays -> y (B, NH, T, hs), ps [(B, NH, e - s, e)] for backward.
 
     Causal, by blocks of queries, so that the keys after a block (all masked) are never
@@ -43,8 +52,8 @@ def _attention_fwd(q, k, v):
     return y, ps
 
 
-def _attention_bwd(dy, q, k, v, ps):
-    """Backward of _attention_fwd, passes in reverse order per block -> dqkv (3, B, NH, T, hs):
+def _blocked_bwd(dy, q, k, v, ps):
+    """Backward of _blocked_fwd, passes in reverse order per block -> dqkv (3, B, NH, T, hs):
     dq, dk, dv stacked, as causal_self_attention wants them."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     dqkv = np.empty((3, *q.shape), q.dtype)
@@ -64,16 +73,35 @@ def _attention_bwd(dy, q, k, v, ps):
     return dqkv
 
 
+def _attention_fwd(q, k, v):
+    """q, k, v: (B, NH, T, hs) -> y (B, NH, T, hs), what the backward needs. The "attention"
+    kernel family picks the path: "numba" the fused kernel (keeps lse (B, NH, T) only),
+    "numpy" the blocked GEMMs (keep the probabilities of every block)."""
+    if K.use_numba("attention"):
+        y, lse = K.attention_fwd_nb(q, k, v, 1.0 / math.sqrt(q.shape[-1]))
+        return y, ("fused", lse)
+    y, ps = _blocked_fwd(q, k, v)
+    return y, ("blocked", ps)
+
+
+def _attention_bwd(dy, q, k, v, saved):
+    """Backward of _attention_fwd, on the path the forward took -> dqkv (3, B, NH, T, hs)."""
+    path, s = saved
+    if path == "fused":
+        return K.attention_bwd_nb(dy, q, k, v, s, 1.0 / math.sqrt(q.shape[-1]))
+    return _blocked_bwd(dy, q, k, v, s)
+
+
 @op
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Causal attention. q, k, v: (B, NH, T, hs) -> (B, NH, T, hs)."""
     if not (q.shape == k.shape == v.shape) or q.ndim != 4:
         raise ValueError(f"attention expects q, k, v of one shape (B, NH, T, hs), got {q.shape}, {k.shape}, {v.shape}")
-    y, ps = _attention_fwd(q.data, k.data, v.data)
+    y, saved = _attention_fwd(q.data, k.data, v.data)
     out = op_output(y, (q, k, v))
     if out.requires_grad:
         def _backward(dout):
-            dq, dk, dv = _attention_bwd(dout, q.data, k.data, v.data, ps)     # views of one array
+            dq, dk, dv = _attention_bwd(dout, q.data, k.data, v.data, saved)   # views of one array
             for t, g in ((q, dq), (k, dk), (v, dv)):
                 if t.requires_grad: t._accumulate(g)
         out._backward = _backward
@@ -85,12 +113,6 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 # has the formulas and the config fields that turn them on)
 
 
-def rotate_half(x: np.ndarray) -> np.ndarray:
-    """[x1, x2] -> [-x2, x1] over the last axis (GPT-NeoX / Hugging Face LLaMA convention)."""
-    h = x.shape[-1] // 2
-    return np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
-
-
 def rope_table(n_pos: int, head_size: int, base: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin (n_pos, head_size) float64 for positions 0..n_pos-1: inv_freq_j = base^(-2j/hs)
     for j < hs/2, angle = position * inv_freq, each repeated as [f, f] over the head."""
@@ -100,17 +122,6 @@ def rope_table(n_pos: int, head_size: int, base: float = 10000.0) -> tuple[np.nd
     angle = np.arange(n_pos, dtype=np.float64)[:, None] * inv_freq[None, :]          # (n_pos, hs/2)
     angle = np.concatenate([angle, angle], axis=-1)                                   # (n_pos, hs)
     return np.cos(angle), np.sin(angle)
-
-
-def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """x' = x*cos + rotate_half(x)*sin: each pair (x_j, x_{j+hs/2}) turned by its angle."""
-    return x * cos + rotate_half(x) * sin
-
-
-def apply_rope_transposed(g: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """The transpose of apply_rope (the backward): rotate_half is x -> R x with R^T = -R, so
-    d/dx of <g, x*cos + R x*sin> is g*cos + R^T (g*sin) = g*cos - rotate_half(g*sin)."""
-    return g * cos - rotate_half(g * sin)
 
 
 def smear_keys_array(k: np.ndarray, k_before: np.ndarray | None, gate: np.ndarray, mix: np.ndarray) -> np.ndarray:
@@ -176,21 +187,22 @@ def causal_self_attention(qkv: Tensor, n_head: int, cos: np.ndarray | None = Non
     B, T, C3 = qkv.shape
     C = C3 // 3
     hs = C // n_head
-    # (B, T, 3, NH, hs) -> (3, B, NH, T, hs); contiguous so the batched matmuls hit BLAS directly
-    heads = np.ascontiguousarray(qkv.data.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4))
-    q, k, v = heads[0], heads[1], heads[2]
     rope = cos is not None
-    if rope:
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)     # new contiguous arrays
-    y, ps = _attention_fwd(q, k, v)                         # (B, NH, T, hs)
+    if rope:   # (B|1, T, hs) rows; the split and the rotation of q, k in one kernel (kernels/rope.py)
+        cos, sin = cos.reshape(-1, T, hs), sin.reshape(-1, T, hs)
+        heads = K.rope_split(qkv.data, n_head, cos, sin)             # (3, B, NH, T, hs)
+    else:      # (B, T, 3, NH, hs) -> (3, B, NH, T, hs); contiguous so the batched matmuls hit BLAS
+        heads = np.ascontiguousarray(qkv.data.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4))
+    q, k, v = heads[0], heads[1], heads[2]
+    y, saved = _attention_fwd(q, k, v)                      # (B, NH, T, hs)
     out = op_output(y.transpose(0, 2, 1, 3).reshape(B, T, C), (qkv,))
     if out.requires_grad:
         def _backward(dout):
             dy = np.ascontiguousarray(dout.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3))
-            dheads = _attention_bwd(dy, q, k, v, ps)       # (3, B, NH, T, hs), wrt rotated q, k
-            if rope:
-                dheads[0] = apply_rope_transposed(dheads[0], cos, sin)
-                dheads[1] = apply_rope_transposed(dheads[1], cos, sin)
-            qkv._accumulate(np.ascontiguousarray(dheads.transpose(1, 3, 0, 2, 4)).reshape(B, T, C3))
+            dheads = _attention_bwd(dy, q, k, v, saved)    # (3, B, NH, T, hs), wrt rotated q, k
+            if rope:                                        # rotated back and merged: (B, T, 3C)
+                qkv._accumulate(K.rope_merge(dheads, cos, sin))
+            else:
+                qkv._accumulate(np.ascontiguousarray(dheads.transpose(1, 3, 0, 2, 4)).reshape(B, T, C3))
         out._backward = _backward
     return out

@@ -52,6 +52,8 @@ def parse_args():
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--quick", action="store_true", help="3 repeats, 32 new tokens")
+    ap.add_argument("--dropout", type=float, default=None,
+                    help="dropout of the speed runs (default: the mini config's, 0); the numerics run has it off")
     args = ap.parse_args()
     args.gen_batches = [int(b) for b in args.gen_batches.split(",")]
     if args.quick:
@@ -212,6 +214,15 @@ def numerics(torch, cfg, dtype, B=4, T=64, seed=0):
 # ----------------------------------------------------------------------------------------
 # 2. speed
 
+def mini_config(dropout=None):
+    """The mini model at a 6,400-character vocabulary; dropout: None keeps the config's."""
+    from tinygrad_llm.config import get_mini_config
+    cfg = get_mini_config(vocab_size=6400)
+    if dropout is not None:
+        cfg.dropout = dropout
+    return cfg
+
+
 def speed_worker(side, args, user_gomp_env, conn):
     """One side of the speed comparison in its own process, so that each runs with its own
     defaults: Numba's OpenMP and PyTorch's are the same libgomp, set up once per process, and
@@ -232,10 +243,9 @@ def speed_worker(side, args, user_gomp_env, conn):
         torch.set_num_threads(args["threads"])
     import numpy as np
     C.setup_threads(args["threads"])
-    from tinygrad_llm.config import get_mini_config
     from tinygrad_llm.model import GPT
     from tinygrad_llm.optim import AdamW, clip_grad_norm
-    cfg = get_mini_config(vocab_size=6400)
+    cfg = mini_config(args["dropout"])
     ours = GPT(cfg, seed=0).train()            # both sides start from these weights
     rng = np.random.default_rng(0)
     xy = rng.integers(0, cfg.vocab_size, (args["batch"], args["seq"] + 1))
@@ -307,8 +317,7 @@ def main():
     import numpy as np
     C.setup_threads(args.threads)
     torch.set_num_threads(args.threads)
-    from tinygrad_llm.config import get_mini_config
-    cfg = get_mini_config(vocab_size=6400)
+    cfg = mini_config(args.dropout)
 
     # 1. numerics
     num = [numerics(torch, cfg, np.float32), numerics(torch, cfg, np.float64)]

@@ -6,7 +6,7 @@
     python bench/train_step.py --kernels "default;attention=numba"   # kernel choices A/B, interleaved
     python bench/train_step.py --kernels "default;rope=numpy"        # ... e.g. without the fused RoPE split
 
-Model: get_mini_config(vocab_size=6400), float32, dropout as configured (0.1), random token
+Model: get_mini_config(vocab_size=6400), float32, dropout as configured (0 in mini), random token
 batches. Reported per shape: tokens/s, achieved GFLOP/s with nanoGPT's / PaLM's model FLOPs
 per token, 6*N + 12*n_layer*T*C (N = parameters without wpe: a position lookup does no
 matmul; wte counts because it is also the lm_head), and MFU against the best float32 GEMM

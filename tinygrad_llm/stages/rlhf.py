@@ -75,7 +75,7 @@ class RLHFConfig(RLConfig):
     # the seed's fields
     clip_ratio: float = 0.2          # PPO's epsilon
     kl_coef: float = 0.1             # beta (seed: 0.01); 0.1 keeps the mini policy within ~5 nats/reply of SFT
-    num_episodes: int = 20         # 20 x 16 prompts; on the bundled RM longer runs lowered the chat figures (bench/README.md)
+    num_episodes: int = 10         # 10 x 16 prompts; on the bundled RM longer runs lowered the chat figures (bench/README.md)
     # rollout
     prompts_per_episode: int = 16
     temperature: float = 0.7         # sampling temperature T; the policy optimised is softmax(logits / T)

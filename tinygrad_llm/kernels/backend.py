@@ -16,9 +16,10 @@ BACKENDS = ("numba", "numpy")
 
 # Filled from bench/kernels.py at the mini shapes (runs/bench/kernels*.json): every kernel won,
 # except "attention", whose "numpy" side is not a reference but the engine's blocked BLAS GEMMs
-# (engine/attention.py). The fused kernel (kernels/attention.py) has not beaten them: one
-# layer's causal_self_attention forward + backward at 8x256 and 16x256, one thread, interleaved
-# on a busy machine, ran at 0.82x their speed (its tiles reach about half of OpenBLAS's GEMM).
+# (engine/attention.py). The fused kernel (kernels/attention.py) stays off until a whole pipeline
+# run with it is compared: on a quiet machine at 2 threads its training step was 1.06-1.25x the
+# blocked path's, at one thread or on a busy machine it was slower (0.77-0.96x of the attention op;
+# bench/README.md, "Closer to the machine").
 DEFAULT_BACKEND = {k: "numba" for k in KERNELS} | {"attention": "numpy"}
 
 

@@ -203,7 +203,7 @@ def main():
 
     profiles = []
     use_kernels(args.kernels[0])
-    for th in args.threads:
+    for th in args.threads if args.profile_steps > 0 else ():     # --profile-steps 0: no profile
         C.setup_threads(th)
         prof_rows, prof_step, text = profile_table(tr, 8, 256, args.profile_steps, args.top)
         profiles.append(dict(B=8, T=256, threads=th, steps=args.profile_steps, step_ms=prof_step * 1e3,

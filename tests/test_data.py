@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from tinygrad_llm.data import (DataError, encode_chat, load_pretrain_text, load_reward, load_rlvf, load_sft,
-                               load_split, pad_batch, pretrain_batch)
+                               length_grouped, load_split, pad_batch, pretrain_batch)
 from tinygrad_llm.tokenizer import IM_END_ID, MyLLMTokenizer
 
 
@@ -82,6 +82,27 @@ def test_sft_mask_covers_assistant_tokens_and_im_end_only():
     x, y, m = pad_batch([(np.array(ids), np.array(mask, np.float32)), (np.array(ids[:8]), np.array(mask[:8], np.float32))])
     assert x.shape == y.shape == m.shape == (2, len(ids) - 1)
     assert m[1].sum() == 0                                      # truncated example: no assistant tokens left
+
+
+def test_length_grouped_batches_pad_less_and_draw_every_example_alike():
+    lengths = np.random.default_rng(1).integers(10, 200, 500)
+    rng, plain = np.random.default_rng(0), np.random.default_rng(0)
+    counts, pad_grouped, pad_plain = np.zeros(500), [], []
+    for _ in range(4000):
+        rows = length_grouped(rng, lengths, 16, 8)
+        assert rows.shape == (16,) and np.all(np.diff(lengths[rows]) >= 0)    # one sorted slice
+        np.add.at(counts, rows, 1)
+        pad_grouped.append(1 - lengths[rows].mean() / lengths[rows].max())
+        other = plain.integers(0, 500, 16)
+        pad_plain.append(1 - lengths[other].mean() / lengths[other].max())
+    assert np.mean(pad_grouped) < 0.5 * np.mean(pad_plain)
+    # each example is drawn 4000 * 16 / 500 = 128 times on average, whatever its length: the
+    # counts spread as a Poisson count would (sd ~11.3) and do not lean toward short or long ones
+    assert counts.mean() == 128 and counts.std() < 14
+    assert abs(np.corrcoef(counts, lengths)[0, 1]) < 0.2
+    # the draw is a function of the RNG's state alone (a resumed run draws the same batches)
+    assert np.array_equal(length_grouped(np.random.default_rng(5), lengths, 16, 8),
+                          length_grouped(np.random.default_rng(5), lengths, 16, 8))
 
 
 def test_pretrain_batch_windows():

@@ -34,13 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from numerals import to_chinese   # noqa: E402  (data/numerals.py)
 
 CATEGORIES = ("meta", "knowledge", "math", "harmful")
-EXTRA_VARIANTS = {"meta": 1, "knowledge": 0, "harmful": 2}   # composed variants per train phrasing
-MATH_TRAIN = {"add": 90, "sub": 90, "mul": 50, "div": 50}     # SFT items per op
+EXTRA_VARIANTS = {"meta": 0, "knowledge": 0, "harmful": 1}   # composed variants per train phrasing
+MATH_TRAIN = {"add": 240, "sub": 240, "mul": 160, "div": 160}  # SFT items per op (~5 per template)
 MATH_VAL_PER_TEMPLATE = 4                                     # held-out items per val template
 MATH_POOL = {"add": "add", "sub": "word_sub", "mul": "mul", "div": "div"}   # word_sub: b < a, no zero results
 MATH_OPS = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b, "div": lambda a, b: a // b}
 SMALL = 10              # templates with Chinese numerals ({A} {B}) use operands up to SMALL
-PRETRAIN_QA = ("meta",)   # every train phrasing of these also as a "问：…答：…" line of pretraining text (knowledge: measured worse)
+PRETRAIN_QA = ("meta",)   # train phrasings of these also as "问：…答：…" lines of pretraining text (knowledge: measured worse)
+PRETRAIN_QA_PER_INTENT = 16   # ... the first 16 of each intent: more crowded out the prose the knowledge answers need
 REWARD_N = {"train": 300, "val": 100}
 REWARD_SHARE = {"over_refusal": 0.5, "loop": 0.3, "harmful_compliance": 0.2}
 
@@ -275,14 +276,14 @@ def build_chat(rng, chat_dir, pools, math_reply, clean=None):
                 sft_val.append(item)
                 evals.append(eval_entry(it, item["user"], answer))
             continue
-        for p in it["train_prompts"]:
+        for i, p in enumerate(it["train_prompts"]):
             prompts = [p] + rng.sample(variants(p, cat), min(EXTRA_VARIANTS[cat], len(variants(p, cat))))
             for q in prompts:
                 if q in seen:
                     continue
                 seen.add(q)
                 sft_train.append(chat_item(it, q, rng.choice(it["replies"])))
-            if cat in PRETRAIN_QA or (cat == "harmful" and p == it["train_prompts"][0]):
+            if (cat in PRETRAIN_QA and i < PRETRAIN_QA_PER_INTENT) or (cat == "harmful" and i == 0):
                 pre_train.append(f"问：{p}答：{rng.choice(it['replies'])}")
         eval_rng, pretrain_rng = val_rng(it["intent"]), val_rng(it["intent"], "pretrain")
         for p in it["val_prompts"]:

@@ -14,13 +14,13 @@ import os
 KERNELS = ("embedding", "layernorm", "attn_softmax", "attention", "decode", "rope", "gelu", "dropout", "softmax", "ce", "adamw")
 BACKENDS = ("numba", "numpy")
 
-# Filled from bench/kernels.py at the mini shapes (runs/bench/kernels*.json): every kernel won,
-# except "attention", whose "numpy" side is not a reference but the engine's blocked BLAS GEMMs
-# (engine/attention.py). The fused kernel (kernels/attention.py) stays off until a whole pipeline
-# run with it is compared: on a quiet machine at 2 threads its training step was 1.06-1.25x the
-# blocked path's, at one thread or on a busy machine it was slower (0.77-0.96x of the attention op;
-# bench/README.md, "Closer to the machine").
-DEFAULT_BACKEND = {k: "numba" for k in KERNELS} | {"attention": "numpy"}
+# Filled from bench/kernels.py at the mini shapes (runs/bench/kernels*.json): every kernel won.
+# "attention"'s "numpy" side is not a reference but the engine's blocked BLAS GEMMs
+# (engine/attention.py); the fused kernel (kernels/attention.py) beat it at the pipeline's 2
+# threads, 1.06-1.25x per training step on a quiet machine (1.14x at 16x256 on 2026-12-06), and
+# over a whole `--stage all` run (bench/README.md, "Closer to the machine"). At one thread or on
+# a busy machine it was slower (0.77-0.96x of the attention op): set {"attention": "numpy"} there.
+DEFAULT_BACKEND = {k: "numba" for k in KERNELS}
 
 
 def _check_backend(name):

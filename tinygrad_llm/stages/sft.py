@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import chat_eval, lora
-from ..config import LoopConfig
-from ..data import FILES, DataError, data_file, first_turns, load_split, pad_batch, sft_examples
+from ..config import ConfigError, LoopConfig
+from ..data import FILES, DataError, data_file, first_turns, length_grouped, load_split, pad_batch, sft_examples
 from ..distributed import shard_rows
 from ..loop import train
 from ..model import GPT
@@ -28,14 +28,22 @@ from .task_eval import evaluate_tasks
 
 @dataclass
 class SFTConfig(LoopConfig):
-    max_steps: int = 1400            # ~2.4 passes over the 9,252 conversations; 1,000 steps left the
-                                    # model underfit: chat 45% -> 57%, tasks 29% -> 37% (bench/README.md, SFT steps)
+    max_steps: int = 1800            # ~2.7 passes over the 10,520 conversations; 1,000 steps left the model
+                                    # underfit: chat 45% -> 57%, tasks 29% -> 37% at 1,400 (bench/README.md, SFT steps);
+                                    # length-grouped batches (group_by_length) pay for the last 400
     warmup_steps: int = 30
     eval_every: int = 200
     eval_prompts: int = 48          # held-out prompts answered (greedy) for the <|im_end|> rate
     max_new_tokens: int = 96
     chat_eval_tokens: int = 96      # reply length for the chat evaluation (data/chat_eval.json)
     chat_eval_items: int = 0        # 0 = every item of the chat evaluation
+    group_by_length: int = 8        # batches of similar length (data.length_grouped) from this many
+                                    # batches' worth of examples; 1 = plain random batches
+
+    def validate(self, name: str = "sft"):
+        super().validate(name)
+        if self.group_by_length < 1:
+            raise ConfigError(f"{name}: group_by_length must be >= 1 (1: plain random batches)")
 
 
 LORA_WRITES = "sft_lora"          # with --lora.r > 0: the adapter checkpoint, instead of sft_final
@@ -73,8 +81,14 @@ def run(ctx) -> dict:
     resume = load_resume(ctx, model, STAGE.name)
     before_eos, before_texts = reply_eos_rate(model, tok, val_prompts[:5], cfg.max_new_tokens)
 
+    lengths = np.array([len(ids) for ids, _ in train_ex])
+
     def get_batch(rng):
-        return pad_batch([train_ex[i] for i in rng.integers(0, len(train_ex), cfg.batch_size)])
+        if cfg.group_by_length > 1:
+            rows = length_grouped(rng, lengths, cfg.batch_size, cfg.group_by_length)
+        else:
+            rows = rng.integers(0, len(train_ex), cfg.batch_size)
+        return pad_batch([train_ex[i] for i in rows])
 
     def loss_fn(model, batch):
         x, y, m = batch

@@ -246,6 +246,9 @@ def test_stage_run_tiny(tmp_path):
                 "pass@4_after", "reward_start", "reward_end", "zero_var_share", "time_s", "samples"):
         assert key in out, key
     assert out["init_from"] == "sft_final" and len(out["samples"]) == min(TINY_OVERRIDES["n_show"], out["n_val"])
+    # the training-task check: a fixed sample of the training split, greedy, before and after
+    assert out["n_train_eval"] == TINY_OVERRIDES["train_eval_tasks"]
+    assert 0 <= out["train_acc_before"] <= 1 and 0 <= out["train_acc_after"] <= 1 and "training tasks" in out["headline"]
     try:
         import matplotlib  # noqa: F401
         assert (tmp_path / "run" / "rlvf_curves.png").exists()

@@ -105,6 +105,14 @@ def test_length_grouped_batches_pad_less_and_draw_every_example_alike():
                           length_grouped(np.random.default_rng(5), lengths, 16, 8))
 
 
+def test_sft_group_by_length_must_be_positive():
+    from tinygrad_llm.config import ConfigError
+    from tinygrad_llm.stages.sft import SFTConfig
+    SFTConfig(group_by_length=1).validate()                    # 1: plain random batches
+    with pytest.raises(ConfigError, match="group_by_length"):
+        SFTConfig(group_by_length=0).validate()
+
+
 def test_pretrain_batch_windows():
     ids = np.arange(100)
     x, y = pretrain_batch(ids, 4, 10, np.random.default_rng(0))

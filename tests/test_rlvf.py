@@ -225,6 +225,13 @@ def test_seed_api_and_reexports():
     assert MathVerifier().verify("答案是8。", "8") and LogicVerifier().verify("是的，小花是动物。", "是")
 
 
+def test_train_eval_tasks_must_not_be_negative():
+    from tinygrad_llm.config import ConfigError
+    RLVFConfig(train_eval_tasks=0).validate()                  # 0: off
+    with pytest.raises(ConfigError, match="train_eval_tasks"):
+        RLVFConfig(train_eval_tasks=-1).validate()
+
+
 def test_stage_run_tiny(tmp_path):
     """run(ctx) as train.py calls it: loads sft_final, evaluates, trains, saves, logs, plots."""
     tasks = [{"type": "math", "prompt": f"计算 {a} + {b} = ?", "expected_answer": str(a + b)}

@@ -112,13 +112,16 @@ class RLVFConfig(RLConfig):
             raise ConfigError(f"rlvf.eval_samples must be 0 or >= {max(PASS_KS)} for pass@{max(PASS_KS)}")
         if self.tasks_per_iter <= 0 or self.num_iterations < 0 or self.inner_epochs <= 0 or self.lr <= 0:
             raise ConfigError("rlvf: tasks_per_iter, inner_epochs and lr must be positive, num_iterations >= 0")
+        if self.train_eval_tasks < 0:
+            raise ConfigError("rlvf.train_eval_tasks must be >= 0 (0: no training-task evaluation)")
         if self.init_from not in ("auto", "sft_final", "rlhf_final"):
             raise ConfigError(f"rlvf.init_from must be auto, sft_final or rlhf_final, got {self.init_from!r}")
 
 
 # --config tiny: a handful of small iterations, seconds in all
 TINY_OVERRIDES = dict(num_iterations=3, samples_per_task=4, tasks_per_iter=2, max_new_tokens=12,
-                      eval_samples=4, n_show=2, train_eval_tasks=4, warmup_steps=0, chat_eval_tokens=12, chat_eval_items=4)
+                      eval_samples=4, n_show=2, train_eval_tasks=4, warmup_steps=0, chat_eval_tokens=12,
+                      chat_eval_items=4)
 
 
 # ----------------------------------------------------------------------------------------
@@ -377,7 +380,8 @@ def run(ctx) -> dict:
         out["acc_sft"] = sft_eval["accuracy"]
     if seen:
         out["headline"] += f"; training tasks {_pct(seen_before['accuracy'])} -> {_pct(seen_after['accuracy'])}"
-        out.update(n_train_eval=len(seen), train_acc_before=seen_before["accuracy"], train_acc_after=seen_after["accuracy"])
+        out.update(n_train_eval=len(seen), train_acc_before=seen_before["accuracy"],
+                   train_acc_after=seen_after["accuracy"])
     for typ in ("math", "logic"):
         out[f"{typ}_before"] = before.get(f"{typ}_accuracy")
         out[f"{typ}_after"] = after.get(f"{typ}_accuracy")

@@ -108,7 +108,9 @@ def generate_all(seed=SEED, src_dir=DATA_DIR / "src", out_dir=DATA_DIR):
     for name, items in (("sft_data.json", sft_train), ("sft_val.json", sft_val), ("reward_data.json", reward["train"]),
                         ("reward_val.json", reward["val"]), ("rlvf_data.json", rlvf_train), ("rlvf_val.json", rlvf_val),
                         ("chat_eval.json", chat["eval"])):
-        outputs[name] = json.dumps([public(it) for it in items], ensure_ascii=False, indent=1) + "\n"
+        # one compact item per line: readable, diffable, and smaller than indented JSON
+        outputs[name] = "[\n" + ",\n".join(json.dumps(public(it), ensure_ascii=False, separators=(",", ":"))
+                                             for it in items) + "\n]\n"
     summary = []
     for name, text in outputs.items():
         (out_dir / name).write_text(text, encoding="utf-8")

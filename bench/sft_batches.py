@@ -1,6 +1,6 @@
 """What length-grouped batches save in SFT: full training steps of the mini model (forward,
 backward, clip, AdamW) on the bundled SFT data, with plain random batches against
-data.length_grouped's (the stage's group_by_length), interleaved in one process.
+stages.sft.length_grouped (the stage's group_by_length), interleaved in one process.
 
     python bench/sft_batches.py                  # 2 threads, 40 steps of each, groups of 8
     python bench/sft_batches.py --group 4 --steps 20
@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common as C  # noqa: E402
 from tinygrad_llm.config import get_mini_config  # noqa: E402
-from tinygrad_llm.data import length_grouped, load_split, pad_batch, sft_examples  # noqa: E402
+from tinygrad_llm.data import load_split, pad_batch, sft_examples  # noqa: E402
+from tinygrad_llm.stages.sft import length_grouped  # noqa: E402
 from tinygrad_llm.model import GPT  # noqa: E402
 from tinygrad_llm.optim import AdamW, clip_grad_norm  # noqa: E402
 from tinygrad_llm.tokenizer import PAD_ID, MyLLMTokenizer  # noqa: E402

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from tinygrad_llm.data import (DataError, encode_chat, load_pretrain_text, load_reward, load_rlvf, load_sft,
-                               length_grouped, load_split, pad_batch, pretrain_batch)
+                               load_split, pad_batch, pretrain_batch)
+from tinygrad_llm.stages.sft import length_grouped
 from tinygrad_llm.tokenizer import IM_END_ID, MyLLMTokenizer
 
 

@@ -389,18 +389,6 @@ def pad_batch(examples, dtype=np.float32) -> tuple[np.ndarray, np.ndarray, np.nd
     return x, y, pad_rows([mask[1:] for _, mask in examples], 0, dtype)
 
 
-def length_grouped(rng, lengths: np.ndarray, batch_size: int, group: int) -> np.ndarray:
-    """Indices of one batch of examples of similar length, so that right-padding wastes little
-    (Hugging Face Trainer's group_by_length, without its state): draw group * batch_size
-    examples at random, sort them by length, and take one of the `group` slices at random.
-    Every example is as likely to be drawn as with plain random batches; the draw uses only
-    `rng`, so a resumed run draws the batches an uninterrupted one would."""
-    idx = rng.integers(0, len(lengths), batch_size * group)
-    idx = idx[np.argsort(lengths[idx], kind="stable")]
-    g = int(rng.integers(group))
-    return idx[g * batch_size:(g + 1) * batch_size]
-
-
 def first_turns(conv) -> tuple[str | None, str | None]:
     """A conversation's first user turn and the assistant reply right after it (None where
     there is none): the prompt an RL stage samples from, the reply the SFT data gives it.

@@ -106,9 +106,8 @@ class RLHFConfig(RLConfig):
     chat_eval_tokens: int = 96       # greedy reply length
     chat_eval_items: int = 0         # 0 = every item
     chat_guard: bool = True          # stop and roll back to the best weights on reward hacking
-    chat_guard_drop: float = 0.0     # acceptable share may fall this much below the best ...
-    chat_guard_rise: float = 0.0     # ... and the refusal / loop shares rise this much above it
-                                     # (0: keep the weights that chat best on the dev half, SFT's included)
+    chat_guard_drop: float = 0.0     # how far the acceptable share may fall below the best, and ...
+    chat_guard_rise: float = 0.0     # ... the refusal / loop shares rise above it (0: keep the best dev weights, SFT's too)
 
     def validate(self):
         if self.num_episodes < 0 or self.prompts_per_episode <= 0 or self.minibatch_size <= 0 or self.ppo_epochs <= 0:

@@ -34,11 +34,8 @@ What to expect: RL sharpens what the SFT model can already do sometimes. Greedy 
 can rise at most toward pass@k of the starting model (the share of tasks it solves in k
 samples), so evaluate() reports pass@1 / pass@4 beside greedy accuracy: if pass@4 is barely
 above greedy accuracy, the SFT model (or the task set) is the bottleneck, not this stage.
-The stage also reports greedy accuracy on a fixed sample of the training tasks (train_eval_tasks),
-whose operands SFT saw as well: from run 20261206-030816's model RLVF raised greedy accuracy on
-all 2,040 training tasks from 57% to 61%, most of it in multiplication facts (38% -> 66%),
-while the held-out tasks fell from 39% to 36% and add / sub gained on neither split
-(bench/README.md, "What RLVF sharpens").
+It also reports greedy accuracy on a fixed sample of its training tasks (train_eval_tasks): what
+RL sharpens where it trains, beside what carries over (bench/README.md, "What RLVF sharpens").
 
     trainer = RLVFTrainer(model, tokenizer, model_config, RLVFConfig())   # model_config: the seed's; unused
     history = trainer.train(tasks, batch_size=4)
@@ -97,8 +94,7 @@ class RLVFConfig(RLConfig):
     eval_samples: int = 4            # sampled replies per task for pass@k (>= max(PASS_KS)); 4: pass@4 = any of 4
     eval_temperature: float = 1.0
     eval_batch: int = 128            # rows per generate() call during evaluation
-    train_eval_tasks: int = 240      # greedy accuracy on a fixed sample of the *training* tasks too
-                                     # (what RL sharpens where it trains, beside what carries over); 0 = off
+    train_eval_tasks: int = 240      # greedy accuracy on this many *training* tasks too; 0 = off
     n_show: int = 5                  # held-out tasks shown before/after in the summary
     chat_eval_tokens: int = 96       # the chat evaluation of the final model (test half of chat_eval.json)
     chat_eval_items: int = 0         # 0 = every item of it
@@ -110,18 +106,15 @@ class RLVFConfig(RLConfig):
             raise ConfigError("rlvf.samples_per_task must be >= 2: a group of one has no relative advantage")
         if self.eval_samples and self.eval_samples < max(PASS_KS):
             raise ConfigError(f"rlvf.eval_samples must be 0 or >= {max(PASS_KS)} for pass@{max(PASS_KS)}")
-        if self.tasks_per_iter <= 0 or self.num_iterations < 0 or self.inner_epochs <= 0 or self.lr <= 0:
-            raise ConfigError("rlvf: tasks_per_iter, inner_epochs and lr must be positive, num_iterations >= 0")
-        if self.train_eval_tasks < 0:
-            raise ConfigError("rlvf.train_eval_tasks must be >= 0 (0: no training-task evaluation)")
+        if self.tasks_per_iter <= 0 or self.inner_epochs <= 0 or self.lr <= 0 or min(self.num_iterations, self.train_eval_tasks) < 0:
+            raise ConfigError("rlvf: tasks_per_iter, inner_epochs, lr > 0; num_iterations, train_eval_tasks >= 0")
         if self.init_from not in ("auto", "sft_final", "rlhf_final"):
             raise ConfigError(f"rlvf.init_from must be auto, sft_final or rlhf_final, got {self.init_from!r}")
 
 
 # --config tiny: a handful of small iterations, seconds in all
-TINY_OVERRIDES = dict(num_iterations=3, samples_per_task=4, tasks_per_iter=2, max_new_tokens=12,
-                      eval_samples=4, n_show=2, train_eval_tasks=4, warmup_steps=0, chat_eval_tokens=12,
-                      chat_eval_items=4)
+TINY_OVERRIDES = dict(num_iterations=3, samples_per_task=4, tasks_per_iter=2, max_new_tokens=12, eval_samples=4,
+                      n_show=2, train_eval_tasks=4, warmup_steps=0, chat_eval_tokens=12, chat_eval_items=4)
 
 
 # ----------------------------------------------------------------------------------------
@@ -355,7 +348,6 @@ def run(ctx) -> dict:
     trainer = RLVFTrainer(policy, ctx.tokenizer, None, c, ref_model=ref, logger=ctx.logger,
                           show_progress=ctx.show_progress, seed=ctx.seed)
     before = trainer.evaluate(val_tasks)        # the starting policy, before any resumed weights
-    # a fixed sample of the training tasks (their operands are the ones SFT saw too)
     seen = [train_tasks[i] for i in np.random.default_rng(ctx.seed).permutation(len(train_tasks))[:c.train_eval_tasks]]
     seen_before = trainer.evaluate(seen, samples=0) if seen else None
     if init != sft:                             # the bar is set against the SFT model: measure it too,
@@ -380,14 +372,10 @@ def run(ctx) -> dict:
         out["acc_sft"] = sft_eval["accuracy"]
     if seen:
         out["headline"] += f"; training tasks {_pct(seen_before['accuracy'])} -> {_pct(seen_after['accuracy'])}"
-        out.update(n_train_eval=len(seen), train_acc_before=seen_before["accuracy"],
-                   train_acc_after=seen_after["accuracy"])
-    for typ in ("math", "logic"):
-        out[f"{typ}_before"] = before.get(f"{typ}_accuracy")
-        out[f"{typ}_after"] = after.get(f"{typ}_accuracy")
-    for kk in PASS_KS:
-        out[f"pass@{kk}_before"] = before.get(f"pass@{kk}")
-        out[f"pass@{kk}_after"] = after.get(f"pass@{kk}")
+        out.update(n_train_eval=len(seen), train_acc_before=seen_before["accuracy"], train_acc_after=seen_after["accuracy"])
+    for when, res in (("before", before), ("after", after)):
+        out.update({f"{typ}_{when}": res.get(f"{typ}_accuracy") for typ in ("math", "logic")})
+        out.update({f"pass@{kk}_{when}": res.get(f"pass@{kk}") for kk in PASS_KS})
     out["by_kind_before"], out["by_kind_after"] = before["by_kind"], after["by_kind"]
     if history:
         kls = [h["kl"] for h in history[-k:] if not math.isnan(h["kl"])]

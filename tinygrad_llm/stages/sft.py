@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import chat_eval, lora
 from ..config import ConfigError, LoopConfig
-from ..data import FILES, DataError, data_file, first_turns, length_grouped, load_split, pad_batch, sft_examples
+from ..data import FILES, DataError, data_file, first_turns, load_split, pad_batch, sft_examples
 from ..distributed import shard_rows
 from ..loop import train
 from ..model import GPT
@@ -37,7 +37,7 @@ class SFTConfig(LoopConfig):
     max_new_tokens: int = 96
     chat_eval_tokens: int = 96      # reply length for the chat evaluation (data/chat_eval.json)
     chat_eval_items: int = 0        # 0 = every item of the chat evaluation
-    group_by_length: int = 8        # batches of similar length (data.length_grouped) from this many
+    group_by_length: int = 8        # batches of similar length (length_grouped) from this many
                                     # batches' worth of examples; 1 = plain random batches
 
     def validate(self, name: str = "sft"):
@@ -49,6 +49,18 @@ class SFTConfig(LoopConfig):
 LORA_WRITES = "sft_lora"          # with --lora.r > 0: the adapter checkpoint, instead of sft_final
 TINY_OVERRIDES = {"max_steps": 40, "batch_size": 8, "eval_every": 20, "eval_prompts": 8, "max_new_tokens": 24,
                   "warmup_steps": 5, "chat_eval_tokens": 24, "chat_eval_items": 8}
+
+
+def length_grouped(rng, lengths: np.ndarray, batch_size: int, group: int) -> np.ndarray:
+    """Indices of one batch of examples of similar length, so that right-padding wastes little
+    (Hugging Face Trainer's group_by_length, without its state): draw group * batch_size
+    examples at random, sort them by length, and take one of the `group` slices at random.
+    Every example is as likely to be drawn as with plain random batches; the draw uses only
+    `rng`, so a resumed run draws the batches an uninterrupted one would."""
+    idx = rng.integers(0, len(lengths), batch_size * group)
+    idx = idx[np.argsort(lengths[idx], kind="stable")]
+    g = int(rng.integers(group))
+    return idx[g * batch_size:(g + 1) * batch_size]
 
 
 def reply_eos_rate(model, tok, prompts: list[str], max_new_tokens: int, batch: int = 16):

@@ -10,6 +10,8 @@ the files; each part is a module of its own, in the order they are used:
     numerals.py   Chinese numerals 0..100
     keys.py       problem keys and the held-out discipline: ~15% of each kind's keys reserved for
                   the *_val files before anything is generated; no training text may touch them
+                  (except the fact tables': taught in full, held out by phrasing only)
+    phrasings.py  the tasks' question templates, training and held-out
     tasks.py      math and logic tasks from keys, in the house style (reply + a wrong reply)
     drills.py     reading drills and copy spans
     pretrain.py   pretrain_data.txt, pretrain_val.txt, pretrain_drills.txt
@@ -26,7 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import chat as chat_data   # noqa: E402  (data/chat.py: everyday conversation, see build_chat)
-from keys import build_key_spaces, infer_arith_keys, reserve_held_out, source_keys, split_pools, touches, warn  # noqa: E402
+from keys import (FACT_KINDS, banned_keys, build_key_spaces, infer_arith_keys, reserve_held_out, source_keys,  # noqa: E402
+                  split_pools, touches, warn)
 from pretrain import build_pretrain   # noqa: E402
 from reward import build_reward   # noqa: E402
 from rlvf import build_rlvf   # noqa: E402
@@ -79,12 +82,13 @@ def public(item):
 
 
 def generate_all(seed=SEED, src_dir=DATA_DIR / "src", out_dir=DATA_DIR):
-    """Build and write every data file. Returns {"held_out": kind -> set of keys, "summary": [(file, items, chars)]}."""
+    """Build and write every data file. Returns {"held_out": kind -> set of keys (the val tasks' keys),
+    "banned": the held-out keys no training text contains (not the fact tables'), "summary": [(file, items, chars)]}."""
     src = load_sources(src_dir)
     spaces = build_key_spaces()
     # 1. Reserve the held-out keys before anything else is generated.
     held = reserve_held_out(spaces, source_keys(src), rng_for(seed, "held_out"))
-    held_all = set().union(*held.values())
+    held_all = banned_keys(held)
     pools = split_pools(spaces, held)
     # 2. Pretrain text, SFT, reward pairs, RLVF tasks; each part has its own random stream.
     pre_train, pre_val, pre_drills = build_pretrain(rng_for(seed, "pretrain"), src["prose"], pools, held_all,
@@ -116,7 +120,7 @@ def generate_all(seed=SEED, src_dir=DATA_DIR / "src", out_dir=DATA_DIR):
         (out_dir / name).write_text(text, encoding="utf-8")
         n_items = text.count("\n") if name.endswith(".txt") else len(json.loads(text))
         summary.append((name, n_items, len(text)))
-    return {"held_out": held, "summary": summary}
+    return {"held_out": held, "banned": held_all, "summary": summary}
 
 
 def main(argv=None):
@@ -130,7 +134,8 @@ def main(argv=None):
     print(f"{'file':<20}{'items':>8}{'characters':>12}")
     for name, n_items, n_chars in result["summary"]:
         print(f"{name:<20}{n_items:>8}{n_chars:>12,}")
-    print("held-out keys: " + ", ".join(f"{k} {len(v)}" for k, v in sorted(result["held_out"].items())))
+    print("held-out keys: " + ", ".join(f"{k} {len(v)}" + (" (taught: a fact table)" if k in FACT_KINDS else "")
+                                        for k, v in sorted(result["held_out"].items())))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,11 @@ Every generated task is built from a *problem key*, e.g. ("add", 15, 27) for 15 
 keys are stored sorted), ("weekday", 0, 1) for "today is Monday, what is tomorrow", ("parity", 7),
 ("neighbor", 5) for the pair 5/6, ("syllogism", name, A, B). Before anything is generated about 15%
 of each kind's key space is reserved for evaluation (reserve_held_out). Held-out keys appear only in
-the *_val files: pretrain text, SFT, reward and RLVF training data never contain them. Keys found in
+the *_val files: pretrain text, SFT, reward and RLVF training data never contain them. The fact
+tables (FACT_KINDS: the 9 x 9 products, their inverse divisions, the weekday steps) are the
+exception: a fact that is never taught can only be guessed (held-out products and weekday steps
+scored 0%), so they are taught in full and their held-out tasks differ from training in phrasing
+only (phrasings.py's "val" templates, which every held-out task uses). Keys found in
 the hand-written sources are never held out (source_keys), and every generated training text is
 scanned with extract_keys() before it is kept (touches). Word problems share the key space of their
 operation (KEY_SPACE_OF).
@@ -17,6 +21,7 @@ import sys
 from numerals import to_int
 
 HELD_OUT_FRACTION = 0.15       # share of each key space reserved for evaluation only
+FACT_KINDS = ("mul", "div", "weekday")   # taught in full; held out by phrasing, not by key
 KEY_SPACE_OF = {"word_add": "add", "word_sub": "sub", "word_mul": "mul"}   # word problems share op keys
 
 DAY_CHARS = "一二三四五六日"
@@ -163,10 +168,16 @@ def reserve_held_out(spaces, forbidden, rng):
     return held
 
 
+def banned_keys(held):
+    """The keys no training text may contain: every held-out key but the fact tables'."""
+    return set().union(*(keys for kind, keys in held.items() if kind not in FACT_KINDS))
+
+
 def split_pools(spaces, held):
-    """kind -> {"train": [...], "val": [...]} sorted key lists; word kinds filter their op's keys."""
-    pools = {kind: {"train": [k for k in keys if k not in held[kind]], "val": [k for k in keys if k in held[kind]]}
-             for kind, keys in spaces.items()}
+    """kind -> {"train": [...], "val": [...]} sorted key lists (a fact kind trains on all its keys);
+    word kinds filter their op's keys."""
+    pools = {kind: {"train": [k for k in keys if kind in FACT_KINDS or k not in held[kind]],
+                    "val": [k for k in keys if k in held[kind]]} for kind, keys in spaces.items()}
     word_ok = {"word_add": lambda k: True, "word_sub": lambda k: k[2] < k[1], "word_mul": lambda k: k[1] >= 2}
     for kind, ok in word_ok.items():
         pools[kind] = {s: [k for k in pools[KEY_SPACE_OF[kind]][s] if ok(k)] for s in ("train", "val")}

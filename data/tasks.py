@@ -1,9 +1,10 @@
 """Math and logic tasks from problem keys (imported by generate.py; keys.py holds the keys).
 
 A task is one question with its checkable answer, in the house style that SFT teaches, RLVF
-verifies and the reward model compares: make_<kind>(rng, key, i) for each of twelve kinds (MAKERS),
-"explain your answer" variants (EXPLAIN_MAKERS), and sample_tasks() that draws a plan of them with
-unique prompts, dropping training tasks that touch a held-out key. The same tasks feed the
+verifies and the reward model compares: make_<kind>(rng, key, i, split) for each of twelve kinds
+(MAKERS), "explain your answer" variants (EXPLAIN_MAKERS), and sample_tasks() that draws a plan of
+them with unique prompts, dropping training tasks that touch a held-out key. The questions are
+worded from phrasings.py: held-out ("val") tasks only in phrasings that training never uses. The same tasks feed the
 pretraining text's worked lines (pretrain.py), SFT (sft.py), the reward pairs' wrong replies
 (reward.py) and RLVF (rlvf.py); chat_math_reply() writes data/chat.py's arithmetic replies.
 
@@ -13,6 +14,7 @@ import random
 import re
 
 from keys import CATEGORIES, DAY_CHARS, OFFSET_WORDS, touches, warn
+from phrasings import PHRASINGS
 
 MATH_KINDS = ("add", "sub", "mul", "div", "word_add", "word_sub", "word_mul")
 YES_KEYWORDS, NO_KEYWORDS = ["是", "正确", "对"], ["不是", "不对", "错误"]
@@ -20,40 +22,16 @@ PEOPLE = ["小明", "小红", "小刚", "小丽", "小华", "小芳", "小军", 
 FRUITS = ["苹果", "梨", "桃子", "橘子"]
 SUPER = {"动物": "生物", "鸟": "动物", "鱼": "动物", "花": "植物", "树": "植物", "水果": "食物", "蔬菜": "食物"}
 
-ADD_PROMPTS = ["计算 {a} + {b} = ?", "{a} + {b} 等于多少？", "{a}+{b}=?", "请算出 {a} 加 {b} 的结果。",
-               "{a}加{b}等于几？", "{a}加上{b}是多少？"]
-SUB_PROMPTS = ["计算 {a} - {b} = ?", "{a} - {b} 等于多少？", "{a}-{b}=?", "请算出 {a} 减 {b} 的结果。",
-               "{a}减{b}等于几？", "{a}减去{b}是多少？"]
-MUL_PROMPTS = ["计算 {a} × {b} = ?", "{a} × {b} 等于多少？", "{a}*{b}=?", "请算出 {a} 乘 {b} 的结果。",
-               "{a}乘以{b}等于几？", "{a}乘{b}是多少？"]
-DIV_PROMPTS = ["计算 {a} ÷ {b} = ?", "{a} ÷ {b} 等于多少？", "{a}/{b}=?", "请算出 {a} 除以 {b} 的结果。",
-               "{a}除以{b}等于几？"]
-WORD_ADD = [("{name}原来有{a}个{fruit}，又买了{b}个", "现在一共有几个{fruit}？"),
-            ("书架上有{a}本书，{name}又放上去{b}本", "书架上现在有多少本书？"),
-            ("{name}有{a}元钱，妈妈又给了{b}元", "{name}现在有多少元？"),
-            ("一班有{a}名同学，二班有{b}名同学", "两个班一共有多少名同学？"),
-            ("树上有{a}只小鸟，又飞来了{b}只", "现在树上有几只小鸟？")]
-WORD_SUB = [("{name}有{a}本书，送给同学{b}本", "还剩几本书？"),
-            ("{name}有{a}元钱，买文具花了{b}元", "还剩多少元？"),
-            ("篮子里有{a}个{fruit}，吃掉了{b}个", "篮子里还剩几个{fruit}？"),
-            ("停车场有{a}辆车，开走了{b}辆", "停车场还有几辆车？")]
-WORD_MUL = [("每盒有{a}支铅笔，{name}买了{b}盒", "一共有多少支铅笔？"),
-            ("每个盘子里放{a}个{fruit}，有{b}个盘子", "一共有多少个{fruit}？"),
-            ("一本练习本{a}元，{name}买了{b}本", "一共要花多少元？"),
-            ("每排坐{a}名同学，一共坐了{b}排", "一共有多少名同学？")]
-WEEKDAY_PROMPTS = ["如果今天是{t}，{w}是{f}几？", "今天是{t}，请问{w}是{f}几？", "假设今天是{t}，那么{w}是{f}几？",
-                   "已知今天是{t}，{w}是{f}几？", "今天是{t}，你知道{w}是{f}几吗？"]
-COMPARE_WHICH = ["{a}和{b}哪个{r}？", "{a}和{b}哪个更{r}？", "{a}和{b}比较，哪个{r}？", "{a}和{b}相比，哪个数更{r}？"]
-COMPARE_YESNO = ["{x}比{y}{r}吗？", "{x}是不是比{y}{r}？", "请判断：{x}比{y}{r}吗？", "{x}比{y}{r}，对吗？"]
-PARITY_CHOICE = ["{n}是奇数还是偶数？", "{n}是偶数还是奇数？", "请判断{n}是奇数还是偶数。", "数字{n}是奇数还是偶数？"]
-PARITY_YESNO = ["{n}是{q}吗？", "{n}是不是{q}？", "请判断：{n}是{q}吗？", "{n}是{q}，对吗？"]
-NEIGHBOR_PROMPTS = ["{n}的{d}一个数是几？", "{n}的{d}一个数是多少？", "请问{n}的{d}一个数是什么？",
-                    "从小到大数数，{n}的{d}一个数是几？"]
 EXPLAIN_SUFFIXES = ["请写出计算过程。", "请一步一步地算。", "请说明理由。"]
 
 
+def phrase(rng, name, split):
+    """One of phrasings.py's question templates `name` for the split ("train" or held-out "val")."""
+    return rng.choice(PHRASINGS[name][split])
+
+
 # ----------------------------------------------------------------------------- task generators
-# Each make_<kind>(rng, key, i) returns an internal task: public fields plus "_reply" (the SFT answer)
+# Each make_<kind>(rng, key, i, split) returns an internal task: public fields plus "_reply" (the SFT answer)
 # and "_wrong" (a plausible wrong answer in the same format, for reward pairs). i alternates the
 # question form and the yes/no polarity, so that every split is balanced by construction.
 
@@ -150,28 +128,28 @@ def chat_math_reply(rng, op, a, b):
     return task["_reply"], task["_wrong"], str(c)
 
 
-def make_add(rng, key, i):
+def make_add(rng, key, i, split):
     """Addition within 100: 'a + b 等于多少？'."""
     a, b = ordered(rng, key[1], key[2])
-    return arith_task(rng, "add", "+", rng.choice(ADD_PROMPTS).format(a=a, b=b), a, b, a + b)
+    return arith_task(rng, "add", "+", phrase(rng, "add", split).format(a=a, b=b), a, b, a + b)
 
 
-def make_sub(rng, key, i):
+def make_sub(rng, key, i, split):
     """Subtraction within 100 with a non-negative result."""
     a, b = key[1], key[2]
-    return arith_task(rng, "sub", "-", rng.choice(SUB_PROMPTS).format(a=a, b=b), a, b, a - b)
+    return arith_task(rng, "sub", "-", phrase(rng, "sub", split).format(a=a, b=b), a, b, a - b)
 
 
-def make_mul(rng, key, i):
+def make_mul(rng, key, i, split):
     """Single-digit multiplication."""
     a, b = ordered(rng, key[1], key[2])
-    return arith_task(rng, "mul", "×", rng.choice(MUL_PROMPTS).format(a=a, b=b), a, b, a * b)
+    return arith_task(rng, "mul", "×", phrase(rng, "mul", split).format(a=a, b=b), a, b, a * b)
 
 
-def make_div(rng, key, i):
+def make_div(rng, key, i, split):
     """Exact division with quotient and divisor at most 9."""
     a, b = key[1], key[2]
-    return arith_task(rng, "div", "÷", rng.choice(DIV_PROMPTS).format(a=a, b=b), a, b, a // b)
+    return arith_task(rng, "div", "÷", phrase(rng, "div", split).format(a=a, b=b), a, b, a // b)
 
 
 def word_task(rng, kind, sym, templates, a, b, c):
@@ -181,21 +159,21 @@ def word_task(rng, kind, sym, templates, a, b, c):
     return arith_task(rng, kind, sym, f"{setup.format(**fill)}，{ask.format(**fill)}", a, b, c)
 
 
-def make_word_add(rng, key, i):
+def make_word_add(rng, key, i, split):
     """Word problem: 又买了 / 又飞来了 ... (addition)."""
     a, b = ordered(rng, key[1], key[2])
-    return word_task(rng, "word_add", "+", WORD_ADD, a, b, a + b)
+    return word_task(rng, "word_add", "+", PHRASINGS["word_add"][split], a, b, a + b)
 
 
-def make_word_sub(rng, key, i):
+def make_word_sub(rng, key, i, split):
     """Word problem: 送给 / 花了 / 吃掉了 ... (subtraction)."""
-    return word_task(rng, "word_sub", "-", WORD_SUB, key[1], key[2], key[1] - key[2])
+    return word_task(rng, "word_sub", "-", PHRASINGS["word_sub"][split], key[1], key[2], key[1] - key[2])
 
 
-def make_word_mul(rng, key, i):
+def make_word_mul(rng, key, i, split):
     """Word problem: 每盒 / 每排 ... (multiplication)."""
     a, b = ordered(rng, key[1], key[2])
-    return word_task(rng, "word_mul", "×", WORD_MUL, a, b, a * b)
+    return word_task(rng, "word_mul", "×", PHRASINGS["word_mul"][split], a, b, a * b)
 
 
 def day_name(d, style, tian=False):
@@ -210,13 +188,13 @@ def weekday_keywords(d):
     return ["周日", "星期日", "星期天", "周天"] if d == 6 else ["周" + DAY_CHARS[d], "星期" + DAY_CHARS[d]]
 
 
-def make_weekday(rng, key, i):
+def make_weekday(rng, key, i, split):
     """Weekday forward/backward (明天/后天/昨天/前天) in 周X (even i) or 星期X (odd i) phrasing."""
     d, off = key[1], key[2]
     style, tian = ("周", "星期")[i % 2], rng.random() < 0.3
     ans, wrong = (d + off) % 7, (d + off + rng.choice((-1, 1))) % 7
     t, w = day_name(d, style, tian), OFFSET_WORDS[off]
-    prompt = rng.choice(WEEKDAY_PROMPTS).format(t=t, w=w, f=style)
+    prompt = phrase(rng, "weekday", split).format(t=t, w=w, f=style)
     # The reply walks one day at a time (后天 via 明天, 前天 via 昨天), so a day/offset pair never seen
     # in training is two steps that were. It mirrors the question's spelling; the final answer is
     # always 周X (= expected_answer).
@@ -245,39 +223,38 @@ def syllogism_parts(rng, key, negative):
     return [f"所有{a}都是{b}", f"{c}是{b}"], f"{c}一定是{a}", f"不是，{c}是{b}，但不一定是{a}。", f"是的，{c}一定是{a}。"
 
 
-def syllogism_prompt(rng, premises, question):
-    """Join premises and question in one of three phrasings."""
-    prem = "，".join(premises)
-    return rng.choice([f"{prem}，{question}吗？", f"已知{prem}。请问{question}吗？", f"{prem}。那么{question}吗？"])
+def syllogism_prompt(rng, premises, question, split):
+    """Join premises and question in one of the split's phrasings."""
+    return phrase(rng, "syllogism", split).format(prem="，".join(premises), q=question)
 
 
-def make_syllogism(rng, key, i):
+def make_syllogism(rng, key, i, split):
     """Syllogism answered 是 (even i) or 不是 (odd i)."""
     negative = i % 2 == 1
     premises, question, reply, wrong = syllogism_parts(rng, key, negative)
-    return new_task("logic", "syllogism", syllogism_prompt(rng, premises, question), "不是" if negative else "是",
+    return new_task("logic", "syllogism", syllogism_prompt(rng, premises, question, split), "不是" if negative else "是",
                     reply, wrong, NO_KEYWORDS if negative else YES_KEYWORDS)
 
 
-def make_compare(rng, key, i):
+def make_compare(rng, key, i, split):
     """'a和b哪个大？' -> number (even i), or 'x比y大吗？' -> 是/不是 (odd i, polarity alternating)."""
     lo, hi = key[1], key[2]
     a, b = ordered(rng, lo, hi)
     if i % 2 == 0:
         r = rng.choice("大小")
         ans, other = (hi, lo) if r == "大" else (lo, hi)
-        return new_task("logic", "compare", rng.choice(COMPARE_WHICH).format(a=a, b=b, r=r), str(ans),
+        return new_task("logic", "compare", phrase(rng, "compare_which", split).format(a=a, b=b, r=r), str(ans),
                         f"{ans}比{other}{r}，答案是{ans}。", f"{other}比{ans}{r}，答案是{other}。", [str(ans)])
     want_yes, r = (i // 2) % 2 == 0, rng.choice("大小")
     x, y = (hi, lo) if (r == "大") == want_yes else (lo, hi)   # order so that "x比y{r}" is true iff want_yes
     opp = "小" if r == "大" else "大"
     yes, no = f"是的，{x}比{y}{r}。", f"不是，{x}比{y}{opp}。"
-    return new_task("logic", "compare", rng.choice(COMPARE_YESNO).format(x=x, y=y, r=r), "是" if want_yes else "不是",
+    return new_task("logic", "compare", phrase(rng, "compare_yesno", split).format(x=x, y=y, r=r), "是" if want_yes else "不是",
                     yes if want_yes else no, f"不是，{x}比{y}{opp}。" if want_yes else f"是的，{x}比{y}{r}。",
                     YES_KEYWORDS if want_yes else NO_KEYWORDS)
 
 
-def make_parity(rng, key, i):
+def make_parity(rng, key, i, split):
     """'n是奇数还是偶数？' -> 奇数/偶数 (even i), or 'n是奇数吗？' -> 是/不是 (odd i, polarity alternating)."""
     n = key[1]
     p, q = ("奇数", "偶数") if n % 2 else ("偶数", "奇数")
@@ -285,11 +262,11 @@ def make_parity(rng, key, i):
     why = f"{n}的个位是{n % 10}，个位是{p}，所以" if n >= 10 else ""
     why_bad = f"{n}的个位是{n % 10}，个位是{q}，所以" if n >= 10 else ""
     if i % 2 == 0:
-        return new_task("logic", "parity", rng.choice(PARITY_CHOICE).format(n=n), p,
+        return new_task("logic", "parity", phrase(rng, "parity_choice", split).format(n=n), p,
                         f"{why}{n}是{p}，答案是{p}。", f"{why_bad}{n}是{q}，答案是{q}。", [p])
     want_yes = (i // 2) % 2 == 0
     asked = p if want_yes else q
-    prompt = rng.choice(PARITY_YESNO).format(n=n, q=asked)
+    prompt = phrase(rng, "parity_yesno", split).format(n=n, q=asked)
     if want_yes:
         return new_task("logic", "parity", prompt, "是", f"是的，{why}{n}是{p}。", f"不是，{why_bad}{n}是{q}，不是{p}。",
                         YES_KEYWORDS)
@@ -297,11 +274,11 @@ def make_parity(rng, key, i):
                     NO_KEYWORDS)
 
 
-def make_neighbor(rng, key, i):
+def make_neighbor(rng, key, i, split):
     """'n的后一个数是几？' (even i) or 'n+1的前一个数是几？' (odd i)."""
     n = key[1]
     x, d, ans, wrong = (n, "后", n + 1, n + 2) if i % 2 == 0 else (n + 1, "前", n, n + 1 if n == 0 else n - 1)
-    return new_task("logic", "neighbor", rng.choice(NEIGHBOR_PROMPTS).format(n=x, d=d), str(ans),
+    return new_task("logic", "neighbor", phrase(rng, "neighbor", split).format(n=x, d=d), str(ans),
                     f"{x}的{d}一个数是{ans}，答案是{ans}。", f"{x}的{d}一个数是{wrong}，答案是{wrong}。", [str(ans)])
 
 
@@ -315,15 +292,15 @@ MAKERS = {"add": make_add, "sub": make_sub, "mul": make_mul, "div": make_div, "w
 def explain_arith(maker):
     """A "show your work" variant of a two-digit sum/difference: the house style already works it
     column by column, so the reply is the same and only the prompt asks for it."""
-    def explain(rng, key, i):
-        task = maker(rng, key, i)
+    def explain(rng, key, i, split):
+        task = maker(rng, key, i, split)
         task["prompt"] += rng.choice(EXPLAIN_SUFFIXES)
         task["_wrong"] = None
         return task
     return explain
 
 
-def explain_syllogism(rng, key, i):
+def explain_syllogism(rng, key, i, split):
     """Direct syllogism (even i) or its not_b negation (odd i), with the reasoning after 是的，/不是，."""
     c, a, b = key[1], key[2], key[3]
     if i % 2 == 0:
@@ -332,7 +309,7 @@ def explain_syllogism(rng, key, i):
     else:
         prem, q, exp = [f"所有{a}都是{b}", f"{c}不是{b}"], f"{c}是{a}", "不是"
         reply = f"不是，因为所有{a}都是{b}，如果{c}是{a}，{c}就一定是{b}；可是{c}不是{b}，所以{c}不是{a}。"
-    return new_task("logic", "syllogism", syllogism_prompt(rng, prem, q) + "请说明理由。", exp, reply, None)
+    return new_task("logic", "syllogism", syllogism_prompt(rng, prem, q, "train") + "请说明理由。", exp, reply, None)
 
 
 # kind -> (maker, which keys suit it): the column methods need two two-digit operands.
@@ -351,7 +328,7 @@ def sample_tasks(rng, plan, pools, split, held_all, seen, makers=None):
         made = attempts = 0
         while made < n and attempts < 50 * n + 500:
             attempts += 1
-            task = maker(rng, rng.choice(keys), made)
+            task = maker(rng, rng.choice(keys), made, split)
             if task["prompt"] in seen or (split == "train" and touches(task["prompt"] + "\n" + task["_reply"], held_all)):
                 continue
             seen.add(task["prompt"])

@@ -20,6 +20,7 @@ import keys as data_keys  # noqa: E402
 import pretrain as data_pretrain  # noqa: E402
 import reward as data_reward  # noqa: E402
 import rlvf as data_rlvf  # noqa: E402
+import phrasings  # noqa: E402
 import tasks as data_tasks  # noqa: E402
 
 JSON_FILES = ["sft_data.json", "sft_val.json", "reward_data.json", "reward_val.json", "rlvf_data.json", "rlvf_val.json"]
@@ -47,9 +48,9 @@ def nums(text):
 # ----------------------------------------------------------------------------- independent solvers
 
 def parse_weekday(prompt):
-    """'今天是周X ... 明天/后天/昨天/前天' -> (day 0..6 with Monday 0, offset)."""
+    """'今天是周X' and 明天/后天/昨天/前天 (either first) -> (day 0..6 with Monday 0, offset)."""
     m = re.search(r"今天是(?:周|星期)(.)", prompt)
-    word = re.search(r"明天|后天|昨天|前天", prompt[m.end():])[0]
+    word = re.search(r"明天|后天|昨天|前天", prompt)[0]
     return (6 if m[1] in "日天" else "一二三四五六".index(m[1])), {"明天": 1, "后天": 2, "昨天": -1, "前天": -2}[word]
 
 
@@ -60,9 +61,8 @@ def solve_syllogism(prompt):
         edges.setdefault(a, set()).add(b)
     names = "|".join(data_keys.NAMES)
     cats, target = set(), None
-    for clause in re.split(r"[，。？]", prompt):
-        clause = re.sub(r"^(已知|请问|那么)", "", clause)
-        m = re.fullmatch(rf"({names})(一定)?(不是|是)(.+?)(吗)?", clause)
+    for clause in re.split(r"[，。？,.?：:；;！!—]", prompt):   # any lead-in words before the name
+        m = re.search(rf"({names})(一定)?(不是|是)(.+?)(吗)?$", clause)
         if not m:
             continue
         if m[5]:
@@ -97,18 +97,18 @@ def solve(kind, prompt):
     if kind == "syllogism":
         return solve_syllogism(prompt)
     if kind == "compare":
-        if "哪个" in prompt:
-            return str(max(n[:2]) if re.search(r"哪个(?:数)?(?:更)?大", prompt) else min(n[:2]))
         m = re.search(r"(\d+)(?:是不是)?比(\d+)(大|小)", prompt)
+        if not m:   # "which is bigger / smaller": the last 大 or 小 of the question
+            return str(max(n[:2]) if re.findall(r"大|小", prompt)[-1] == "大" else min(n[:2]))
         x, y = int(m[1]), int(m[2])
         return "是" if (x > y) == (m[3] == "大") else "不是"
     if kind == "parity":
         p = "奇数" if n[0] % 2 else "偶数"
-        if "还是" in prompt:
+        if "奇数" in prompt and "偶数" in prompt:   # "odd or even?"
             return p
         return "是" if re.search(r"奇数|偶数", prompt)[0] == p else "不是"
     if kind == "neighbor":
-        return str(n[0] + 1 if "后一个" in prompt else n[0] - 1)
+        return str(n[0] + 1 if re.search(r"\d+的?后", prompt) else n[0] - 1)
     raise AssertionError(kind)
 
 
@@ -123,7 +123,7 @@ def item_key(kind, prompt):
     if kind == "parity":
         return ("parity", n[0])
     if kind == "neighbor":
-        return ("neighbor", n[0] if "后一个" in prompt else n[0] - 1)
+        return ("neighbor", n[0] if re.search(r"\d+的?后", prompt) else n[0] - 1)
     if kind == "weekday":
         return ("weekday",) + parse_weekday(prompt)
     if kind == "syllogism":
@@ -259,17 +259,23 @@ def test_sft_answers_are_correct(run):
 
 def test_held_out_discipline(run):
     out, result = run
-    held = set().union(*result["held_out"].values())
+    held, banned = set().union(*result["held_out"].values()), result["banned"]
     spaces = data_keys.build_key_spaces()
     for kind, keys in result["held_out"].items():   # ~15% of every key space (weekday: source-limited)
         assert 0.10 * len(spaces[kind]) <= len(keys) <= 0.16 * len(spaces[kind]) + 1, kind
+    # The fact tables are taught in full; every other held-out key is banned from training.
+    assert banned == {k for k in held if k[0] not in data_keys.FACT_KINDS}
     # Val keys, parsed from the prompts, are all held out.
     val_keys = {item_key(k, p) for name in ("rlvf_val.json", "sft_val.json") for k, p, _ in generated(load(out, name))}
     assert val_keys <= held and len({k[0] for k in val_keys}) == 9
-    # No training item is about a held-out key: generated items by their prompt's numbers ...
+    # No training item is about a banned key: generated items by their prompt's numbers ...
+    taught = set()
     for name in ("rlvf_data.json", "sft_data.json"):
         train_keys = {item_key(k, p) for k, p, _ in generated(load(out, name))}
-        assert not train_keys & held, name
+        assert not train_keys & banned, name
+        taught |= train_keys
+    assert {k for k in held if k[0] in data_keys.FACT_KINDS} <= taught   # ... while the fact tables are taught
+    held = banned
     # ... and every training text by the extractor (arithmetic, weekdays, parity, comparisons, neighbours, syllogisms).
     texts = list(load(out, "pretrain_data.txt")) + list(load(out, "pretrain_drills.txt"))
     for it in load(out, "sft_data.json"):
@@ -292,6 +298,33 @@ def test_held_out_discipline(run):
     for a, op, b in re.findall(r"(\d+) ?([+\-×÷]) ?(\d+) ?=", "\n".join(load(out, "pretrain_data.txt"))):
         a, b, kind = int(a), int(b), {"+": "add", "-": "sub", "×": "mul", "÷": "div"}[op]
         assert ((kind, min(a, b), max(a, b)) if kind in ("add", "mul") else (kind, a, b)) not in held
+
+
+PHRASING_LISTS = {"compare": ["compare_which", "compare_yesno"], "parity": ["parity_choice", "parity_yesno"]}
+
+
+def phrasing_regex(kind, split):
+    """A regex matching any question of the kind worded by one of the split's phrasings (prefix match:
+    an "explain" variant appends a request)."""
+    alts = []
+    for name in PHRASING_LISTS.get(kind, [kind]):
+        for t in phrasings.PHRASINGS[name][split]:
+            t = "，".join(t) if isinstance(t, list) else t
+            alts.append(re.sub(r"\\\{\w+\\\}", ".+?", re.escape(t)))
+    return re.compile("(?:" + "|".join(alts) + ")")
+
+
+def test_held_out_tasks_are_phrased_apart(run):
+    """Held-out tasks use only the held-out phrasings; training tasks never do."""
+    out, _ = run
+    for name, split in (("rlvf_val.json", "val"), ("sft_val.json", "val"), ("rlvf_data.json", "train"),
+                        ("sft_data.json", "train")):
+        for kind, prompt, _ in generated(load(out, name)):
+            if split == "val":
+                assert phrasing_regex(kind, "val").fullmatch(prompt), (name, prompt)
+            else:
+                assert phrasing_regex(kind, "train").match(prompt), (name, prompt)
+                assert not phrasing_regex(kind, "val").fullmatch(prompt), (name, prompt)
 
 
 def hand_pairs():
@@ -409,6 +442,7 @@ def test_chat_sft_and_eval(run):
 def test_chat_math_follows_the_house_style_and_held_out_keys(run):
     out, result = run
     held = set().union(*result["held_out"].values())
+    banned = result["banned"]
     val_reply = {it["user"]: it["assistant"] for it in chat_items(out, "sft_val.json")}
     for split, items in (("train", chat_items(out, "sft_data.json")), ("val", chat_items(out, "sft_val.json"))):
         math = [it for it in items if it["category"] == "chat_math"]
@@ -420,10 +454,10 @@ def test_chat_math_follows_the_house_style_and_held_out_keys(run):
             op = {"+": "add", "-": "sub", "×": "mul", "÷": "div"}[sym]
             assert c == {"add": a + b, "sub": a - b, "mul": a * b, "div": a // b if b else -1}[op] and it["intent"] == "chat_" + op
             key = (op, min(a, b), max(a, b)) if op in ("add", "mul") else (op, a, b)
-            assert (key in held) == (split == "val"), (split, it)
+            assert key in held if split == "val" else key not in banned, (split, it)
             if split == "train":
-                assert not data_keys.extract_keys(it["user"] + "\n" + it["assistant"]) & held
-                assert not data_keys.infer_arith_keys(it["user"], it["assistant"]) & held
+                assert not data_keys.extract_keys(it["user"] + "\n" + it["assistant"]) & banned
+                assert not data_keys.infer_arith_keys(it["user"], it["assistant"]) & banned
     for e in load(out, "chat_eval.json"):
         if e["category"] == "math":
             assert val_reply[e["prompt"]].endswith(f"答案是{e['answer']}。")

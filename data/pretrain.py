@@ -7,6 +7,8 @@ of their own (pretrain_drills.txt, mixed into pretrain.drill_share of the batch 
 
 Standard library only; deterministic given the random.Random passed in.
 """
+import random
+
 import drills
 from keys import NAMES, OFFSET_WORDS, touches
 from numerals import to_chinese
@@ -90,6 +92,7 @@ def build_pretrain(rng, prose, pools, held_all, drill_rng):
     for _, paragraphs in prose:
         for i, p in enumerate(paragraphs):
             (val if i % PROSE_VAL_EVERY == PROSE_VAL_OFFSET else train).append(p)
+    val_rng = random.Random(rng.getrandbits(64))   # the val text does not move when training phrasings change
     val_facts, val_sentences = fact_paragraphs(rng, pools, FACT_CHARS["val"], banned=set())
     train_facts, _ = fact_paragraphs(rng, pools, FACT_CHARS["train"], banned=val_sentences)
     train += train_facts + qa_lines(rng, pools, "train", held_all, PRETRAIN_QA["train"])
@@ -101,7 +104,7 @@ def build_pretrain(rng, prose, pools, held_all, drill_rng):
     spans = drills.copy_spans(drill_rng, alphabet, COPY_CHARS)
     spans += drills.digit_facts(drill_rng, DIGIT_FACT_CHARS, keep=lambda fact: not touches(fact, held_all))
     drill_rng.shuffle(spans)
-    val += val_facts + qa_lines(rng, pools, "val", held_all, PRETRAIN_QA["val"])
+    val += val_facts + qa_lines(val_rng, pools, "val", held_all, PRETRAIN_QA["val"])
     rng.shuffle(train)
-    rng.shuffle(val)
+    val_rng.shuffle(val)
     return "\n".join(train) + "\n", "\n".join(val) + "\n", "\n".join(spans) + "\n"

@@ -5,6 +5,8 @@ keys; the val split holds generated tasks on held-out keys only.
 
 Standard library only; deterministic given the random.Random passed in.
 """
+import random
+
 from tasks import sample_tasks
 
 RLVF_PLAN = {
@@ -18,8 +20,9 @@ RLVF_PLAN = {
 def build_rlvf(rng, seed_tasks, pools, held_all):
     """(train, val) RLVF tasks, each split shuffled."""
     seen = {t["prompt"] for t in seed_tasks}
+    val_rng = random.Random(rng.getrandbits(64))   # the val tasks do not move when training phrasings change
     train = list(seed_tasks) + sample_tasks(rng, RLVF_PLAN["train"], pools, "train", held_all, seen)
-    val = sample_tasks(rng, RLVF_PLAN["val"], pools, "val", held_all, seen)
+    val = sample_tasks(val_rng, RLVF_PLAN["val"], pools, "val", held_all, seen)
     rng.shuffle(train)   # generated tasks come out grouped by kind; a sequential reader must see a mix
-    rng.shuffle(val)
+    val_rng.shuffle(val)
     return train, val

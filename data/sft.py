@@ -6,6 +6,8 @@ variants in the training split only.
 
 Standard library only; deterministic given the random.Random passed in.
 """
+import random
+
 from tasks import EXPLAIN_MAKERS, sample_tasks
 
 SFT_HAND_VAL_FRACTION = 0.12   # hand SFT items held out, stratified by category
@@ -51,11 +53,12 @@ def build_sft(rng, src, pools, held_all):
     rng.shuffle(multi)
     multi_val, multi_train = multi[:N_MULTITURN_VAL], multi[N_MULTITURN_VAL:]
     seen = {it["user"] for it in src["sft_hand"]}
+    val_rng = random.Random(rng.getrandbits(64))   # the val tasks do not move when training phrasings change
     gen_train = sample_tasks(rng, SFT_PLAN["train"], pools, "train", held_all, seen)
     explain = sample_tasks(rng, EXPLAIN_PLAN, pools, "train", held_all, seen, EXPLAIN_MAKERS)
-    gen_val = sample_tasks(rng, SFT_PLAN["val"], pools, "val", held_all, seen)
+    gen_val = sample_tasks(val_rng, SFT_PLAN["val"], pools, "val", held_all, seen)
     train = hand_train + multi_train + [sft_item(t) for t in gen_train + explain]
     val = hand_val + multi_val + [sft_item(t) for t in gen_val]
     rng.shuffle(train)
-    rng.shuffle(val)
+    val_rng.shuffle(val)
     return train, val

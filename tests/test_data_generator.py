@@ -511,6 +511,16 @@ def test_chat_eval_does_not_move_when_training_phrasings_are_added(run, tmp_path
     assert len(chat_items(other, "sft_data.json")) == len(chat_items(out, "sft_data.json")) + 1
 
 
+def test_held_out_tasks_do_not_move_when_training_phrasings_are_added(run, tmp_path, monkeypatch):
+    """rlvf_val.json and the tasks of sft_val.json draw from streams of their own."""
+    out, _ = run
+    monkeypatch.setitem(phrasings.PHRASINGS["add"], "train", phrasings.PHRASINGS["add"]["train"] + ["试试{a}加{b}？"])
+    gen.generate_all(seed=gen.SEED, out_dir=tmp_path)
+    assert load(tmp_path, "rlvf_val.json") == load(out, "rlvf_val.json")
+    tasks = lambda d: [it for it in load(d, "sft_val.json") if it.get("kind") in data_tasks.MAKERS]
+    assert tasks(tmp_path) == tasks(out) and load(tmp_path, "rlvf_data.json") != load(out, "rlvf_data.json")
+
+
 def test_digit_facts_are_true_and_skip_what_keep_refuses():
     import random
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from tinygrad_llm.config import get_tiny_config
 from tinygrad_llm.model import GPT
-from tinygrad_llm.probe import PROBE_TEMPLATES, copy_probe, probe_strings
+from tinygrad_llm.probe import PROBE_TEMPLATES, copy_probe, facts_probe, facts_strings, probe_strings
 from tinygrad_llm.tokenizer import MyLLMTokenizer
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -31,6 +31,18 @@ def test_training_text_never_holds_a_probe_phrasing():
         assert not re.search(re.escape(head) + r"\d+" + re.escape(middle[:2]), corpus), head
 
 
+def test_facts_probe_scores_every_digit_of_all_100_sums():
+    items = facts_strings(seed=1)
+    assert len(items) == 100
+    sums = set()
+    for text, scored in items:
+        m = re.fullmatch(r"(\d+) \+ (\d+)：先算个位，(\d) \+ (\d) = (\d+)。", text)
+        x, y, a, b, c = map(int, m.groups())
+        assert (x % 10, y % 10) == (a, b) and c == a + b and "".join(text[i] for i in scored) == str(c)
+        sums.add((a, b))
+    assert len(sums) == 100
+
+
 def test_copy_probe_runs_and_perfect_copier_scores_one():
     tok = MyLLMTokenizer().build_vocab(["".join(PROBE_TEMPLATES) + "0123456789"])
     model = GPT(get_tiny_config(tok.vocab_size), seed=0)
@@ -50,3 +62,5 @@ def test_copy_probe_runs_and_perfect_copier_scores_one():
             return type("T", (), {"data": logits})(), None
 
     assert copy_probe(Oracle(), tok, n=8)["copy_acc"] == 1.0
+    tok = MyLLMTokenizer().build_vocab(["".join(t for t, _ in facts_strings())])
+    assert facts_probe(Oracle(), tok) == 1.0 and 0.0 <= facts_probe(GPT(get_tiny_config(tok.vocab_size)), tok) <= 1.0

@@ -17,7 +17,7 @@ from ..data import load_drills, load_split, mixed_pretrain_batch, pretrain_batch
 from ..distributed import shard_rows
 from ..loop import train
 from ..model import GPT
-from ..probe import copy_probe
+from ..probe import copy_probe, facts_probe
 from .common import Stage, load_resume, make_saver
 
 
@@ -88,7 +88,8 @@ def run(ctx) -> dict:
 
     def evaluate(model):
         loss = val_loss(model, val_ids, cfg, T)
-        return {"loss": loss, "bpc": loss / math.log(2), "copy_acc": copy_probe(model, tok)["copy_acc"]}
+        return {"loss": loss, "bpc": loss / math.log(2), "copy_acc": copy_probe(model, tok)["copy_acc"],
+                "facts_acc": facts_probe(model, tok)}
 
     t0 = time.perf_counter()
     out = train(model, cfg, get_batch, loss_fn, stage="pretrain", logger=ctx.logger, evaluate=evaluate,
@@ -99,9 +100,9 @@ def run(ctx) -> dict:
     steps_run = len(out["history"])
     tok_s = steps_run * cfg.batch_size * T / dt if dt > 0 else 0.0
     return {"headline": f"held-out loss {last['loss']:.3f} ({last['bpc']:.2f} bits/char), "
-                        f"copy probe {last['copy_acc']:.0%} (chance 10%)",
+                        f"copy probe {last['copy_acc']:.0%} (chance 10%), sums probe {last['facts_acc']:.0%}",
             "val_loss": last["loss"], "val_bpc": last["bpc"], "val_loss_start": first["loss"],
-            "copy_acc": last["copy_acc"], "copy_acc_start": first["copy_acc"],
+            "copy_acc": last["copy_acc"], "copy_acc_start": first["copy_acc"], "facts_acc": last["facts_acc"],
             "train_loss_end": out["history"][-1]["loss"] if out["history"] else None,
             "params": model.num_parameters(), "train_chars": len(train_text), "tokens_per_s": tok_s}
 

@@ -53,7 +53,7 @@ def test_advantages_eps_and_dr_grpo():
 
 
 def test_task_rewards_verifier_and_format_bonus():
-    cfg = RLVFConfig(correct_reward=1.0, incorrect_reward=-0.5, format_reward=0.1)
+    cfg = RLVFConfig(correct_reward=1.0, incorrect_reward=-0.5, format_reward=0.1, step_reward=0.0)
     task = {"type": "math", "prompt": "计算 15 + 27 = ?", "expected_answer": "42"}
     texts = ["15 + 27 = 42，答案是42。", "15 + 27 = 41，答案是41。", "15 + 27 = 42，答案是42。", "42"]
     finished = [True, True, False, True]                 # third: cut off before <|im_end|>

@@ -81,7 +81,7 @@ class RLVFConfig(RLConfig):
     max_new_tokens: int = 80         # the longest house-style reply (a worked subtraction) is 73 characters
     # rewards
     format_reward: float = 0.1       # bonus for closing with <|im_end|> and a parseable answer; 0 = off
-    step_reward: float = 0.0         # partial credit: this times the share of true worked steps (step_credit)
+    step_reward: float = 0.5         # partial credit x the share of true worked steps (step_credit; bench "Partial credit")
     # GRPO update (lr, warmup_steps, ...: RLConfig)
     lr: float = 3e-5                 # mini model, 30 iterations: 1e-4 / 2e-4 cost 5 held-out points, 3e-5 ~1
     warmup_steps: int = 3            # optimizer steps (one per iteration while inner_epochs is 1)

@@ -1,7 +1,8 @@
 """RLVF tasks (rlvf_data.json, rlvf_val.json; imported by generate.py).
 
 The hand-written seed tasks of data/src/rlvf_seed.json plus generated tasks (tasks.py) on training
-keys; the val split holds generated tasks on held-out keys only.
+keys; the val split holds generated tasks on held-out keys only (any key of a fact table, keys.py),
+worded in held-out phrasings only.
 
 Standard library only; deterministic given the random.Random passed in.
 """

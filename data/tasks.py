@@ -4,9 +4,10 @@ A task is one question with its checkable answer, in the house style that SFT te
 verifies and the reward model compares: make_<kind>(rng, key, i, split) for each of twelve kinds
 (MAKERS), "explain your answer" variants (EXPLAIN_MAKERS), and sample_tasks() that draws a plan of
 them with unique prompts, dropping training tasks that touch a held-out key. The questions are
-worded from phrasings.py: held-out ("val") tasks only in phrasings that training never uses. The same tasks feed the
-pretraining text's worked lines (pretrain.py), SFT (sft.py), the reward pairs' wrong replies
-(reward.py) and RLVF (rlvf.py); chat_math_reply() writes data/chat.py's arithmetic replies.
+worded from phrasings.py: held-out ("val") tasks only in phrasings that training never uses. The
+same tasks feed the pretraining text's worked lines (pretrain.py), SFT (sft.py), the reward pairs'
+wrong replies (reward.py) and RLVF (rlvf.py); chat_math_reply() writes data/chat.py's arithmetic
+replies.
 
 Standard library only; deterministic given the random.Random passed in.
 """

@@ -19,8 +19,8 @@ so the figure measures the general mechanism, not a memorised template.
 
 The facts probe scores all 100 sums a + b (a, b = 0..9) in the worked replies' own format,
 "…先算个位，7 + 8 = 15", teacher-forced: a fact counts when every digit of its sum is the
-model's greedy prediction. Every two-digit addition a model solves is two such facts (plus
-copying), so this figure bounds what SFT and RLVF can reach on sums they never saw.
+model's greedy prediction. Every two-digit addition a model works is two such facts (plus
+copying), so this figure says how much of the table its worked sums can rely on.
 """
 from __future__ import annotations
 

@@ -88,17 +88,17 @@ def generate_all(seed=SEED, src_dir=DATA_DIR / "src", out_dir=DATA_DIR):
     spaces = build_key_spaces()
     # 1. Reserve the held-out keys before anything else is generated.
     held = reserve_held_out(spaces, source_keys(src), rng_for(seed, "held_out"))
-    held_all = banned_keys(held)
+    banned = banned_keys(held)
     pools = split_pools(spaces, held)
     # 2. Pretrain text, SFT, reward pairs, RLVF tasks; each part has its own random stream.
-    pre_train, pre_val, pre_drills = build_pretrain(rng_for(seed, "pretrain"), src["prose"], pools, held_all,
+    pre_train, pre_val, pre_drills = build_pretrain(rng_for(seed, "pretrain"), src["prose"], pools, banned,
                                                     rng_for(seed, "drills"))
-    sft_train, sft_val = build_sft(rng_for(seed, "sft"), src, pools, held_all)
-    reward = build_reward(rng_for(seed, "reward"), src["reward_hand"], sft_train, sft_val, held_all)
-    rlvf_train, rlvf_val = build_rlvf(rng_for(seed, "rlvf"), src["rlvf_seed"], pools, held_all)
+    sft_train, sft_val = build_sft(rng_for(seed, "sft"), src, pools, banned)
+    reward = build_reward(rng_for(seed, "reward"), src["reward_hand"], sft_train, sft_val, banned)
+    rlvf_train, rlvf_val = build_rlvf(rng_for(seed, "rlvf"), src["rlvf_seed"], pools, banned)
     # 2b. Everyday chat (data/chat.py) with its own streams, merged in last so the rest stays unchanged.
     chat = chat_data.build_chat(rng_for(seed, "chat"), Path(src_dir) / "chat", pools, chat_math_reply,
-                                clean=lambda q, a: not (touches(q + "\n" + a, held_all) or infer_arith_keys(q, a) & held_all))
+                                clean=lambda q, a: not (touches(q + "\n" + a, banned) or infer_arith_keys(q, a) & banned))
     mix = rng_for(seed, "chat_mix")
     pre_train = "\n".join(chat_data.insert_randomly(mix, pre_train.splitlines(), chat["pretrain_train"])) + "\n"
     pre_val = "\n".join(chat_data.insert_randomly(mix, pre_val.splitlines(), chat["pretrain_val"])) + "\n"
@@ -120,7 +120,7 @@ def generate_all(seed=SEED, src_dir=DATA_DIR / "src", out_dir=DATA_DIR):
         (out_dir / name).write_text(text, encoding="utf-8")
         n_items = text.count("\n") if name.endswith(".txt") else len(json.loads(text))
         summary.append((name, n_items, len(text)))
-    return {"held_out": held, "banned": held_all, "summary": summary}
+    return {"held_out": held, "banned": banned, "summary": summary}
 
 
 def main(argv=None):

@@ -43,24 +43,35 @@ def test_facts_probe_scores_every_digit_of_all_100_sums():
     assert len(sums) == 100
 
 
+class Oracle:
+    """Predicts every next character exactly (or, with wrong=True, never)."""
+    training = False
+
+    def __init__(self, vocab_size, wrong=False):
+        self.vocab_size, self.wrong = vocab_size, wrong
+
+    def eval(self): pass
+
+    def train(self, mode=True): pass
+
+    def __call__(self, x):
+        logits = np.zeros((*x.shape, self.vocab_size))
+        nxt = (x[:, 1:] + self.wrong) % self.vocab_size
+        logits[:, :-1][np.arange(x.shape[0])[:, None], np.arange(x.shape[1] - 1)[None], nxt] = 1.0
+        return type("T", (), {"data": logits})(), None
+
+
 def test_copy_probe_runs_and_perfect_copier_scores_one():
     tok = MyLLMTokenizer().build_vocab(["".join(PROBE_TEMPLATES) + "0123456789"])
     model = GPT(get_tiny_config(tok.vocab_size), seed=0)
     out = copy_probe(model, tok, n=8)
     assert 0.0 <= out["copy_acc"] <= 1.0 and len(out["by_template"]) == len(PROBE_TEMPLATES)
+    assert copy_probe(Oracle(tok.vocab_size), tok, n=8)["by_template"] == [1.0] * len(PROBE_TEMPLATES)
+    assert copy_probe(Oracle(tok.vocab_size, wrong=True), tok, n=8)["copy_acc"] == 0.0
 
-    class Oracle:                                          # predicts the next character exactly
-        training = False
 
-        def eval(self): pass
-
-        def train(self, mode=True): pass
-
-        def __call__(self, x):
-            logits = np.zeros((*x.shape, tok.vocab_size))
-            logits[:, :-1][np.arange(x.shape[0])[:, None], np.arange(x.shape[1] - 1)[None], x[:, 1:]] = 1.0
-            return type("T", (), {"data": logits})(), None
-
-    assert copy_probe(Oracle(), tok, n=8)["copy_acc"] == 1.0
+def test_facts_probe_runs_and_scores_an_oracle_one():
     tok = MyLLMTokenizer().build_vocab(["".join(t for t, _ in facts_strings())])
-    assert facts_probe(Oracle(), tok) == 1.0 and 0.0 <= facts_probe(GPT(get_tiny_config(tok.vocab_size)), tok) <= 1.0
+    assert 0.0 <= facts_probe(GPT(get_tiny_config(tok.vocab_size), seed=0), tok) <= 1.0
+    assert facts_probe(Oracle(tok.vocab_size), tok) == 1.0
+    assert facts_probe(Oracle(tok.vocab_size, wrong=True), tok) == 0.0

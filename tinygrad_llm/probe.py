@@ -50,28 +50,32 @@ def probe_strings(n: int, seed: int = 0, min_digits: int = 5, max_digits: int = 
     return out
 
 
-def copy_probe(model, tok, n: int = 96, seed: int = 0, batch: int = 32) -> dict:
-    """Accuracy of predicting digits 2..n of a just-read random digit string, in phrasings
-    training never used -> {"copy_acc": overall, "by_template": [acc per phrasing]}.
-    Greedy (argmax) predictions, dropout off, no graph."""
-    items = probe_strings(n, seed)
-    hits = np.zeros(len(PROBE_TEMPLATES))
-    total = np.zeros(len(PROBE_TEMPLATES))
+def scored_hits(model, tok, items, batch: int) -> list[np.ndarray]:
+    """For each (text, [character indices]) item, whether the model's greedy (argmax) prediction
+    of each scored character is right -> one bool array per item. Teacher-forced, right-padded
+    batches (positions start at 0), dropout off, no graph; character index == token index
+    (char-level tokenizer)."""
+    out = []
     with evaluating(model):
         for s in range(0, len(items), batch):
             chunk = items[s:s + batch]
             ids = [tok.encode(text, allow_special=False) for text, _ in chunk]
-            T = max(len(x) for x in ids)
-            x = np.zeros((len(ids), T), np.int64)             # right-padded: positions start at 0
+            x = np.zeros((len(ids), max(len(r) for r in ids)), np.int64)
             for b, row in enumerate(ids):
                 x[b, :len(row)] = row
             pred = model(x)[0].data.argmax(-1)                 # (B, T): prediction of token t + 1
-            for b, (_, scored) in enumerate(chunk):
-                j = (s + b) % len(PROBE_TEMPLATES)
-                for t in scored:                              # character index == token index (char-level)
-                    hits[j] += pred[b, t - 1] == ids[b][t]
-                    total[j] += 1
-    return {"copy_acc": float(hits.sum() / total.sum()), "by_template": (hits / total).tolist()}
+            out += [np.array([pred[b, t - 1] == ids[b][t] for t in scored]) for b, (_, scored) in enumerate(chunk)]
+    return out
+
+
+def copy_probe(model, tok, n: int = 96, seed: int = 0, batch: int = 32) -> dict:
+    """Accuracy of predicting digits 2..n of a just-read random digit string, in phrasings
+    training never used -> {"copy_acc": overall, "by_template": [acc per phrasing]}."""
+    hits = scored_hits(model, tok, probe_strings(n, seed), batch)
+    k = len(PROBE_TEMPLATES)                                   # item i uses phrasing i % k
+    right = [sum(h.sum() for h in hits[j::k]) for j in range(k)]
+    total = [sum(h.size for h in hits[j::k]) for j in range(k)]
+    return {"copy_acc": float(sum(right) / sum(total)), "by_template": [r / t for r, t in zip(right, total)]}
 
 
 def facts_strings(seed: int = 0):
@@ -89,16 +93,6 @@ def facts_strings(seed: int = 0):
 
 def facts_probe(model, tok, seed: int = 0, batch: int = 50) -> float:
     """Share of the 100 single-digit sums whose every digit the model predicts (greedy,
-    teacher-forced, dropout off, no graph)."""
-    items = facts_strings(seed)
-    right = 0
-    with evaluating(model):
-        for s in range(0, len(items), batch):
-            chunk = items[s:s + batch]
-            ids = [tok.encode(text, allow_special=False) for text, _ in chunk]
-            x = np.zeros((len(ids), max(len(r) for r in ids)), np.int64)
-            for b, row in enumerate(ids):
-                x[b, :len(row)] = row
-            pred = model(x)[0].data.argmax(-1)
-            right += sum(all(pred[b, t - 1] == ids[b][t] for t in scored) for b, (_, scored) in enumerate(chunk))
-    return right / len(items)
+    teacher-forced)."""
+    hits = scored_hits(model, tok, facts_strings(seed), batch)
+    return sum(bool(h.all()) for h in hits) / len(hits)

@@ -16,7 +16,10 @@ The copy probe's phrasings (tinygrad_llm/probe.py) are never used.
 Copying is not all a worked sum needs: single-digit facts (pretrain_drills.txt too, beside the
 copy spans) give the table every worked reply chains, "7 + 8 = 15；15 - 8 = 7；7 × 8 = 56；…", in
 the replies' own format (bench/math_steps.py: with too few of them the model restates "72 加 19"
-as 72 + 19 and then writes "2 + 9 = 10").
+as 72 + 19 and then writes "2 + 9 = 10"). Beside them, pretrain.py puts whole worked
+question-answer lines in that file (pretrain.worked_lines): a question in one of many phrasings,
+then the reply that restates it as its equation and walks the digits, so the copying a worked
+reply does is drilled where it is used (bench/README.md, "Worked lines in the drills").
 
 Standard library only; deterministic given the random.Random passed in.
 """

@@ -2,8 +2,9 @@
 
 The hand-written prose (every 20th paragraph of each file held out), interleaved with paragraphs of
 one-line facts on training keys ("十五加二十七等于四十二。"), worked question-answer lines from
-tasks.py, and data/drills.py's reading drills; the copy spans and single-digit facts go to a file
-of their own (pretrain_drills.txt, mixed into pretrain.drill_share of the batch rows).
+tasks.py, and data/drills.py's reading drills; the copy spans, single-digit facts and worked
+question-answer lines go to a file of their own (pretrain_drills.txt, mixed into
+pretrain.drill_share of the batch rows).
 
 Standard library only; deterministic given the random.Random passed in.
 """
@@ -27,6 +28,12 @@ COPY_CHARS = 200_000    # copy spans, pretrain_drills.txt (drills.copy_spans)
 # single-digit facts, pretrain_drills.txt too (drills.digit_facts): twice the copy spans, since the
 # sums probe was 37% at 200k (bench/README.md, "The digit facts, again")
 DIGIT_FACT_CHARS = 400_000
+# worked arithmetic, pretrain_drills.txt too (worked_lines): "问：<a training phrasing>答：<worked reply>"
+# on training keys, so the copying a worked reply does (operands out of the question, then each
+# digit out of the restated equation) is drilled with the facts in place
+WORKED_CHARS = 300_000
+WORKED_WEIGHTS = {"add": 3, "sub": 3, "word_add": 1, "word_sub": 1, "word_mul": 1, "mul": 1, "div": 1,
+                  "weekday": 1, "parity": 1, "compare": 1, "neighbor": 1}
 FACT_WEIGHTS = {"add": 5, "sub": 4, "mul": 3, "div": 2, "weekday": 2, "parity": 2, "compare": 2, "neighbor": 2}
 
 
@@ -86,6 +93,15 @@ def qa_lines(rng, pools, split, held_all, n):
     return [f"问：{t['prompt']}答：{t['_reply']}" for t in sample_tasks(rng, plan, pools, split, held_all, set())]
 
 
+def worked_lines(rng, pools, held_all, n_chars):
+    """Worked question-answer lines, "问：<question>答：<worked reply>", of the WORKED_WEIGHTS kinds
+    (training phrasings and keys, none touching a held-out key) until about n_chars."""
+    per_line = 75                                   # characters of an average line
+    total_w = sum(WORKED_WEIGHTS.values())
+    plan = {k: max(1, round(n_chars / per_line * w / total_w)) for k, w in WORKED_WEIGHTS.items()}
+    return [f"问：{t['prompt']}答：{t['_reply']}" for t in sample_tasks(rng, plan, pools, "train", held_all, set())]
+
+
 def build_pretrain(rng, prose, pools, held_all, drill_rng):
     """(train text, val text, copy spans): prose (every 20th paragraph of each file to val)
     interleaved with fact paragraphs, worked question-answer lines and reading drills; the copy
@@ -106,6 +122,10 @@ def build_pretrain(rng, prose, pools, held_all, drill_rng):
     spans = drills.copy_spans(drill_rng, alphabet, COPY_CHARS)
     spans += drills.digit_facts(drill_rng, DIGIT_FACT_CHARS, keep=lambda fact: not touches(fact, held_all))
     drill_rng.shuffle(spans)
+    if WORKED_CHARS:
+        worked_rng = random.Random(drill_rng.getrandbits(64))
+        for line in worked_lines(worked_rng, pools, held_all, WORKED_CHARS):
+            spans.insert(worked_rng.randrange(len(spans) + 1), line)
     val += val_facts + qa_lines(val_rng, pools, "val", held_all, PRETRAIN_QA["val"])
     rng.shuffle(train)
     val_rng.shuffle(val)

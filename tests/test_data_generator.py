@@ -536,3 +536,27 @@ def test_digit_facts_are_true_and_skip_what_keep_refuses():
         assert ops[op](int(a), int(b)) + (1 if carry else 0) == int(c), f
         assert int(a) <= 81 and (op != "-" or 0 <= int(c) <= 9) and "7 × 8" not in f
     assert {f.split(" ")[1] for f in facts} == {"+", "-", "×", "÷"}
+
+
+def test_worked_drills_are_right_and_in_training_phrasings(run):
+    """pretrain_drills.txt's worked question-answer lines: every kind of WORKED_WEIGHTS, each answer
+    right, each question in a training phrasing and never in a held-out one."""
+    out, _ = run
+    qa = [line[2:].rsplit("答：", 1) for line in load(out, "pretrain_drills.txt") if line.startswith("问：")]
+    assert sum(len(q) + len(a) + 4 for q, a in qa) >= 0.7 * data_pretrain.WORKED_CHARS
+    regex = {k: (phrasing_regex(k, "train"), phrasing_regex(k, "val")) for k in data_pretrain.WORKED_WEIGHTS}
+
+    def right(kind, q, a):
+        try:
+            ans = solve(kind, q)
+        except (AssertionError, TypeError, IndexError):    # the question is not of this kind
+            return False
+        return a.startswith("是的，" if ans == "是" else "不是，") if ans in ("是", "不是") else a.endswith(f"答案是{ans}。")
+
+    seen = Counter()
+    for q, a in qa:
+        # a few training phrasings of two kinds read alike ("63比42多几" is a sub and a compare form)
+        kinds = [k for k, (train, val) in regex.items() if train.fullmatch(q) and right(k, q, a)]
+        assert kinds and not any(regex[k][1].fullmatch(q) for k in kinds), (q, a)
+        seen[kinds[0]] += 1
+    assert set(seen) == set(data_pretrain.WORKED_WEIGHTS), seen

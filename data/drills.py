@@ -19,7 +19,8 @@ the replies' own format (bench/math_steps.py: with too few of them the model res
 as 72 + 19 and then writes "2 + 9 = 10"). Beside them, pretrain.py puts whole worked
 question-answer lines in that file (pretrain.worked_lines): a question in one of many phrasings,
 then the reply that restates it as its equation and walks the digits, so the copying a worked
-reply does is drilled where it is used (bench/README.md, "Worked lines in the drills").
+reply does is drilled where it is used (bench/README.md, "The budget, and worked lines in the
+drills").
 
 Standard library only; deterministic given the random.Random passed in.
 """

@@ -556,7 +556,7 @@ def test_worked_drills_are_right_and_in_training_phrasings(run):
     seen = Counter()
     for q, a in qa:
         # a few training phrasings of two kinds read alike ("63比42多几" is a sub and a compare form)
-        kinds = [k for k, (train, val) in regex.items() if train.fullmatch(q) and right(k, q, a)]
+        kinds = [k for k, (train, _) in regex.items() if train.fullmatch(q) and right(k, q, a)]
         assert kinds and not any(regex[k][1].fullmatch(q) for k in kinds), (q, a)
         seen[kinds[0]] += 1
     assert set(seen) == set(data_pretrain.WORKED_WEIGHTS), seen

@@ -25,7 +25,7 @@ from .common import Stage, load_resume, make_saver
 class PretrainConfig(LoopConfig):
     """What pretraining sets apart from LoopConfig's defaults."""
     max_steps: int = 900            # 600 left the sums table and copying half-formed: 900 steps (with SFT
-                                    # 2,200) took the held-out tasks 30% -> 62% (bench/README.md, "The budget")
+                                    # 2,200) took the held-out tasks 30% -> 62% (bench/README.md, "The budget, ...")
     lr: float = 2e-3
     warmup_steps: int = 60
     eval_batches: int = 16         # held-out batches per evaluation (the same windows every time)

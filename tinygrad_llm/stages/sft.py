@@ -30,7 +30,7 @@ from .task_eval import evaluate_tasks
 class SFTConfig(LoopConfig):
     max_steps: int = 2200            # ~3.3 passes over the 10,520 conversations; 1,000 steps left the model
                                     # underfit: chat 45% -> 57%, tasks 29% -> 37% at 1,400 (bench/README.md, SFT steps);
-                                    # length-grouped batches (group_by_length) pay for 1,800; "The budget" for 2,200
+                                    # length-grouped batches (group_by_length) pay for 1,800; "The budget, ..." for 2,200
     warmup_steps: int = 30
     eval_every: int = 200
     eval_prompts: int = 48          # held-out prompts answered (greedy) for the <|im_end|> rate

@@ -87,9 +87,8 @@ def fact_paragraphs(rng, pools, n_chars, banned):
     return paragraphs, sentences
 
 
-def qa_lines(rng, pools, split, held_all, n):
-    """n task lines per kind, "问：<prompt>答：<worked reply>", on the split's keys."""
-    plan = {kind: n for kind in MAKERS}
+def qa_lines(rng, pools, split, held_all, plan):
+    """plan[kind] task lines per kind, "问：<prompt>答：<worked reply>", on the split's keys."""
     return [f"问：{t['prompt']}答：{t['_reply']}" for t in sample_tasks(rng, plan, pools, split, held_all, set())]
 
 
@@ -98,8 +97,8 @@ def worked_lines(rng, pools, held_all, n_chars):
     (training phrasings and keys, none touching a held-out key) until about n_chars."""
     per_line = 75                                   # characters of an average line
     total_w = sum(WORKED_WEIGHTS.values())
-    plan = {k: max(1, round(n_chars / per_line * w / total_w)) for k, w in WORKED_WEIGHTS.items()}
-    return [f"问：{t['prompt']}答：{t['_reply']}" for t in sample_tasks(rng, plan, pools, "train", held_all, set())]
+    return qa_lines(rng, pools, "train", held_all,
+                    {k: max(1, round(n_chars / per_line * w / total_w)) for k, w in WORKED_WEIGHTS.items()})
 
 
 def build_pretrain(rng, prose, pools, held_all, drill_rng):
@@ -113,7 +112,7 @@ def build_pretrain(rng, prose, pools, held_all, drill_rng):
     val_rng = random.Random(rng.getrandbits(64))   # the val text does not move when training phrasings change
     val_facts, val_sentences = fact_paragraphs(rng, pools, FACT_CHARS["val"], banned=set())
     train_facts, _ = fact_paragraphs(rng, pools, FACT_CHARS["train"], banned=val_sentences)
-    train += train_facts + qa_lines(rng, pools, "train", held_all, PRETRAIN_QA["train"])
+    train += train_facts + qa_lines(rng, pools, "train", held_all, dict.fromkeys(MAKERS, PRETRAIN_QA["train"]))
     train_prose = [p for _, paragraphs in prose for i, p in enumerate(paragraphs) if i % PROSE_VAL_EVERY != PROSE_VAL_OFFSET]
     arith_keys = [k for kind in ("add", "sub", "mul", "div") for k in pools[kind]["train"]]
     train += drills.reading_drills(drill_rng, train_prose, arith_keys, PEOPLE + NAMES, DRILL_CHARS,
@@ -126,7 +125,7 @@ def build_pretrain(rng, prose, pools, held_all, drill_rng):
         worked_rng = random.Random(drill_rng.getrandbits(64))
         for line in worked_lines(worked_rng, pools, held_all, WORKED_CHARS):
             spans.insert(worked_rng.randrange(len(spans) + 1), line)
-    val += val_facts + qa_lines(val_rng, pools, "val", held_all, PRETRAIN_QA["val"])
+    val += val_facts + qa_lines(val_rng, pools, "val", held_all, dict.fromkeys(MAKERS, PRETRAIN_QA["val"]))
     rng.shuffle(train)
     val_rng.shuffle(val)
     return "\n".join(train) + "\n", "\n".join(val) + "\n", "\n".join(spans) + "\n"

@@ -34,8 +34,8 @@ class PretrainConfig(LoopConfig):
     # "Positions and copying": the spans form a copying head that works in unseen phrasings;
     # "What a worked sum needs": the facts are the table a worked sum chains). Optionally the
     # first copy_warmup_steps steps are small batches of copy spans alone (off: the head they
-    # form is lost once text comes in). Half the rows, with the facts two thirds of the drills: the
-    # sums probe ended at 26-87% in four runs (37% before), bench/README.md "The digit facts, again"
+    # form is lost once text comes in). Half the rows (the file also holds worked question-answer
+    # lines, data/pretrain.py): bench/README.md "The digit facts, again", "The budget, ..."
     copy_warmup_steps: int = 0
     copy_warmup_batch: int = 8
     copy_warmup_len: int = 128

@@ -48,8 +48,9 @@ def nums(text):
 # ----------------------------------------------------------------------------- independent solvers
 
 def parse_weekday(prompt):
-    """'今天是周X' and 明天/后天/昨天/前天 (either first) -> (day 0..6 with Monday 0, offset)."""
-    m = re.search(r"今天是(?:周|星期)(.)", prompt)
+    """Today's name (the one day named: 周X or 星期X, X not 几) and 明天/后天/昨天/前天 (either first)
+    -> (day 0..6 with Monday 0, offset)."""
+    m = re.search(r"(?:周|星期)([一二三四五六日天])", prompt)
     word = re.search(r"明天|后天|昨天|前天", prompt)[0]
     return (6 if m[1] in "日天" else "一二三四五六".index(m[1])), {"明天": 1, "后天": 2, "昨天": -1, "前天": -2}[word]
 
@@ -75,6 +76,11 @@ def solve_syllogism(prompt):
         frontier = {b for a in frontier for b in edges.get(a, ())} - cats
         cats |= frontier
     return "是" if target in cats else "不是"
+
+
+def neighbor_after(prompt):
+    """True if the number asked for comes after the one named: the first 前 / 后 after it."""
+    return re.search(r"\d+\D*?(前|后)", prompt)[1] == "后"
 
 
 def solve(kind, prompt):
@@ -104,11 +110,11 @@ def solve(kind, prompt):
         return "是" if (x > y) == (m[3] == "大") else "不是"
     if kind == "parity":
         p = "奇数" if n[0] % 2 else "偶数"
-        if "奇数" in prompt and "偶数" in prompt:   # "odd or even?"
+        if ("奇" in prompt and "偶" in prompt) or ("单数" in prompt and "双数" in prompt):   # "odd or even?"
             return p
         return "是" if re.search(r"奇数|偶数", prompt)[0] == p else "不是"
     if kind == "neighbor":
-        return str(n[0] + 1 if re.search(r"\d+的?后", prompt) else n[0] - 1)
+        return str(n[0] + 1 if neighbor_after(prompt) else n[0] - 1)
     raise AssertionError(kind)
 
 
@@ -123,7 +129,7 @@ def item_key(kind, prompt):
     if kind == "parity":
         return ("parity", n[0])
     if kind == "neighbor":
-        return ("neighbor", n[0] if re.search(r"\d+的?后", prompt) else n[0] - 1)
+        return ("neighbor", n[0] if neighbor_after(prompt) else n[0] - 1)
     if kind == "weekday":
         return ("weekday",) + parse_weekday(prompt)
     if kind == "syllogism":

@@ -8,6 +8,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cli_helpers import (ROOT, assert_one_line_error, inference_cmd, run, run_many, train_cmd, tree_digest,
@@ -42,6 +43,23 @@ def test_pretrain_sft_end_to_end(e2e):
     table = out[out.index("\nstage "):]                             # the summary table, after both stages
     assert "headline" in table and "checkpoint" in table
     assert "pretrain_final.safetensors" in table and "sft_final.safetensors" in table
+
+
+def test_sft_with_neftune_noise_trains_other_weights(e2e, tmp_path):
+    """--sft.neftune_alpha: the same SFT run with noise on the embeddings ends elsewhere than without."""
+    sft_args = [a for a in E2E_ARGS if not a.startswith(("--pretrain.", "pretrain,"))]
+    sft_args[sft_args.index("--stage") + 1] = "sft"
+    finals = {}
+    for name, extra in (("plain", ["--sft.neftune_alpha=0"]), ("noisy", ["--sft.neftune_alpha=5"])):
+        ck = tmp_path / name
+        ck.mkdir()
+        for f in ("pretrain_final.safetensors", "vocab.json"):
+            shutil.copy(e2e.ckpt / f, ck / f)
+        res = run(train_cmd(*sft_args, *extra, "--data-dir", e2e.data, "--ckpt-dir", ck, "--runs-dir", tmp_path / "runs",
+                            "--run-id", name))
+        assert res.returncode == 0, res.stderr
+        finals[name] = load_gpt(ck / "sft_final.safetensors")[0].state_dict()
+    assert any(not np.array_equal(finals["plain"][k], finals["noisy"][k]) for k in finals["plain"])
 
 
 # ----------------------------------------------------------------------------------------

@@ -112,6 +112,8 @@ def test_sft_group_by_length_must_be_positive():
     SFTConfig(group_by_length=1).validate()                    # 1: plain random batches
     with pytest.raises(ConfigError, match="group_by_length"):
         SFTConfig(group_by_length=0).validate()
+    with pytest.raises(ConfigError, match="neftune_alpha"):
+        SFTConfig(neftune_alpha=-1.0).validate()
 
 
 def test_pretrain_batch_windows():

@@ -100,6 +100,24 @@ def test_every_rope_smear_gpt_parameter_passes_gradcheck():
     assert not bad, bad
 
 
+def test_embedding_noise_is_a_constant_on_the_token_embeddings():
+    """NEFTune's noise (stages/sft.py): zero noise changes nothing, any other noise changes the
+    logits, it gets no gradient of its own, and every parameter's gradient stays right under it."""
+    m = GPT(dataclasses.replace(get_tiny_config(vocab_size=60), pos_emb="rope"), seed=3).to(np.float64)
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, 60, (2, 7))
+    with E.no_grad():
+        base = m(idx)[0].data
+        assert np.array_equal(m(idx, emb_noise=np.zeros((2, 7, 64)))[0].data, base)
+        noise = rng.uniform(-0.05, 0.05, (2, 7, 64))
+        assert not np.allclose(m(idx, emb_noise=noise)[0].data, base)
+    with pytest.raises(TypeError, match="dtype"):      # never a silent cast
+        m(idx, emb_noise=noise.astype(np.float32))
+    results = G.check_tiny_gpt(max_elems=4, pos_emb="rope", emb_noise=0.05)
+    bad = [r for r in results if not r.ok]
+    assert len(results) == 1 + 12 * get_tiny_config().n_layer + 2 and not bad, bad
+
+
 # -- positions: RoPE and smeared keys --------------------------------------------------------
 
 def _varied(cfg, seed=0):

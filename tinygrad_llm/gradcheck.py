@@ -239,9 +239,10 @@ def check_modules(seed: int = 0):
     return out
 
 
-def check_tiny_gpt(seed: int = 0, max_elems: int = 24, prefix: str = "gpt", **config):
+def check_tiny_gpt(seed: int = 0, max_elems: int = 24, prefix: str = "gpt", emb_noise: float = 0.0, **config):
     """Every parameter of a tiny GPT (float64, masked cross-entropy); config: GPTConfig
-    fields to change, e.g. pos_emb="rope", smear_keys=True. Names read `{prefix}.{parameter}`."""
+    fields to change, e.g. pos_emb="rope", smear_keys=True; emb_noise > 0: a fixed uniform
+    noise of that magnitude on the token embeddings (NEFTune). Names read `{prefix}.{parameter}`."""
     import dataclasses
 
     from .config import get_tiny_config
@@ -253,9 +254,10 @@ def check_tiny_gpt(seed: int = 0, max_elems: int = 24, prefix: str = "gpt", **co
     idx = rng.integers(0, cfg.vocab_size, (2, 9))
     targets = rng.integers(0, cfg.vocab_size, (2, 9))
     mask = (rng.random((2, 9)) > 0.3).astype(np.float64)
+    noise = rng.uniform(-emb_noise, emb_noise, (2, 9, cfg.n_embd)) if emb_noise else None
 
     def forward():
-        _, loss = model(idx, targets=targets, loss_mask=mask)
+        _, loss = model(idx, targets=targets, loss_mask=mask, emb_noise=noise)
         return loss
 
     return [CheckResult(f"{prefix}.{r.name}", r.shape, r.max_abs, r.max_rel)

@@ -98,8 +98,9 @@ class GPT(nn.Module):
         cos, sin = self._rope_tables[dtype]
         return nn.Positions(ids, cos[ids][:, None], sin[ids][:, None])
 
-    def hidden_states(self, idx, positions=None, cache=None) -> Tensor:
-        """idx int (B, T) -> final LayerNorm output (B, T, C)."""
+    def hidden_states(self, idx, positions=None, cache=None, emb_noise=None) -> Tensor:
+        """idx int (B, T) -> final LayerNorm output (B, T, C). emb_noise: an array (B, T, C) of the
+        model's dtype added to the token embeddings, a constant (NEFTune, stages/sft.py)."""
         idx = np.asarray(idx)
         if idx.ndim != 2:
             raise ValueError(f"idx must be (B, T) token ids, got shape {idx.shape}")
@@ -111,6 +112,8 @@ class GPT(nn.Module):
         pos = self.positions_for(positions, B, T)
         tr = self.transformer
         x = tr.wte(idx)                                                  # (B, T, C)
+        if emb_noise is not None:
+            x = x + emb_noise
         if tr.wpe is not None:
             x = x + tr.wpe(pos.ids)
         x = tr.drop(x)
@@ -118,10 +121,10 @@ class GPT(nn.Module):
             x = block(x, cache, i, pos)
         return tr.ln_f(x)
 
-    def __call__(self, idx, targets=None, loss_mask=None, positions=None, cache=None):
+    def __call__(self, idx, targets=None, loss_mask=None, positions=None, cache=None, emb_noise=None):
         """-> (logits (B, T, V), loss or None). loss: mean cross-entropy over positions with
-        loss_mask > 0 (all positions when loss_mask is None)."""
-        x = self.hidden_states(idx, positions, cache)
+        loss_mask > 0 (all positions when loss_mask is None). emb_noise: see hidden_states."""
+        x = self.hidden_states(idx, positions, cache, emb_noise)
         logits = E.linear(x, self.transformer.wte.weight)                 # (B, T, V), tied head
         loss = None
         if targets is not None:

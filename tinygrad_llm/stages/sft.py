@@ -39,11 +39,16 @@ class SFTConfig(LoopConfig):
     chat_eval_items: int = 0        # 0 = every item of the chat evaluation
     group_by_length: int = 8        # batches of similar length (length_grouped) from this many
                                     # batches' worth of examples; 1 = plain random batches
+    neftune_alpha: float = 2.0      # NEFTune (Jain et al. 2023): uniform noise of magnitude alpha / sqrt(T * C)
+                                    # on the token embeddings while training; 0 = off. 2: held-out chat
+                                    # up, tasks kept; 5 cost the tasks, 15 everything (bench/README.md, NEFTune)
 
     def validate(self, name: str = "sft"):
         super().validate(name)
         if self.group_by_length < 1:
             raise ConfigError(f"{name}: group_by_length must be >= 1 (1: plain random batches)")
+        if self.neftune_alpha < 0:
+            raise ConfigError(f"{name}: neftune_alpha must be >= 0 (0: off), got {self.neftune_alpha}")
 
 
 LORA_WRITES = "sft_lora"          # with --lora.r > 0: the adapter checkpoint, instead of sft_final
@@ -100,11 +105,18 @@ def run(ctx) -> dict:
             rows = length_grouped(rng, lengths, cfg.batch_size, cfg.group_by_length)
         else:
             rows = rng.integers(0, len(train_ex), cfg.batch_size)
-        return pad_batch([train_ex[i] for i in rows])
+        x, y, m = pad_batch([train_ex[i] for i in rows])
+        if not cfg.neftune_alpha:
+            return x, y, m
+        # NEFTune: the noise is drawn here, from the loop's RNG, so a resumed run draws the same
+        B, T = x.shape
+        C = model.config.n_embd
+        mag = cfg.neftune_alpha / np.sqrt(T * C)
+        return x, y, m, rng.uniform(-mag, mag, (B, T, C)).astype(model.dtype)
 
     def loss_fn(model, batch):
-        x, y, m = batch
-        return model(x, y, loss_mask=m)[1], {"tokens": x.size}
+        x, y, m, *noise = batch
+        return model(x, y, loss_mask=m, emb_noise=noise[0] if noise else None)[1], {"tokens": x.size}
 
     def shard(batch, rank, size):
         # the loss is a mean over assistant tokens: a rank's share is its rows' share of them

@@ -39,9 +39,10 @@ class SFTConfig(LoopConfig):
     chat_eval_items: int = 0        # 0 = every item of the chat evaluation
     group_by_length: int = 8        # batches of similar length (length_grouped) from this many
                                     # batches' worth of examples; 1 = plain random batches
-    neftune_alpha: float = 2.0      # NEFTune (Jain et al. 2023): uniform noise of magnitude alpha / sqrt(T * C)
-                                    # on the token embeddings while training; 0 = off. 2: held-out chat
-                                    # up, tasks kept; 5 cost the tasks, 15 everything (bench/README.md, NEFTune)
+    neftune_alpha: float = 2.0      # NEFTune (Jain et al. 2023): uniform noise of magnitude alpha / sqrt(L * C),
+                                    # L the batch's length, on the token embeddings while training; 0 = off.
+                                    # 2: held-out chat up, tasks kept; 5 cost the tasks, 15 everything
+                                    # (bench/README.md, "Phrasings round 4, and noise on the embeddings")
 
     def validate(self, name: str = "sft"):
         super().validate(name)
@@ -109,10 +110,10 @@ def run(ctx) -> dict:
         if not cfg.neftune_alpha:
             return x, y, m
         # NEFTune: the noise is drawn here, from the loop's RNG, so a resumed run draws the same
-        B, T = x.shape
+        B, L = x.shape                                      # L: this batch's padded length
         C = model.config.n_embd
-        mag = cfg.neftune_alpha / np.sqrt(T * C)
-        return x, y, m, rng.uniform(-mag, mag, (B, T, C)).astype(model.dtype)
+        mag = cfg.neftune_alpha / np.sqrt(L * C)
+        return x, y, m, rng.uniform(-mag, mag, (B, L, C)).astype(model.dtype)
 
     def loss_fn(model, batch):
         x, y, m, *noise = batch

@@ -262,6 +262,12 @@ def test_guard_verdicts(tiny):
     assert g2.check(1, 1)["verdict"] == "hacking" and not g2.stop
 
 
+def test_guard_tie_needs_the_reward_model_too(tiny):
+    """The same acceptable share with fewer refusals is a new best only if the RM scores it no lower."""
+    g = _scripted_guard(tiny, [(0.5, 0.10, 0.0, 0.3), (0.5, 0.05, 0.0, 0.2), (0.5, 0.05, 0.0, 0.4)])
+    assert [g.check(ep, ep)["verdict"] for ep in range(3)] == ["best", "ok", "best"] and g.best_episode == 2
+
+
 def _rlhf_ctx(tmp_path):
     import types
     from tinygrad_llm.loop import RunLogger

@@ -82,11 +82,14 @@ class ChatGuard:
 
     def better(self, res: dict) -> bool:
         """At least as good as the best: a higher acceptable share, or the same with no more
-        refusals + loops (so small slides within the margins cannot ratchet the best down)."""
+        refusals + loops (so small slides within the margins cannot ratchet the best down) and
+        no lower RM score (a tie that the reward model likes less is no sign that PPO helped:
+        seed 2 of bench/README.md's "Phrasings round 4" tied on the dev half and lost 8 points
+        on the test half)."""
         b = self.best
         if res["acceptable"] != b["acceptable"]:
             return res["acceptable"] > b["acceptable"]
-        return res["refusal"] + res["loop"] <= b["refusal"] + b["loop"]
+        return res["refusal"] + res["loop"] <= b["refusal"] + b["loop"] and res["rm_score"] >= b["rm_score"]
 
     def check(self, step: int, episode: int, **beside) -> dict:
         """Evaluate now, log chat_* (and `beside`, e.g. the rollout's RM score and KL) to

@@ -354,7 +354,10 @@ def run(ctx) -> dict:
     chat_after = None
     if guard and not guard.reason:                                 # (stopped early: best weights already back)
         last = guard.check(len(history), trainer.episode)
-        if c.chat_guard and last["verdict"] in ("worse", "hacking"):
+        # worse or hacking: back to the best; with no margins (the default) anything but a new best
+        keep_best = last["verdict"] != "best" if not (c.chat_guard_drop or c.chat_guard_rise) else \
+            last["verdict"] in ("worse", "hacking")
+        if c.chat_guard and keep_best:
             guard.restore(f"the final weights chat worse than the best ({last['why']})")
             ctx.logger.log("rlhf", len(history), chat_guard=guard.reason)
             save_final("final", len(history), None, None)

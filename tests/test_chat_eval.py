@@ -291,6 +291,23 @@ def _rlhf_ctx(tmp_path):
     return ctx
 
 
+def test_rlhf_stage_keeps_the_sft_weights_on_a_tie_the_rm_likes_less(tmp_path, monkeypatch):
+    """Default margins (0): PPO's weights that chat no better on the dev half are given back."""
+    from tinygrad_llm.stages import chat_guard
+    from tinygrad_llm.stages.rlhf import run
+    ctx = _rlhf_ctx(tmp_path)
+    script = iter([(0.5, 0.1, 0.0, 0.3), (0.5, 0.1, 0.0, 0.2), (0.5, 0.1, 0.0, 0.1)])   # before, episode 1, end
+
+    def fake(self):
+        a, r, l, sc = next(script)
+        return {"acceptable": a, "refusal": r, "loop": l, "rm_score": sc, "answers": a, "closed": 1.0,
+                "harmful_refusal": 1.0, "by_category": {}, "replies": []}
+    monkeypatch.setattr(chat_guard.ChatGuard, "evaluate", fake)
+    out = run(ctx)
+    assert "no better than the best (acceptable 50% -> 50%, RM score +0.30 -> +0.10)" in out["chat_guard"]
+    assert out["chat_guard"].endswith("rolled back to episode 0") and out["chat_best_episode"] == 0
+
+
 def test_rlhf_stage_reports_chat_and_logs_it(tmp_path):
     from tinygrad_llm.stages.rlhf import run
     ctx = _rlhf_ctx(tmp_path)

@@ -358,7 +358,10 @@ def run(ctx) -> dict:
         keep_best = last["verdict"] != "best" if not (c.chat_guard_drop or c.chat_guard_rise) else \
             last["verdict"] in ("worse", "hacking")
         if c.chat_guard and keep_best:
-            guard.restore(f"the final weights chat worse than the best ({last['why']})")
+            b = guard.best
+            why = last["why"] or (f"acceptable {b['acceptable']:.0%} -> {last['acceptable']:.0%}, RM score "
+                                  f"{b['rm_score']:+.2f} -> {last['rm_score']:+.2f}")
+            guard.restore(f"the final weights chat {'worse than' if last['why'] else 'no better than'} the best ({why})")
             ctx.logger.log("rlhf", len(history), chat_guard=guard.reason)
             save_final("final", len(history), None, None)
     if guard:

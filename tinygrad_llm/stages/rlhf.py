@@ -27,7 +27,9 @@ Watched for reward hacking (chat_guard.ChatGuard, when the data holds chat_eval.
 chat_eval_every episodes, greedy replies to held-out everyday prompts are judged
 (chat_eval.py); if the acceptable share falls more than chat_guard_drop below the best so far,
 or the refusal / loop share rises more than chat_guard_rise, while the reward model scores
-those replies higher, training stops and the best weights are kept.
+those replies higher, training stops and the best weights are kept. At the end the final weights
+are judged once more; with both margins 0 (the default) the stage keeps the best dev weights,
+which are the SFT model's unless PPO chatted better (a tie counts only if the RM scores it no lower).
 
 The minibatch steps run in the one training loop (loop.train): get_batch() pops the next
 minibatch and makes a new rollout whenever the episode's minibatches are used up.

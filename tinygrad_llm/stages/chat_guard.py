@@ -116,6 +116,18 @@ class ChatGuard:
                             chat_verdict=verdict, chat_why=res["why"], **chat_eval.flat(res), **beside)
         return res
 
+    def settle(self, last: dict) -> str:
+        """After the last check: why the final weights give way to the best ("" = keep them).
+        Worse or hacking always; with no margins (drop = rise = 0) anything but a new best."""
+        if not self.enabled or last["verdict"] == "best" or \
+                ((self.drop or self.rise) and last["verdict"] not in ("worse", "hacking")):
+            return ""
+        b = self.best
+        if last["why"]:
+            return f"the final weights chat worse than the best ({last['why']})"
+        return (f"the final weights chat no better than the best (acceptable {b['acceptable']:.0%} -> "
+                f"{last['acceptable']:.0%}, RM score {b['rm_score']:+.2f} -> {last['rm_score']:+.2f})")
+
     @property
     def stop(self) -> bool:
         return self.enabled and bool(self.history) and self.history[-1]["verdict"] == "hacking"

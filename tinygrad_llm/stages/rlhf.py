@@ -27,9 +27,7 @@ Watched for reward hacking (chat_guard.ChatGuard, when the data holds chat_eval.
 chat_eval_every episodes, greedy replies to held-out everyday prompts are judged
 (chat_eval.py); if the acceptable share falls more than chat_guard_drop below the best so far,
 or the refusal / loop share rises more than chat_guard_rise, while the reward model scores
-those replies higher, training stops and the best weights are kept. At the end the final weights
-are judged once more; with both margins 0 (the default) the stage keeps the best dev weights,
-which are the SFT model's unless PPO chatted better (a tie counts only if the RM scores it no lower).
+those replies higher, training stops and the best weights are kept; at the end, ChatGuard.settle.
 
 The minibatch steps run in the one training loop (loop.train): get_batch() pops the next
 minibatch and makes a new rollout whenever the episode's minibatches are used up.
@@ -355,15 +353,9 @@ def run(ctx) -> dict:
     train_time = time.perf_counter() - tt
     chat_after = None
     if guard and not guard.reason:                                 # (stopped early: best weights already back)
-        last = guard.check(len(history), trainer.episode)
-        # worse or hacking: back to the best; with no margins (the default) anything but a new best
-        keep_best = last["verdict"] != "best" if not (c.chat_guard_drop or c.chat_guard_rise) else \
-            last["verdict"] in ("worse", "hacking")
-        if c.chat_guard and keep_best:
-            b = guard.best
-            why = last["why"] or (f"acceptable {b['acceptable']:.0%} -> {last['acceptable']:.0%}, RM score "
-                                  f"{b['rm_score']:+.2f} -> {last['rm_score']:+.2f}")
-            guard.restore(f"the final weights chat {'worse than' if last['why'] else 'no better than'} the best ({why})")
+        reason = guard.settle(guard.check(len(history), trainer.episode))
+        if reason:
+            guard.restore(reason)
             ctx.logger.log("rlhf", len(history), chat_guard=guard.reason)
             save_final("final", len(history), None, None)
     if guard:

@@ -7,6 +7,11 @@ at one token per row each op is so small that creating its Tensor costs about as
 op. Attention over the cache is one kernel per layer (kernels.decode_attention) where
 KVCache.attend makes a dozen NumPy calls. Models with LoRA adapters take the Tensor path
 (`fast_decoding_supported`).
+
+A batch of one sequence (chat, the server) goes further: the whole step is one kernel call
+(kernels.decode_token) over the weights packed once per generate() call (`pack_weights`:
+stacked per layer, transposed so each vector-matrix product streams its weights once), with
+no NumPy call per layer at all.
 """
 from __future__ import annotations
 
@@ -38,10 +43,35 @@ def _layer_norm(x, ln: nn.LayerNorm):
     return K.layernorm_fwd(x, ln.weight.data, ln.bias.data, ln.eps)[0]
 
 
-def decode_step(model, tok, positions, cache) -> np.ndarray:
+def pack_weights(model) -> K.DecodeWeights:
+    """The model's weights as kernels.decode_token reads them (a copy: ~the model's size)."""
+    h, C = model.transformer.h, model.config.n_embd
+    dt = model.transformer.wte.weight.data.dtype
+
+    def stack(f):
+        return np.ascontiguousarray(np.stack([f(b) for b in h]))
+
+    def bias(lin):
+        return np.zeros(lin.weight.shape[0], dt) if lin.bias is None else lin.bias.data
+
+    smear = h[0].attn.smear is not None
+    return K.DecodeWeights(
+        ln=stack(lambda b: np.stack([b.ln_1.weight.data, b.ln_1.bias.data, b.ln_2.weight.data, b.ln_2.bias.data])),
+        wa=stack(lambda b: b.attn.c_attn.weight.data.T), ba=stack(lambda b: bias(b.attn.c_attn)),
+        wp=stack(lambda b: b.attn.c_proj.weight.data.T), bp=stack(lambda b: bias(b.attn.c_proj)),
+        wf=stack(lambda b: b.mlp.c_fc.weight.data.T), bf=stack(lambda b: bias(b.mlp.c_fc)),
+        wm=stack(lambda b: b.mlp.c_proj.weight.data.T), bm=stack(lambda b: bias(b.mlp.c_proj)),
+        lnf=np.stack([model.transformer.ln_f.weight.data, model.transformer.ln_f.bias.data]),
+        wte_t=np.ascontiguousarray(model.transformer.wte.weight.data.T),
+        gate=stack(lambda b: sigmoid_array(b.attn.smear.data)) if smear else np.zeros((len(h), model.config.n_head), dt),
+        eps=h[0].ln_1.eps)
+
+
+def decode_step(model, tok, positions, cache, packed: K.DecodeWeights | None = None) -> np.ndarray:
     """tok (B,) int: each row's newest token; positions (B,) int: its position (0 at the row's
     first real token) -> logits (B, V). Writes the token's keys and values at cache.length in
-    every layer; the caller marks the position valid (cache.add_valid) and advances the cache."""
+    every layer; the caller marks the position valid (cache.add_valid) and advances the cache.
+    packed (pack_weights(model), batch 1 only): the whole step in one kernel call."""
     cfg = model.config
     tr = model.transformer
     B = len(tok)
@@ -53,6 +83,9 @@ def decode_step(model, tok, positions, cache) -> np.ndarray:
         pos = model.positions_for(positions[:, None], B, 1)             # cos, sin (B, 1, 1, hs)
         cos, sin = pos.cos.reshape(B, -1), pos.sin.reshape(B, -1)
     mix = positions != 0                                                 # smeared keys: not at position 0
+    if packed is not None and B == 1:
+        return K.decode_token(x, cache.length, cos, sin, mix, packed, cache.k, cache.kT, cache.v,
+                              cache.k_last, cache.key_valid)
     for i, block in enumerate(tr.h):
         attn = block.attn
         qkv = _linear(_layer_norm(x, block.ln_1), attn.c_attn)           # (B, 3C)

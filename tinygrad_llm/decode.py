@@ -26,6 +26,8 @@ from .runtime import mm
 # False sends every step through the model's Tensor forward, the path this one must equal
 # (bench/generate.py compares the two; tests/test_model.py checks they choose the same tokens)
 ENABLED = True
+# False: a batch of one decodes layer by layer too (bench/generate.py compares the two)
+FUSE_BATCH1 = True
 
 
 def fast_decoding_supported(model) -> bool:
@@ -41,6 +43,11 @@ def _linear(x, lin: nn.Linear):
 
 def _layer_norm(x, ln: nn.LayerNorm):
     return K.layernorm_fwd(x, ln.weight.data, ln.bias.data, ln.eps)[0]
+
+
+def packed_for(model, B: int) -> K.DecodeWeights | None:
+    """pack_weights(model) when a batch of B = 1 decodes through kernels.decode_token, else None."""
+    return pack_weights(model) if FUSE_BATCH1 and B == 1 and fast_decoding_supported(model) else None
 
 
 def pack_weights(model) -> K.DecodeWeights:

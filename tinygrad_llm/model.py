@@ -38,7 +38,7 @@ from . import engine as E
 from . import kernels as K
 from . import nn
 from .config import GPTConfig
-from .decode import decode_step, fast_decoding_supported, pack_weights
+from .decode import decode_step, fast_decoding_supported, packed_for
 from .engine import Tensor
 from .runtime import bmm, single_thread
 from .tokenizer import EOS_ID, IM_END_ID, PAD_ID
@@ -188,7 +188,7 @@ class GPT(nn.Module):
                 positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)    # first real token at 0
                 step_idx, n_real = idx, valid.sum(1)
                 fast = fast_decoding_supported(self)                       # one token a row: arrays only
-                packed = pack_weights(self) if fast and B == 1 and max_new_tokens > 1 else None
+                packed = packed_for(self, B) if max_new_tokens > 1 else None     # batch 1: one kernel a step
                 for t in range(max_new_tokens):
                     cache.add_valid(valid if t == 0 else np.ones((B, 1), bool))
                     if t > 0 and fast:

@@ -40,7 +40,7 @@ from .attn_softmax import (attn_softmax_bwd, attn_softmax_bwd_nb, attn_softmax_b
                            attn_softmax_fwd_nb, attn_softmax_fwd_ref)
 from .backend import BACKENDS, DEFAULT_BACKEND, KERNELS, get_kernel_backend, set_kernel_backend, use_numba
 from .decode import (DecodeWeights, decode_attention, decode_attention_nb, decode_attention_ref, decode_token,
-                     decode_token_nb, decode_token_ref)
+                     decode_token_nb, decode_token_ref, transpose_into)
 from .crossentropy import ce_bwd, ce_bwd_nb, ce_bwd_ref, ce_fwd, ce_fwd_nb, ce_fwd_ref
 from .dropout import dropout_bwd, dropout_bwd_nb, dropout_bwd_ref, dropout_fwd, dropout_fwd_nb, dropout_fwd_ref
 from .embedding import embedding_bwd, embedding_bwd_nb, embedding_bwd_ref

@@ -172,6 +172,19 @@ class DecodeWeights(NamedTuple):
     eps: float
 
 
+@njit(cache=True, error_model="numpy")
+def transpose_into(a, out):
+    """a (n, m) -> out (m, n) = a.T, in 16 x 16 tiles (one pass over each cache line of both):
+    DecodeWeights' (in, out) matrices, 5x faster than np.ascontiguousarray(a.T) for the
+    (6400, 256) lm_head, which NumPy copies column by column (6 ms a generate() call)."""
+    n, m = a.shape
+    for i0 in range(0, n, 16):
+        for j0 in range(0, m, 16):
+            for j in range(j0, min(j0 + 16, m)):
+                for i in range(i0, min(i0 + 16, n)):
+                    out[j, i] = a[i, j]
+
+
 def decode_token_ref(x, L0, cos, sin, mix, w: DecodeWeights, kc, kT, vc, k_last, key_valid):
     """One new token of one sequence through every layer and the lm_head. x (1, C): its
     embedding (plus wpe); L0: its cache position; cos, sin (1, hs) or None (RoPE); mix (1,) bool:

@@ -103,6 +103,14 @@ def build_cases(K, np):
                lambda: K.rope_split_ref(qkv3, NH, cos_r, sin_r)),
               ("rope", "bwd", f"(3, {B}, {NH}, {T}, {HS})", lambda: K.rope_merge_nb(dheads, cos_r, sin_r),
                lambda: K.rope_merge_ref(dheads, cos_r, sin_r))]
+    # smeared keys on c_attn's output (8, 256, 768), forward and backward
+    gate_s, mix_s = np.full(NH, 0.05, f32), np.ones((1, T), bool)
+    _, diff_s = K.smear_fwd_ref(qkv3, gate_s, mix_s)
+    dqkv3 = randn(B, T, 3 * C)
+    cases += [("smear", "fwd", f"({B}, {T}, {3 * C})", lambda: K.smear_fwd_nb(qkv3, gate_s, mix_s),
+               lambda: K.smear_fwd_ref(qkv3, gate_s, mix_s)),
+              ("smear", "bwd", f"({B}, {T}, {3 * C})", lambda: K.smear_bwd_nb(dqkv3, diff_s, gate_s, mix_s),
+               lambda: K.smear_bwd_ref(dqkv3, diff_s, gate_s, mix_s))]
     # one decode step's attention, batch 16, 128 cached positions of a 256-slot cache, RoPE
     Bd, L0 = 16, 128
     qkv1 = randn(Bd, 3 * C)
@@ -196,6 +204,9 @@ def compile_child():
         "embedding_bwd": lambda: K.embedding_bwd_nb(t, x, 8),
         "adamw": lambda: K.adamw_update_nb(x.copy(), x, x.copy(), x * x, 1e-3, 0.9, 0.95, 1e-8, 0.1, 1),
         "rope_split": lambda: K.rope_split_nb(np.ones((1, 4, 24), f32), 2, np.ones((1, 4, 4), f32), np.ones((1, 4, 4), f32)),
+        "smear_fwd": lambda: K.smear_fwd_nb(np.ones((1, 4, 12), f32), np.ones(2, f32), np.ones((1, 4), bool)),
+        "smear_bwd": lambda: K.smear_bwd_nb(np.ones((1, 4, 12), f32), np.ones((1, 4, 4), f32), np.ones(2, f32),
+                                            np.ones((1, 4), bool)),
         "rope_merge": lambda: K.rope_merge_nb(np.ones((3, 1, 2, 4, 4), f32), np.ones((1, 4, 4), f32), np.ones((1, 4, 4), f32)),
         "attention_fwd": lambda: K.attention_fwd_nb(att, att, att, 0.5),
         "attention_bwd": lambda: K.attention_bwd_nb(att, att, att, att, att[..., 0], 0.5),

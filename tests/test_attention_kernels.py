@@ -96,3 +96,25 @@ def test_rope_split_and_merge(dtype, B, T, NH, hs, per_row, seed):
     assert heads.dtype == dqkv.dtype == dtype
     lhs, rhs = float((heads.astype(np.float64) * g).sum()), float((qkv.astype(np.float64) * dqkv).sum())
     assert abs(lhs - rhs) <= 1e-4 * (1 + abs(lhs))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@FEW
+@given(B=st.integers(1, 3), T=st.integers(1, 12), NH=st.integers(1, 3), hs=st.sampled_from([1, 2, 4]),
+       per_row=st.booleans(), seed=seeds)
+def test_smear_fwd_and_bwd(dtype, B, T, NH, hs, per_row, seed):
+    """Smeared keys, forward and backward, against the reference: y, diff and dqkv bit-identical
+    (the same operations in the same order), the gate's gradient to rounding (float64 sums in
+    another order); mix per row (left padding) or shared (B|1, T)."""
+    rng = np.random.default_rng(seed)
+    qkv, dout = randn(rng, (B, T, 3 * NH * hs), dtype), randn(rng, (B, T, 3 * NH * hs), dtype)
+    gate = rng.random(NH).astype(dtype)
+    mix = rng.random((B if per_row else 1, T)) < 0.7
+    y, diff = K.smear_fwd_nb(qkv, gate, mix)
+    y_ref, diff_ref = K.smear_fwd_ref(qkv, gate, mix)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(diff, diff_ref)
+    d, dgate = K.smear_bwd_nb(dout, diff, gate, mix)
+    d_ref, dgate_ref = K.smear_bwd_ref(dout, diff_ref, gate, mix)
+    np.testing.assert_array_equal(d, d_ref)
+    close(dgate, dgate_ref, dtype, atol_scale=4)

@@ -148,31 +148,16 @@ def smear_keys(qkv: Tensor, alpha: Tensor, n_head: int, mix) -> Tensor:
     """Smeared keys (Olsson et al. 2022): qkv (B, T, 3C) -> qkv with every key replaced by
     k_t + sigmoid(alpha_h) * (k_{t-1} - k_t) where mix (B|1, T) is True (each row's first real
     token, position 0, has none to mix with; t = 0 never mixes). q and v pass unchanged.
-    alpha (NH,) is a learned per-head gate."""
-    B, T, C3 = qkv.shape
-    hs = C3 // 3 // n_head
-    gate = sigmoid_array(alpha.data)                                       # (NH,)
-    w = _smear_weight(mix, gate, True, qkv.dtype)                     # (B|1, T, NH, 1)
-    x = qkv.data.reshape(B, T, 3, n_head, hs)
-    k = x[:, :, 1]                                                    # (B, T, NH, hs)
-    prev = np.zeros_like(k)
-    prev[:, 1:] = k[:, :-1]
-    diff = prev - k
-    y = x.copy()
-    y[:, :, 1] = k + w * diff
-    out = op_output(y.reshape(B, T, C3), (qkv, alpha))
+    alpha (NH,) is a learned per-head gate. One kernel pass each way (kernels/smear.py)."""
+    gate = sigmoid_array(alpha.data)                                   # (NH,)
+    y, diff = K.smear_fwd(qkv.data, gate, mix)
+    out = op_output(y, (qkv, alpha))
     if out.requires_grad:
         def _backward(dout):
-            dk_out = dout.reshape(B, T, 3, n_head, hs)[:, :, 1]      # d/d(smeared k)
+            dqkv, dgate = K.smear_bwd(dout, diff, gate, mix)
             if qkv.requires_grad:
-                d = dout.reshape(B, T, 3, n_head, hs).copy()
-                wd = w * dk_out
-                d[:, :, 1] = dk_out - wd                              # through k_t's own weight (1 - w_t)
-                d[:, :-1, 1] += wd[:, 1:]                             # through being k_{t+1}'s previous key
-                qkv._accumulate(d.reshape(B, T, C3))
+                qkv._accumulate(dqkv)
             if alpha.requires_grad:
-                m = _smear_weight(mix, np.ones_like(gate), True, qkv.dtype)   # 1 where it mixed
-                dgate = (dk_out * diff * m).sum(axis=(0, 1, 3))       # (NH,)
                 alpha._accumulate(dgate * gate * (1 - gate))
         out._backward = _backward
     return out

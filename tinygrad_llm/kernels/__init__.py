@@ -7,6 +7,7 @@ a Numba kernel, in llm.c's order inside every file: reference, Numba kernel, dis
     attention.py     fused causal attention forward / backward (no (T, T) matrix kept)
     decode.py        one new token's attention over the KV cache (generation)
     rope.py          the head split with RoPE on q, k, and its backward (one pass each)
+    smear.py         smeared keys: each key mixed with the previous token's, and the backward
     gelu.py          GELU (tanh approximation)
     dropout.py       dropout masks from a counter-based hash
     softmax.py       softmax over the last axis
@@ -47,4 +48,5 @@ from .gelu import GELU_A, GELU_K, gelu_bwd, gelu_bwd_nb, gelu_bwd_ref, gelu_fwd,
 from .layernorm import (layernorm_bwd, layernorm_bwd_nb, layernorm_bwd_ref, layernorm_fwd, layernorm_fwd_nb,
                         layernorm_fwd_ref)
 from .rope import rope_merge, rope_merge_nb, rope_merge_ref, rope_split, rope_split_nb, rope_split_ref
+from .smear import smear_bwd, smear_bwd_nb, smear_bwd_ref, smear_fwd, smear_fwd_nb, smear_fwd_ref, smear_weight
 from .softmax import softmax_bwd, softmax_bwd_nb, softmax_bwd_ref, softmax_fwd, softmax_fwd_nb, softmax_fwd_ref

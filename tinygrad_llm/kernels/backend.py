@@ -11,7 +11,8 @@ reference stays on "numpy" (STYLE.md: a kernel earns its place).
 import os
 
 # the families, in llm.c's order (forward pass, loss, optimizer)
-KERNELS = ("embedding", "layernorm", "attn_softmax", "attention", "decode", "rope", "gelu", "dropout", "softmax", "ce", "adamw")
+KERNELS = ("embedding", "layernorm", "attn_softmax", "attention", "decode", "rope", "smear", "gelu", "dropout", "softmax",
+           "ce", "adamw")
 BACKENDS = ("numba", "numpy")
 
 # Filled from bench/kernels.py at the mini shapes (runs/bench/kernels*.json): every kernel won.

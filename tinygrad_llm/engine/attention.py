@@ -131,16 +131,8 @@ def smear_keys_array(k: np.ndarray, k_before: np.ndarray | None, gate: np.ndarra
     prev = np.empty_like(k)
     prev[:, 1:] = k[:, :-1]
     prev[:, 0] = 0 if k_before is None else k_before
-    w = _smear_weight(mix, gate, k_before is None, k.dtype)
+    w = K.smear_weight(mix, gate, k.dtype, first_has_no_prev=k_before is None)
     return k + w * (prev - k)
-
-
-def _smear_weight(mix, gate, first_has_no_prev: bool, dtype) -> np.ndarray:
-    """(B|1, T, NH, 1): the mixing weight gate_h where a token mixes with its previous key, else 0."""
-    mix = np.array(mix, dtype=bool, ndmin=2)
-    if first_has_no_prev:
-        mix[:, 0] = False
-    return (mix[:, :, None, None] * gate[:, None]).astype(dtype, copy=False)
 
 
 @op

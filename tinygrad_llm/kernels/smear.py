@@ -14,11 +14,13 @@ from .backend import use_numba
 # reference: plain NumPy
 
 
-def smear_weight(mix, gate, dtype):
-    """mix (B|1, T) bool, gate (NH,) -> (B|1, T, NH, 1): gate_h where a token mixes, else 0
-    (t = 0 never mixes: it has no previous key)."""
+def smear_weight(mix, gate, dtype, first_has_no_prev=True):
+    """mix (B|1, T) bool, gate (NH,) -> (B|1, T, NH, 1): gate_h where a token mixes, else 0.
+    t = 0 never mixes unless its previous key comes from elsewhere (first_has_no_prev False:
+    the KV cache's last key, engine.smear_keys_array)."""
     mix = np.array(mix, dtype=bool, ndmin=2)
-    mix[:, 0] = False
+    if first_has_no_prev:
+        mix[:, 0] = False
     return (mix[:, :, None, None] * gate[:, None]).astype(dtype, copy=False)
 
 

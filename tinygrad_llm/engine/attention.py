@@ -141,6 +141,8 @@ def smear_keys(qkv: Tensor, alpha: Tensor, n_head: int, mix) -> Tensor:
     k_t + sigmoid(alpha_h) * (k_{t-1} - k_t) where mix (B|1, T) is True (each row's first real
     token, position 0, has none to mix with; t = 0 never mixes). q and v pass unchanged.
     alpha (NH,) is a learned per-head gate. One kernel pass each way (kernels/smear.py)."""
+    if alpha.shape != (n_head,) or qkv.shape[-1] % (3 * n_head):
+        raise ValueError(f"smear_keys: alpha {alpha.shape} and qkv {qkv.shape} do not fit {n_head} heads")
     gate = sigmoid_array(alpha.data)                                   # (NH,)
     y, diff = K.smear_fwd(qkv.data, gate, mix)
     out = op_output(y, (qkv, alpha))

@@ -22,6 +22,7 @@ Every table names the BLAS, its kernel and the thread counts. Writes runs/bench/
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import common as C
@@ -38,6 +39,7 @@ def parse_args():
     ap.add_argument("--shapes", default=",".join(f"{B}x{T}" for B, T in SHAPES), help="B x T list, e.g. 8x256,16x256")
     ap.add_argument("--kernels", default="default",
                     help="';'-separated kernel choices to compare, each 'default' or family=backend pairs")
+    ap.add_argument("--smear-keys", action="store_true", help="the model with smeared keys (GPTConfig.smear_keys)")
     ap.add_argument("--quick", action="store_true", help="3 repeats, 2 profiled steps")
     args = ap.parse_args()
     args.threads = [int(t) for t in args.threads.split(",")]
@@ -67,12 +69,12 @@ def op_flops(cfg, B: int, T: int) -> dict:
 class Trainer:
     """One model + AdamW; step(B, T) runs a full training step on a fixed random batch."""
 
-    def __init__(self, vocab_size=6400, seed=0, shapes=SHAPES):
+    def __init__(self, vocab_size=6400, seed=0, shapes=SHAPES, smear_keys=False):
         import numpy as np
         from tinygrad_llm.config import get_mini_config
         from tinygrad_llm.model import GPT
         from tinygrad_llm.optim import AdamW
-        self.cfg = get_mini_config(vocab_size=vocab_size)
+        self.cfg = dataclasses.replace(get_mini_config(vocab_size=vocab_size), smear_keys=smear_keys)
         self.model = GPT(self.cfg, seed=seed).train()
         self.params = self.model.parameters()
         self.opt = AdamW(self.model.named_parameters(), lr=3e-4, weight_decay=0.1)
@@ -143,7 +145,7 @@ def main():
     args = parse_args()
     C.setup_threads(max(args.threads))
     from tinygrad_llm import kernels as K
-    tr = Trainer(shapes=sorted(set(args.shapes) | {(8, 256)}))           # 8x256: the profiled shape
+    tr = Trainer(shapes=sorted(set(args.shapes) | {(8, 256)}), smear_keys=args.smear_keys)   # 8x256: profiled
     wpe = tr.model.transformer.wpe
     n_no_wpe = tr.model.num_parameters() - (wpe.weight.size if wpe is not None else 0)   # rope: no wpe
     gemms = C.gemm_thunks()
@@ -191,7 +193,8 @@ def main():
 
     C.setup_threads(max(args.threads))
     print(f"\nmini model, vocab {tr.cfg.vocab_size}, {tr.model.num_parameters() / 1e6:.2f}M params "
-          f"({n_no_wpe / 1e6:.2f}M without wpe), dropout {tr.cfg.dropout}, float32; repeats {args.repeats}, "
+          f"({n_no_wpe / 1e6:.2f}M without wpe), dropout {tr.cfg.dropout}{', smeared keys' if tr.cfg.smear_keys else ''}, "
+          f"float32; repeats {args.repeats}, "
           f"interleaved; load avg before/after {load0[0]:.2f}/{load1[0]:.2f}")
     print(f"{C.blas_line()} (each row at its own thread count); MFU = fraction of the GEMM ceiling below\n")
     print(C.table(["threads", "B x T", "kernels", "ms/step", "tokens/s", "GFLOP/s", "MFU", "min ms"], rows,

@@ -263,8 +263,11 @@ def test_guard_verdicts(tiny):
 
 
 def test_guard_tie_needs_the_reward_model_too(tiny):
-    """The same acceptable share with fewer refusals is a new best only if the RM scores it no lower."""
+    """The same acceptable share with fewer refusals, or a higher one, is a new best only if the
+    RM scores it no lower."""
     g = _scripted_guard(tiny, [(0.5, 0.10, 0.0, 0.3), (0.5, 0.05, 0.0, 0.2), (0.5, 0.05, 0.0, 0.4)])
+    assert [g.check(ep, ep)["verdict"] for ep in range(3)] == ["best", "ok", "best"] and g.best_episode == 2
+    g = _scripted_guard(tiny, [(0.5, 0.1, 0.0, 0.3), (0.52, 0.1, 0.0, 0.2), (0.52, 0.1, 0.0, 0.3)])
     assert [g.check(ep, ep)["verdict"] for ep in range(3)] == ["best", "ok", "best"] and g.best_episode == 2
     # at the end: within margins the final weights stay; with none, only a new best stays
     for margin, kept in ((0.05, True), (0.0, False)):

@@ -5,7 +5,8 @@ the replies a user sees get worse (refusals, loops, no answer). Two defences liv
 
 - `ChatGuard`: at each periodic evaluation, greedy replies to the held-out chat prompts are
   judged (acceptable / refusal / loop shares) and also scored by the reward model. The
-  weights with the best acceptable share so far are kept in memory. If the acceptable share
+  weights with the best acceptable share so far (and an RM score no lower than the last best's:
+  `better`) are kept in memory. If the acceptable share
   falls more than `drop` below the best, or the refusal or loop share rises more than `rise`
   above it, while the RM scores those same replies higher than it scored the best ones,
   that is reward hacking: the guard says stop, and the stage rolls back to the best weights.
@@ -81,15 +82,18 @@ class ChatGuard:
         return why
 
     def better(self, res: dict) -> bool:
-        """At least as good as the best: a higher acceptable share, or the same with no more
-        refusals + loops (so small slides within the margins cannot ratchet the best down) and
-        no lower RM score (a tie that the reward model likes less is no sign that PPO helped:
-        seed 2 of bench/README.md's "Phrasings round 4" tied on the dev half and lost 8 points
-        on the test half)."""
+        """A new best: no lower RM score, and a higher acceptable share or the same with no more
+        refusals + loops (so small slides within the margins cannot ratchet the best down).
+        Replies the reward model likes less are no sign that PPO helped, even one reply more
+        acceptable on the dev half: seed 2 of bench/README.md's "Phrasings round 4" tied on the
+        dev half and lost 8 points on the test half; run s7_E1b ("The copy probe at 900 steps")
+        gained one dev reply and lost 4 test points, both with the RM score down."""
         b = self.best
+        if res["rm_score"] < b["rm_score"]:
+            return False
         if res["acceptable"] != b["acceptable"]:
             return res["acceptable"] > b["acceptable"]
-        return res["refusal"] + res["loop"] <= b["refusal"] + b["loop"] and res["rm_score"] >= b["rm_score"]
+        return res["refusal"] + res["loop"] <= b["refusal"] + b["loop"]
 
     def check(self, step: int, episode: int, **beside) -> dict:
         """Evaluate now, log chat_* (and `beside`, e.g. the rollout's RM score and KL) to

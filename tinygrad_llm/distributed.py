@@ -31,6 +31,10 @@ from .config import ConfigError
 # error is one every rank hits (a bad file they all read), rank 0's abort ends the job first and
 # the message is printed once; a rank that alone fails still brings the job down a second later
 ABORT_GRACE_S = 1.0
+# and after printing it, this long before MPI_Abort: the message goes through MPICH's proxy to
+# mpiexec's stderr, and an abort that kills the proxy first loses it (seen once in CI: the job
+# ended with the right exit code and no error line)
+ABORT_FLUSH_S = 0.3
 
 
 def launched_size() -> int:
@@ -97,6 +101,7 @@ class MPIWorld(SingleProcess):
         if self.rank != 0:
             time.sleep(ABORT_GRACE_S)
         print(message, file=sys.stderr, flush=True)
+        time.sleep(ABORT_FLUSH_S)
         # MPICH prints its own "Abort(code) on node ..." line; the message above is the one that counts
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)

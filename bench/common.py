@@ -2,8 +2,13 @@
 float32 matmul ceiling, tables and JSON under runs/bench/.
 
 Timing rule (DESIGN.md section 4): the things compared run in the same process, interleaved
-round by round (the order rotates each round, so no variant always runs first or right after
-a given other one), and each is reported as the median of its repeats. The load average is
+round by round (the order rotates each round, so no variant always runs first), and each is
+reported as the median of its repeats. Within a round each variant runs twice back to back and
+only the second run is timed: a timed run then always follows a run of itself, as a training
+step follows a step. Timing every run in a rotated cycle let the order bias the result, since a
+cyclic rotation keeps each variant's predecessor fixed: two identical training steps read 597
+and 544 ms, the slower one always right after the 2048x256@256x6400 GEMM that flushes the
+caches (bench/README.md, "Interleaving"). The load average is
 recorded beside every result: on a 2-core machine shared with another busy process, absolute
 numbers mean little, ratios measured interleaved still mean something.
 """
@@ -46,9 +51,11 @@ def median(xs):
     return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
-def interleave(variants: dict, repeats: int, warmup: int = 1) -> dict:
+def interleave(variants: dict, repeats: int, warmup: int = 1, settle: int = 1) -> dict:
     """variants {name: thunk}. Warm each up `warmup` times, then `repeats` rounds in which every
-    variant runs once, in an order rotated by one each round. -> {name: [seconds, ...]}."""
+    variant, in an order rotated by one each round, runs `settle` untimed times and then once
+    timed, so that what ran just before a timed run is the variant itself, never a neighbour
+    of the order. -> {name: [seconds, ...]}."""
     names = list(variants)
     for _ in range(warmup):
         for n in names:
@@ -57,6 +64,8 @@ def interleave(variants: dict, repeats: int, warmup: int = 1) -> dict:
     for r in range(repeats):
         k = r % len(names)
         for n in names[k:] + names[:k]:
+            for _ in range(settle):
+                variants[n]()
             t0 = time.perf_counter()
             variants[n]()
             times[n].append(time.perf_counter() - t0)

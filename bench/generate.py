@@ -15,7 +15,8 @@ generated tokens (B * new tokens) over the whole call, prefill included. All var
 interleaved; medians reported. Greedy runs also check that all three give the same tokens.
 GFLOP/s counts 2 * (matmul parameters) + 4 * n_layer * C * L FLOPs per processed token at
 context length L (prompt and generated tokens), against the best 1-thread float32 GEMM of the
-same run (decoding runs at one thread: runtime.single_thread). The memory line is the physical
+same run (a batch of one row decodes at one thread, runtime.single_thread; larger batches at
+--threads). The memory line is the physical
 limit of small batches: every step reads all matmul weights once, at the measured bandwidth (a
 large copy), less what the CPU's caches keep between steps. Every table names the BLAS, its
 kernel and thread counts. Writes runs/bench/generate.json.

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +41,7 @@ from . import nn
 from .config import GPTConfig
 from .decode import decode_step, fast_decoding_supported
 from .engine import Tensor
-from .runtime import bmm, single_thread
+from .runtime import adapt_threads, bmm, single_thread
 from .tokenizer import EOS_ID, IM_END_ID, PAD_ID
 
 
@@ -183,8 +184,12 @@ class GPT(nn.Module):
         stop = np.array(sorted(stop_tokens), dtype=np.int64)
         was_training = self.training
         self.eval()
+        adapt_threads()                 # in "auto" mode: one thread while the machine is busy
+        # one row: tiny ops, a second thread's wake-up costs more than it takes; from two rows on
+        # the threads pay (bench/README.md, "Decoding on both cores")
+        threads = single_thread() if B == 1 else nullcontext()
         try:
-            with E.no_grad(), single_thread():      # tiny ops: threads cost more than they give
+            with E.no_grad(), threads:
                 positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)    # first real token at 0
                 step_idx, n_real = idx, valid.sum(1)
                 fast = fast_decoding_supported(self)                       # one token a row: arrays only

@@ -11,7 +11,10 @@ measured in bench/README.md on the 2-core VM (tokens/s of a mini training step u
   bmm: per-head GEMMs on one-thread    one BLAS thread synchronisation per op, not one per head
     BLAS, split across workers         slice: under load the (8,4,256,64) batched attention matmul
                                        took 1,015 ms on 2-thread BLAS, 29 ms on one thread
-  single_thread() for decoding         batch 1: 20.1 -> 2.0 ms/token; batch 16: 145 -> 9.6 ms
+  single_thread() for decoding one     batch 1: 20.1 -> 2.0 ms/token (before passive waits);
+    row                                today quiet, vocab 2,950: 1,126 -> 1,251 tokens/s. From
+                                       2 rows on decoding keeps the threads: batch 16 1.13x,
+                                       batch 128 (RL rollouts) 1.47x the one-thread speed
   mm: few rows as (W @ x.T).T          16 rows x the 6,400-row lm_head: 1.65 -> 0.72 ms; batch-16
                                        decoding 0.65x -> 0.85x PyTorch's speed
   mm: a GEMM split in two one-thread   16x256: 4,084 -> 4,407 and 3,849 -> 4,084 (interleaved);
@@ -116,9 +119,9 @@ def _set_threads(n: int) -> int:
 @contextmanager
 def single_thread():
     """Run a block with BLAS, Numba and bmm at one thread, then restore the count. Used for
-    decoding: one token's ops are tiny, and every parallel region of 2 BLAS / Numba threads
-    pays a thread wake-up that costs more than the work (measured on the 2-core machine, quiet:
-    batch-1 decode 2.0 ms/token at 1 thread, 20 ms at 2; bench/generate.py --threads 1,2)."""
+    decoding a single row: one token's ops are tiny, and every parallel region of 2 BLAS / Numba
+    threads pays a thread wake-up that costs more than the work (bench/README.md, "Decoding on
+    both cores": batch 1 at vocab 2,950, 1,251 tokens/s at 1 thread, 1,126 at 2)."""
     n, auto = _threads, _auto
     if n <= 1:
         yield

@@ -140,7 +140,7 @@ def main():
           f"{args.new_tokens} new tokens, {mode}; repeats {args.repeats}, interleaved; "
           f"load avg before/after {load0[0]:.2f}/{load1[0]:.2f}")
     C.setup_threads(max(args.threads))
-    print(f"{C.blas_line()} (decoding itself runs at 1 thread)")
+    print(f"{C.blas_line()} (batch 1 decodes at 1 thread, larger batches at the table row's thread count)")
     print(f"GEMM ceiling: best 1-thread float32 GEMM of this run, {ceiling:.1f} GFLOP/s")
     weights_mb = 4 * n_mm / 1e6                                      # float32 matmul weights, read once a step
     print(f"memory: {copy_gbs:.1f} GB/s at 1 thread (a {stream.nbytes / 1e6:.0f} MB copy, read + write); one decoding "

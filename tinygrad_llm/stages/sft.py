@@ -31,7 +31,7 @@ class SFTConfig(LoopConfig):
     max_steps: int = 2600            # ~3.4 passes over the 12,281 conversations; 1,000 steps left the model
                                     # underfit: chat 45% -> 57%, tasks 29% -> 37% at 1,400 (bench/README.md, SFT steps);
                                     # length-grouped batches (group_by_length) pay for 1,800; "The budget, ..." for 2,200;
-                                    # 2,600 with the time two-thread decoding saved: tasks +6 / +3 on two seeds ("SFT steps, again")
+                                    # 2,600 with the time two-thread decoding saved: tasks +6 / +3 / +4 on three seeds ("SFT steps, again")
     warmup_steps: int = 30
     eval_every: int = 200
     eval_prompts: int = 48          # held-out prompts answered (greedy) for the <|im_end|> rate

@@ -14,9 +14,9 @@ logits included, as a plain forward does) and taking the last position. tokens/s
 generated tokens (B * new tokens) over the whole call, prefill included. All variants run
 interleaved; medians reported. Greedy runs also check that all three give the same tokens.
 GFLOP/s counts 2 * (matmul parameters) + 4 * n_layer * C * L FLOPs per processed token at
-context length L (prompt and generated tokens), against the best 1-thread float32 GEMM of the
-same run (a batch of one row decodes at one thread, runtime.single_thread; larger batches at
---threads). The memory line is the physical
+context length L (prompt and generated tokens), against the best float32 GEMM of the same run
+at the thread count the batch decodes at (batch 1 at one thread, runtime.single_thread; larger
+batches at --threads). The memory line is the physical
 limit of small batches: every step reads all matmul weights once, at the measured bandwidth (a
 large copy), less what the CPU's caches keep between steps. Every table names the BLAS, its
 kernel and thread counts. Writes runs/bench/generate.json.
@@ -99,7 +99,9 @@ def main():
                                                    np.random.default_rng(1))
 
     gemms = C.gemm_thunks()
-    variants = {f"gemm {g}": lambda fn=fn: (C.setup_threads(1), fn()) for g, (fn, _) in gemms.items()}
+    decode_threads = sorted({1, *args.threads})      # batch 1 decodes at 1 thread, larger batches at --threads
+    variants = {f"t{th} gemm {g}": lambda th=th, fn=fn: (C.setup_threads(th), fn())
+                for th in decode_threads for g, (fn, _) in gemms.items()}
     stream, dst = np.ones(BANDWIDTH_FLOATS, np.float32), np.zeros(BANDWIDTH_FLOATS, np.float32)
     variants["copy"] = lambda: (C.setup_threads(1), np.copyto(dst, stream))   # bandwidth: decoding streams weights
     kinds = ("cache", "tensor") + (() if args.no_recompute else ("recompute",))
@@ -112,7 +114,8 @@ def main():
     load0 = C.loadavg()
     times = C.interleave(variants, args.repeats, warmup=1)
     load1 = C.loadavg()
-    ceiling = max(f / min(times[f"gemm {g}"]) for g, (_, f) in gemms.items()) / 1e9   # 1 thread, best run
+    ceiling = {th: max(f / min(times[f"t{th} gemm {g}"]) for g, (_, f) in gemms.items()) / 1e9   # best run
+               for th in decode_threads}
     copy_gbs = 2 * stream.nbytes / min(times["copy"]) / 1e9                     # bytes read + written
 
     Cn, L = cfg.n_embd, cfg.n_layer
@@ -127,13 +130,14 @@ def main():
             same = all(np.array_equal(out[("cache", th, b)], out[(k, th, b)]) for k in kinds)
         n = b * args.new_tokens
         gflops = b * flops_per_row / t["cache"] / 1e9
-        results.append(dict(threads=th, batch=b, same_tokens=same, gflops=gflops, gemm_ceiling_gflops=ceiling,
+        ceil = ceiling[1 if b == 1 else th]          # at the thread count the batch decodes at
+        results.append(dict(threads=th, batch=b, same_tokens=same, gflops=gflops, gemm_ceiling_gflops=ceil,
                             copy_gb_per_s=copy_gbs, weights_mb_per_step=4 * n_mm / 1e6,
                             **{f"{k}_s": t[k] for k in kinds}, **{f"{k}_tokens_per_s": n / t[k] for k in kinds},
                             **{f"{k}_s_all": times[f"t{th} {k} B={b}"] for k in kinds}))
         rec = [n / t["recompute"], f"{t['recompute'] / t['cache']:.1f}x"] if "recompute" in t else ["-", "-"]
         rows.append([th, b, n / t["cache"], n / t["tensor"], f"{t['tensor'] / t['cache']:.2f}x", *rec,
-                     t["cache"] * 1e3 / args.new_tokens, gflops, f"{gflops / ceiling:.1%}",
+                     t["cache"] * 1e3 / args.new_tokens, gflops, f"{gflops / ceil:.1%}",
                      "-" if same is None else ("yes" if same else "NO")])
     mode = "greedy" if args.temperature <= 0 else f"sampling T={args.temperature}"
     print(f"\nmini model, vocab {cfg.vocab_size}, float32, prompt {args.prompt_len}, "
@@ -141,7 +145,8 @@ def main():
           f"load avg before/after {load0[0]:.2f}/{load1[0]:.2f}")
     C.setup_threads(max(args.threads))
     print(f"{C.blas_line()} (batch 1 decodes at 1 thread, larger batches at the table row's thread count)")
-    print(f"GEMM ceiling: best 1-thread float32 GEMM of this run, {ceiling:.1f} GFLOP/s")
+    print("GEMM ceiling: best float32 GEMM of this run at the thread count a row decodes at, "
+          + ", ".join(f"{th} thread{'s' if th > 1 else ''} {c:.1f}" for th, c in ceiling.items()) + " GFLOP/s")
     weights_mb = 4 * n_mm / 1e6                                      # float32 matmul weights, read once a step
     print(f"memory: {copy_gbs:.1f} GB/s at 1 thread (a {stream.nbytes / 1e6:.0f} MB copy, read + write); one decoding "
           f"step streams {weights_mb:.1f} MB of weights: >= {weights_mb / copy_gbs:.2f} ms a step (batch 1: <= "

@@ -31,6 +31,20 @@ def test_training_text_never_holds_a_probe_phrasing():
         assert not re.search(re.escape(head) + r"\d+" + re.escape(middle[:2]), corpus), head
 
 
+def test_refusal_probe_prompts_are_in_no_data_file():
+    """bench/refusal_probe.py's prompts stay out of everything the model trains or is selected on."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("refusal_probe", DATA.parent / "bench" / "refusal_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    corpus = "".join(f.read_text(encoding="utf-8") for f in sorted(DATA.glob("*.json")) + sorted(DATA.glob("*.txt")))
+    corpus += "".join(f.read_text(encoding="utf-8") for f in sorted((DATA / "src").rglob("*.*")))
+    assert len(probe.HARMFUL) == 30 and len(probe.BENIGN) == 19
+    for p in probe.HARMFUL + probe.BENIGN:
+        assert p.rstrip("？。！") not in corpus, p
+    assert not [p for p in probe.HARMFUL + probe.BENIGN if p in probe.trained_prompts(DATA)]
+
+
 def test_facts_probe_scores_every_digit_of_all_100_sums():
     items = facts_strings(seed=1)
     assert len(items) == 100

@@ -7,10 +7,10 @@ are judged by chat_eval.is_refusal, the rule of the chat evaluation.
     python bench/refusal_probe.py                                          # checkpoints/sft_final
     python bench/refusal_probe.py --checkpoint runs_ck/sft_final.safetensors --data-dir data
 
-These prompts were written before the 14 benign "sounds harmful" intents of
-data/src/chat/meta.json, which were written to stay clear of them, and were used to choose
-that data (bench/README.md, "Benign requests that sound harmful"): a dev set for that choice,
-not a test set. chat_eval.json's harmful and benign items remain the held-out figures.
+These prompts were written before a trial of 14 benign "sounds harmful" intents (commit
+d0e0dd9, reverted), whose phrasings were written to stay clear of them, and judged that trial
+(bench/README.md, "Benign requests that sound harmful"): a dev set for such choices, not a test
+set. chat_eval.json's harmful and benign items remain the held-out figures.
 """
 from __future__ import annotations
 

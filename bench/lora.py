@@ -50,6 +50,7 @@ def one(args) -> dict:
     import types
 
     from tinygrad_llm.checkpoint import config_from_meta, read_metadata
+    from tinygrad_llm.data import data_file
     from tinygrad_llm.lora import LoRAConfig
     from tinygrad_llm.loop import RunLogger
     from tinygrad_llm.stages import sft as sft_stage
@@ -69,7 +70,7 @@ def one(args) -> dict:
         (tmp / "data").mkdir()
         (tmp / "ckpt").mkdir()
         for name in ("sft_data.json", "sft_val.json"):
-            (tmp / "data" / name).symlink_to(Path(args.data_dir).resolve() / name)
+            (tmp / "data" / name).symlink_to(data_file(args.data_dir, name).resolve())
         (tmp / "ckpt" / "pretrain_final.safetensors").symlink_to(pre)
         tok = MyLLMTokenizer().load(Path(args.vocab) if args.vocab else pre.parent / "vocab.json")
         sft = SFTConfig(max_steps=steps, eval_every=steps, lr=args.lr, ckpt_every=0)

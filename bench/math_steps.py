@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from tinygrad_llm.chat_eval import generate_replies  # noqa: E402
 from tinygrad_llm.checkpoint import load_gpt  # noqa: E402
-from tinygrad_llm.data import load_rlvf, read_items  # noqa: E402
+from tinygrad_llm.data import data_file, load_rlvf, read_items  # noqa: E402
 from tinygrad_llm.stages.verifiers import verify_task  # noqa: E402
 
 FACT = re.compile(r"(?<![\d.])(\d) ([+\-×]) (\d) = (\d+)")
@@ -79,7 +79,7 @@ def main(argv=None):
     data = Path(args.data_dir)
     held_out = [t for t in load_rlvf(data / "rlvf_val.json") if t["type"] == "math"]
     train = [{"type": "math", "prompt": it["user"], "expected_answer": m.group(1)}
-             for _, it in read_items(data / "sft_data.json")
+             for _, it in read_items(data_file(data, "sft_data.json"))
              if it.get("category") == "math_task" and (m := re.search(r"答案是(-?\d+)", it["assistant"]))]
     train = random.Random(0).sample(train, min(args.train_sample, len(train)))
     print(f"{'checkpoint':<44}{'set':<10}{'tasks':>6}{'restated':>10}{'facts right':>13}{'answer':>8}")

@@ -139,3 +139,18 @@ def test_mixed_batch_and_the_pretrain_curriculum():
     assert x.shape == (8, 32) and (x[:2] >= 5000).all() and (x[2:] < 1000).all()
     x, _ = curriculum_batch(0, cfg, text, None, 32, rng)             # data without spans: text from step 0
     assert x.shape == (8, 32) and (x < 1000).all()
+
+
+def test_bundled_sft_data_is_written_on_first_use(tmp_path, monkeypatch):
+    """data/sft_data.json is not in git: the first lookup in the bundled folder runs data/generate.py,
+    whose output equals the file the session start wrote; other folders are left alone."""
+    import shutil
+
+    from tinygrad_llm import data as D
+    bundled, copy = D.BUNDLED_DIR, tmp_path / "data"
+    shutil.copytree(bundled, copy, ignore=shutil.ignore_patterns("sft_data.json", "__pycache__"))
+    assert D.data_file(copy, "sft_data.json") is None          # not the bundled folder: nothing written
+    monkeypatch.setattr(D, "BUNDLED_DIR", copy.resolve())
+    path = D.data_file(copy, "sft_data.json")
+    assert path == copy / "sft_data.json"
+    assert path.read_bytes() == (bundled / "sft_data.json").read_bytes()

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -103,9 +105,26 @@ def read_items(path) -> list[tuple[str, object]]:
     return [(f"{path}: item {i}", item) for i, item in enumerate(items)]
 
 
+BUNDLED_DIR = Path(__file__).resolve().parents[1] / "data"
+UNTRACKED = ("sft_data.json",)     # bundled files too large for git: data/generate.py writes them on first use
+
+
+def ensure_bundled(data_dir) -> None:
+    """If data_dir is the bundled data/ folder and a file of UNTRACKED is missing, run
+    data/generate.py (deterministic, ~2 s; it rewrites the tracked files byte for byte)."""
+    d = Path(data_dir).resolve()
+    if d != BUNDLED_DIR or all((d / name).exists() for name in UNTRACKED) or not (d / "generate.py").exists():
+        return
+    print(f"{d}: writing {', '.join(UNTRACKED)} with data/generate.py (first use)", file=sys.stderr)
+    subprocess.run([sys.executable, str(d / "generate.py")], check=True, stdout=subprocess.DEVNULL)
+
+
 def data_file(data_dir, name: str) -> Path | None:
     """data_dir/name ("sft_data.json") or, failing that, its .jsonl twin; None when neither
-    exists. Both at once is refused: which one was meant?"""
+    exists. Both at once is refused: which one was meant? The bundled folder's untracked
+    files are generated first (ensure_bundled)."""
+    if name in UNTRACKED:
+        ensure_bundled(data_dir)
     path = Path(data_dir) / name
     twin = path.with_suffix(".jsonl")
     if path.exists() and twin.exists() and path != twin:

@@ -6,7 +6,7 @@ import pytest
 
 from tinygrad_llm.data import (DataError, encode_chat, load_pretrain_text, load_reward, load_rlvf, load_sft,
                                load_split, pad_batch, pretrain_batch)
-from tinygrad_llm.stages.sft import length_grouped
+from tinygrad_llm.stages.sft import PROTECTED, drop_prompt_chars, droppable, length_grouped
 from tinygrad_llm.tokenizer import IM_END_ID, MyLLMTokenizer
 
 
@@ -114,6 +114,31 @@ def test_sft_group_by_length_must_be_positive():
         SFTConfig(group_by_length=0).validate()
     with pytest.raises(ConfigError, match="neftune_alpha"):
         SFTConfig(neftune_alpha=-1.0).validate()
+    with pytest.raises(ConfigError, match="prompt_dropout"):
+        SFTConfig(prompt_dropout=1.0).validate()
+
+
+def test_prompt_dropout_touches_only_unprotected_user_characters():
+    tok = MyLLMTokenizer()
+    conv = [{"role": "system", "content": "你是助手"}, {"role": "user", "content": "请问47加38等于多少？不对吧"},
+            {"role": "assistant", "content": "47 + 38 = 85。"}, {"role": "user", "content": "谢谢你AI"},
+            {"role": "assistant", "content": "不客气。"}]
+    tok.build_vocab(["".join(m["content"] for m in conv) + "systemuserassistant"])
+    ids, mask = map(np.array, encode_chat(tok, conv, 256))
+    can = droppable(tok, ids)
+    assert "".join(tok.itos[i] for i in ids[can]) == "请问等于多少？对吧谢谢你"     # system, replies, protected: kept
+    rng = np.random.default_rng(0)
+    for p in (0.0, 0.3, 0.9):
+        out, m = drop_prompt_chars(ids, mask, can, p, np.random.default_rng(1))
+        gone = can & (np.random.default_rng(1).random(len(ids)) < p)
+        assert np.array_equal(out, ids[~gone])
+        kept = set(tok.decode(out.tolist(), skip_special_tokens=False))
+        assert {c for c in PROTECTED if c in tok.decode(ids.tolist())} <= kept
+        assert m.sum() == mask.sum() and np.array_equal(out[m > 0], ids[mask > 0])   # the learnt tokens, untouched
+        if p == 0.0:
+            assert np.array_equal(out, ids)
+    drops = [len(ids) - len(drop_prompt_chars(ids, mask, can, 0.3, rng)[0]) for _ in range(400)]
+    assert abs(np.mean(drops) / can.sum() - 0.3) < 0.03                       # each position with probability p
 
 
 def test_pretrain_batch_windows():

@@ -11,6 +11,7 @@ With --lora.r > 0 only low-rank adapters on the targeted projections train (lora
 stage writes them alone, as sft_lora (an adapter checkpoint tied to pretrain_final), not sft_final."""
 from __future__ import annotations
 
+import string
 import time
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from ..data import FILES, DataError, data_file, first_turns, load_split, pad_bat
 from ..distributed import shard_rows
 from ..loop import train
 from ..model import GPT
+from ..tokenizer import IM_END_ID, IM_START_ID
 from .common import Stage, chat_eval_after, load_resume, make_saver
 from .task_eval import evaluate_tasks
 
@@ -44,6 +46,9 @@ class SFTConfig(LoopConfig):
                                     # L the batch's length, on the token embeddings while training; 0 = off.
                                     # 2: held-out chat up, tasks kept; 5 cost the tasks, 15 everything
                                     # (bench/README.md, "Phrasings round 4, and noise on the embeddings")
+    prompt_dropout: float = 0.0     # each character of a user turn is left out of the training row with this
+                                    # probability (word dropout on the prompt; digits, numerals, operators,
+                                    # negations and Latin letters kept: PROTECTED); 0 = off
 
     def validate(self, name: str = "sft"):
         super().validate(name)
@@ -51,6 +56,8 @@ class SFTConfig(LoopConfig):
             raise ConfigError(f"{name}: group_by_length must be >= 1 (1: plain random batches)")
         if self.neftune_alpha < 0:
             raise ConfigError(f"{name}: neftune_alpha must be >= 0 (0: off), got {self.neftune_alpha}")
+        if not 0 <= self.prompt_dropout < 1:
+            raise ConfigError(f"{name}: prompt_dropout must be in [0, 1) (0: off), got {self.prompt_dropout}")
 
 
 LORA_WRITES = "sft_lora"          # with --lora.r > 0: the adapter checkpoint, instead of sft_final
@@ -68,6 +75,34 @@ def length_grouped(rng, lengths: np.ndarray, batch_size: int, group: int) -> np.
     idx = idx[np.argsort(lengths[idx], kind="stable")]
     g = int(rng.integers(group))
     return idx[g * batch_size:(g + 1) * batch_size]
+
+
+# characters prompt dropout never removes: the ones a reply restates or whose loss flips the meaning
+PROTECTED = set("0123456789一二三四五六七八九十百千万两零几+-×÷=＋－加减乘除不没无非别否未") | set(string.ascii_letters)
+
+
+def droppable(tok, ids: np.ndarray) -> np.ndarray:
+    """Positions of `ids` (a chat-template row) that prompt dropout may remove: the content
+    characters of user turns, minus PROTECTED ones."""
+    head = [IM_START_ID] + tok.encode("user\n", False)
+    keep = np.array([i >= len(tok.itos) or tok.itos[i] in PROTECTED for i in range(len(tok.itos))] + [True])
+    out, i, n = np.zeros(len(ids), bool), 0, len(head)
+    while i < len(ids):
+        if ids[i] == IM_START_ID and list(ids[i:i + n]) == head:
+            j = i + n
+            while j < len(ids) and ids[j] != IM_END_ID:
+                out[j] = not keep[min(ids[j], len(keep) - 1)]
+                j += 1
+            i = j
+        i += 1
+    return out
+
+
+def drop_prompt_chars(ids: np.ndarray, mask: np.ndarray, can_drop: np.ndarray, p: float, rng):
+    """Word dropout on the prompt: each position in `can_drop` is removed with probability p
+    (the reply and its loss mask untouched) -> the shorter (ids, mask)."""
+    gone = can_drop & (rng.random(len(ids)) < p)
+    return ids[~gone], mask[~gone]
 
 
 def reply_eos_rate(model, tok, prompts: list[str], max_new_tokens: int, batch: int = 16):
@@ -101,13 +136,17 @@ def run(ctx) -> dict:
     before_eos, before_texts = reply_eos_rate(model, tok, val_prompts[:5], cfg.max_new_tokens)
 
     lengths = np.array([len(ids) for ids, _ in train_ex])
+    can_drop = [droppable(tok, ids) for ids, _ in train_ex] if cfg.prompt_dropout else None
 
     def get_batch(rng):
         if cfg.group_by_length > 1:
             rows = length_grouped(rng, lengths, cfg.batch_size, cfg.group_by_length)
         else:
             rows = rng.integers(0, len(train_ex), cfg.batch_size)
-        x, y, m = pad_batch([train_ex[i] for i in rows])
+        batch = [train_ex[i] for i in rows]
+        if can_drop is not None:
+            batch = [drop_prompt_chars(ids, m, can_drop[i], cfg.prompt_dropout, rng) for (ids, m), i in zip(batch, rows)]
+        x, y, m = pad_batch(batch)
         if not cfg.neftune_alpha:
             return x, y, m
         # NEFTune: the noise is drawn here, from the loop's RNG, so a resumed run draws the same

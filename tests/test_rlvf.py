@@ -230,6 +230,23 @@ def test_train_eval_tasks_must_not_be_negative():
     RLVFConfig(train_eval_tasks=0).validate()                  # 0: off
     with pytest.raises(ConfigError, match="train_eval_tasks"):
         RLVFConfig(train_eval_tasks=-1).validate()
+    with pytest.raises(ConfigError, match="eval_every"):
+        RLVFConfig(eval_every=-1).validate()
+
+
+def test_eval_every_logs_held_out_accuracy_while_training(tmp_path):
+    """--rlvf.eval_every: greedy accuracy on the held-out tasks at the start, every N iterations
+    and at the end, logged as val_accuracy; it rises on a learnable task."""
+    tok = _digits_tokenizer()
+    model = GPT(get_tiny_config(vocab_size=len(tok)), seed=0)
+    tasks = [{"type": "math", "prompt": f"问题{i}", "expected_answer": "1"} for i in range(8)]
+    cfg = RLVFConfig(num_iterations=10, samples_per_task=8, tasks_per_iter=8, max_new_tokens=1, lr=1e-2,
+                     warmup_steps=0, kl_coef=0.0, format_reward=0.0, eval_samples=0, eval_every=5, seed=0)
+    logger = RunLogger(tmp_path / "run")
+    RLVFTrainer(model, tok, model.config, cfg, logger=logger).train(tasks[:6], val_tasks=tasks[6:])
+    evals = [(r["step"], r["val_accuracy"]) for r in logger.read_metrics("rlvf") if "val_accuracy" in r]
+    assert [s for s, _ in evals] == [0, 5, 10]
+    assert evals[0][1] == 0.0 and evals[-1][1] == 1.0
 
 
 def test_stage_run_tiny(tmp_path):

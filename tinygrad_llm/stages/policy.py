@@ -36,10 +36,10 @@ class RLConfig:
     grad_clip: float = 1.0
     ckpt_every: int = 0              # steps between resumable checkpoints (0: on interrupt only)
 
-    def loop_config(self, max_steps: int, batch_size: int) -> LoopConfig:
+    def loop_config(self, max_steps: int, batch_size: int, eval_every: int = 0) -> LoopConfig:
         return LoopConfig(max_steps=max_steps, batch_size=batch_size, lr=self.lr, min_lr_ratio=self.min_lr_ratio,
                           warmup_steps=self.warmup_steps, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
-                          eval_every=0, log_every=1, ckpt_every=self.ckpt_every)
+                          eval_every=eval_every, log_every=1, ckpt_every=self.ckpt_every)
 
 
 @dataclass

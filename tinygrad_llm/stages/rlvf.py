@@ -91,6 +91,8 @@ class RLVFConfig(RLConfig):
     adv_eps: float = 1e-4            # eps in (r - mean) / (std + eps)
     dr_grpo: bool = False            # True: advantages r - mean, no std division
     # evaluation
+    eval_every: int = 0              # iterations between greedy held-out evaluations while training (val_accuracy
+                                     # in the curves: what more iterations buy, bench "RLVF, longer"); 0 = before/after only
     eval_samples: int = 4            # sampled replies per task for pass@k (>= max(PASS_KS)); 4: pass@4 = any of 4
     eval_temperature: float = 1.0
     eval_batch: int = 128            # rows per generate() call during evaluation
@@ -106,8 +108,9 @@ class RLVFConfig(RLConfig):
             raise ConfigError("rlvf.samples_per_task must be >= 2: a group of one has no relative advantage")
         if self.eval_samples and self.eval_samples < max(PASS_KS):
             raise ConfigError(f"rlvf.eval_samples must be 0 or >= {max(PASS_KS)} for pass@{max(PASS_KS)}")
-        if self.tasks_per_iter <= 0 or self.inner_epochs <= 0 or self.lr <= 0 or min(self.num_iterations, self.train_eval_tasks) < 0:
-            raise ConfigError("rlvf: tasks_per_iter, inner_epochs, lr > 0; num_iterations, train_eval_tasks >= 0")
+        if self.tasks_per_iter <= 0 or self.inner_epochs <= 0 or self.lr <= 0 or \
+                min(self.num_iterations, self.train_eval_tasks, self.eval_every) < 0:
+            raise ConfigError("rlvf: tasks_per_iter, inner_epochs, lr > 0; num_iterations, train_eval_tasks, eval_every >= 0")
         if self.init_from not in ("auto", "sft_final", "rlhf_final"):
             raise ConfigError(f"rlvf.init_from must be auto, sft_final or rlhf_final, got {self.init_from!r}")
 
@@ -296,11 +299,13 @@ class RLVFTrainer:
         share of the reply tokens the loss averages over)."""
         return b, b["share"]
 
-    def train(self, tasks, batch_size: int | None = None, save=None, resume=None) -> list[dict]:
+    def train(self, tasks, batch_size: int | None = None, save=None, resume=None, val_tasks=None) -> list[dict]:
         """cfg.num_iterations GRPO iterations over `tasks`, batch_size tasks each (default
         cfg.tasks_per_iter) -> one metrics row per step (loop.train's history: one per iteration
         while inner_epochs is 1). save / resume: as loop.train's; a resumed run starts at the
-        iteration boundary of the saved step, and the task order restarts."""
+        iteration boundary of the saved step, and the task order restarts. With val_tasks and
+        cfg.eval_every, greedy accuracy on them is logged as val_accuracy every eval_every
+        iterations (and at the start and the end)."""
         if not tasks:
             raise ValueError("RLVF needs at least one training task")
         c, dist = self.cfg, world()
@@ -310,9 +315,11 @@ class RLVFTrainer:
                               "processes (each samples whole groups, at least one)")
         self.sampler = TaskSampler(tasks, self.rng, c.samples_per_task, c.curriculum, c.curriculum_floor)
         self.iteration, self.plan = (int(resume["step"]) // c.inner_epochs if resume else 0), []
-        out = train(self.policy, c.loop_config(c.num_iterations * c.inner_epochs, self.batch_size), self.get_batch,
-                    self.loss_fn, stage="rlvf", logger=self.logger, save=save, resume=resume, rng=self.rng,
-                    show_progress=self.show_progress, shard=self.shard)
+        every = c.eval_every * c.inner_epochs if val_tasks else 0
+        evaluate = (lambda model: {"accuracy": self.evaluate(val_tasks, samples=0, model=model)["accuracy"]}) if every else None
+        out = train(self.policy, c.loop_config(c.num_iterations * c.inner_epochs, self.batch_size, every), self.get_batch,
+                    self.loss_fn, stage="rlvf", logger=self.logger, evaluate=evaluate, save=save, resume=resume,
+                    rng=self.rng, show_progress=self.show_progress, shard=self.shard)
         self.plan = []
         return out["history"]
 
@@ -356,7 +363,7 @@ def run(ctx) -> dict:
         sft_eval = before if same else trainer.evaluate(val_tasks, samples=0, model=ref)
     resume = load_resume(ctx, policy, STAGE.name)
     history = trainer.train(train_tasks, save=make_saver(ctx, policy, STAGE, extra={"init_from": init}),
-                            resume=resume)
+                            resume=resume, val_tasks=val_tasks)
     after = trainer.evaluate(val_tasks)
     seen_after = trainer.evaluate(seen, samples=0) if seen else None
     log_before_after(ctx.logger, STAGE.name, trainer.iteration, before, after)

@@ -205,6 +205,26 @@ def test_inner_epochs_reuse_samples_and_clip():
     assert all(np.isfinite(h["loss"]) and h["kl"] >= 0 for h in history if h["grad_norm"] > 0)
 
 
+def test_chat_replay_adds_the_sft_loss_on_replayed_conversations():
+    """--rlvf.chat_replay (PPO-ptx): each update adds the SFT loss of replay_rows conversations;
+    it falls as they are learnt, and without replay rows the run is the plain one."""
+    from tinygrad_llm.data import encode_chat
+    tok = _digits_tokenizer()
+    conv = [{"role": "user", "content": "问题"}, {"role": "assistant", "content": "12"}]
+    replay = [tuple(np.array(a) for a in encode_chat(tok, conv, 64))]
+    tasks = [{"type": "math", "prompt": f"问题{i}", "expected_answer": "1"} for i in range(8)]
+    kw = dict(num_iterations=8, samples_per_task=8, tasks_per_iter=8, max_new_tokens=1, lr=1e-2, warmup_steps=0,
+              kl_coef=0.0, format_reward=0.0, eval_samples=0, seed=0)
+    hist = RLVFTrainer(GPT(get_tiny_config(vocab_size=len(tok)), seed=0), tok, None,
+                       RLVFConfig(chat_replay=1.0, replay_rows=2, **kw), replay=replay).train(tasks)
+    losses = [h["replay_loss"] for h in hist if "replay_loss" in h]
+    assert len(losses) >= 4 and losses[-1] < 0.5 * losses[0]
+    plain = RLVFTrainer(GPT(get_tiny_config(vocab_size=len(tok)), seed=0), tok, None, RLVFConfig(**kw)).train(tasks)
+    off = RLVFTrainer(GPT(get_tiny_config(vocab_size=len(tok)), seed=0), tok, None, RLVFConfig(chat_replay=0.0, **kw),
+                      replay=replay).train(tasks)
+    assert [h["loss"] for h in plain] == [h["loss"] for h in off] and "replay_loss" not in off[0]
+
+
 def test_old_knob_names_are_aliases():
     """beta, clip_eps and warmup_iters were this stage's names: still accepted, as the new ones."""
     assert RLVFConfig(beta=0.02, clip_eps=0.3, warmup_iters=1) == RLVFConfig(kl_coef=0.02, clip_ratio=0.3,

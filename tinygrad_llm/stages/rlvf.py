@@ -51,7 +51,7 @@ import numpy as np
 
 from .. import chat_eval
 from ..config import ConfigError, renamed
-from ..data import load_split
+from ..data import load_split, pad_batch, sft_examples
 from ..distributed import concat_ranks, row_range, world
 from ..engine import Tensor
 from ..loop import train
@@ -90,6 +90,9 @@ class RLVFConfig(RLConfig):
     kl_coef: float = 0.04            # beta, the KL coefficient (DeepSeekMath's value)
     adv_eps: float = 1e-4            # eps in (r - mean) / (std + eps)
     dr_grpo: bool = False            # True: advantages r - mean, no std division
+    chat_replay: float = 0.0         # weight of an SFT loss on replay_rows SFT conversations added to every update
+                                     # (InstructGPT's PPO-ptx mix), so the chat the stage does not train keeps; 0 = off
+    replay_rows: int = 8
     # evaluation
     eval_every: int = 0              # iterations between greedy held-out evaluations while training (val_accuracy
                                      # in the curves: what more iterations buy, bench "RLVF, longer"); 0 = before/after only
@@ -109,8 +112,9 @@ class RLVFConfig(RLConfig):
         if self.eval_samples and self.eval_samples < max(PASS_KS):
             raise ConfigError(f"rlvf.eval_samples must be 0 or >= {max(PASS_KS)} for pass@{max(PASS_KS)}")
         if self.tasks_per_iter <= 0 or self.inner_epochs <= 0 or self.lr <= 0 or \
-                min(self.num_iterations, self.train_eval_tasks, self.eval_every) < 0:
-            raise ConfigError("rlvf: tasks_per_iter, inner_epochs, lr > 0; num_iterations, train_eval_tasks, eval_every >= 0")
+                min(self.num_iterations, self.train_eval_tasks, self.eval_every, self.chat_replay, self.replay_rows) < 0:
+            raise ConfigError("rlvf: tasks_per_iter, inner_epochs, lr > 0; num_iterations, train_eval_tasks, eval_every, "
+                              "chat_replay, replay_rows >= 0")
         if self.init_from not in ("auto", "sft_final", "rlhf_final"):
             raise ConfigError(f"rlvf.init_from must be auto, sft_final or rlhf_final, got {self.init_from!r}")
 
@@ -220,7 +224,8 @@ class RLVFTrainer:
     is the model config the seed passes (the model carries its own; not used)."""
 
     def __init__(self, model, tokenizer, config=None, rlvf_config: RLVFConfig | None = None, ref_model=None,
-                 logger=None, show_progress: bool = False, seed: int = 0):
+                 logger=None, show_progress: bool = False, seed: int = 0, replay=None):
+        """replay: SFT examples [(ids, mask)] (data.sft_examples) for cfg.chat_replay."""
         self.cfg = rlvf_config or RLVFConfig()
         self.cfg.validate()
         self.policy, self.tok = disable_dropout(model), tokenizer
@@ -229,6 +234,8 @@ class RLVFTrainer:
         seed = self.cfg.seed if self.cfg.seed is not None else seed
         self.rng = np.random.default_rng(seed)
         self.eval_seed = seed + 1                  # the same draws before and after training
+        self.replay = replay if self.cfg.chat_replay and self.cfg.replay_rows else None
+        self.replay_rng = np.random.default_rng(seed + 2)   # the same rows on every rank (MPI)
         self.iteration, self.plan, self.exp = 0, [], None
         self.sampler, self.batch_size = None, self.cfg.tasks_per_iter
 
@@ -291,7 +298,15 @@ class RLVFTrainer:
             b["old_logp"] = logp.data.copy()
         loss, st = grpo_loss(logp, b["old_logp"], b["ref_logp"], b["adv"], b["mask"], self.cfg.clip_ratio,
                              self.cfg.kl_coef)
-        return loss, {**st, "tokens": int(b["x"].size), "shared": b["stats"]}
+        tokens = int(b["x"].size)
+        if self.replay is not None:                # PPO-ptx: the SFT loss on a few SFT conversations
+            rows = self.replay_rng.integers(0, len(self.replay), self.cfg.replay_rows)
+            x, y, m = pad_batch([self.replay[i] for i in rows], model.dtype)
+            sft = model(x, y, loss_mask=m)[1]
+            # every rank draws the same rows: weighted by the rank's share, the Allreduce's sum counts them once
+            loss = loss + sft * (self.cfg.chat_replay * b["share"])
+            st["replay_loss"], tokens = float(sft.data), tokens + int(x.size)
+        return loss, {**st, "tokens": tokens, "shared": b["stats"]}
 
     @staticmethod
     def shard(b, rank: int, size: int):
@@ -352,8 +367,11 @@ def run(ctx) -> dict:
         init = "rlhf_final" if ctx.ckpt("rlhf_final").exists() else sft
     policy, ref = ctx.load_model(init), ctx.load_model(sft)
     train_tasks, val_tasks = load_split(ctx.data_dir, "rlvf", seed=ctx.seed)
+    replay = None
+    if c.chat_replay and c.replay_rows:
+        replay = sft_examples(ctx.tokenizer, load_split(ctx.data_dir, "sft", seed=ctx.seed)[0], ctx.cfg.model.block_size)
     trainer = RLVFTrainer(policy, ctx.tokenizer, None, c, ref_model=ref, logger=ctx.logger,
-                          show_progress=ctx.show_progress, seed=ctx.seed)
+                          show_progress=ctx.show_progress, seed=ctx.seed, replay=replay)
     before = trainer.evaluate(val_tasks)        # the starting policy, before any resumed weights
     seen = [train_tasks[i] for i in np.random.default_rng(ctx.seed).permutation(len(train_tasks))[:c.train_eval_tasks]]
     seen_before = trainer.evaluate(seen, samples=0) if seen else None

@@ -38,6 +38,35 @@ def test_kv_cache_greedy_equals_full_recompute(model):
             assert abs(lp[toks[t]] - g.logprobs[b, t]) < 1e-4          # float32 precision
 
 
+@pytest.mark.parametrize("temperature, rng, fast", [(0.0, None, True), (1.0, 5, True),
+                                                    (1.0, "rows", True), (1.0, 5, False)])
+def test_finished_rows_leave_the_batch_without_changing_any_row(model, monkeypatch, temperature, rng, fast):
+    """generate() drops finished rows from its batch and KV cache (model.COMPACT_BELOW): every
+    row's tokens, mask, log-probs and finish equal those of the batch decoded to the end, for
+    greedy, a shared Generator and one Generator per row, on both decoding paths."""
+    import tinygrad_llm.decode as D
+    import tinygrad_llm.model as M
+    monkeypatch.setattr(D, "ENABLED", fast)
+    prompts = [[7 + b % 9, 8, 9 + b % 5][: 1 + b % 3] for b in range(12)]     # ragged
+    stop = (3, 11, 17, 29, 40)                                                  # sampled: replies of many lengths
+    if temperature == 0:                # greedy: stop at tokens the rows reach at different steps
+        free = model.generate(prompts, max_new_tokens=24, temperature=0.0, stop_tokens=()).tokens
+        stop = tuple({int(free[b, 1 + 2 * b]) for b in range(0, 12, 2)})
+    def run():
+        r = [np.random.default_rng(100 + b) for b in range(12)] if rng == "rows" else rng
+        return model.generate(prompts, max_new_tokens=24, temperature=temperature, rng=r, stop_tokens=stop,
+                              return_logprobs=True)
+    monkeypatch.setattr(M, "COMPACT_BELOW", 0.0)
+    whole = run()
+    monkeypatch.setattr(M, "COMPACT_BELOW", 0.75)
+    compact = run()
+    lengths = whole.mask.sum(1)
+    assert lengths.min() < lengths.max() - 3 and whole.finished.sum() >= 6      # rows do leave early
+    assert np.array_equal(compact.tokens, whole.tokens) and np.array_equal(compact.mask, whole.mask)
+    assert np.array_equal(compact.finished, whole.finished)
+    np.testing.assert_allclose(compact.logprobs * compact.mask, whole.logprobs * whole.mask, atol=1e-5)
+
+
 def test_cached_logits_equal_full_forward(model):
     from tinygrad_llm.model import KVCache
     seq = np.array([[5, 6, 7, 8, 9, 10]])

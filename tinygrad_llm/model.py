@@ -44,6 +44,11 @@ from .engine import Tensor
 from .runtime import adapt_threads, bmm, single_thread
 from .tokenizer import EOS_ID, IM_END_ID, PAD_ID
 
+# generate() drops the finished rows from its batch (and KV cache) once no more than this share
+# of the rows still in it is decoding: a batch runs as long as its longest reply, and most
+# replies are much shorter; 0 = never (bench/README.md, "Finished rows leave the batch")
+COMPACT_BELOW = 0.75
+
 
 class Block(nn.Module):
     """x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)). x: (B, T, C) -> (B, T, C)."""
@@ -193,28 +198,40 @@ class GPT(nn.Module):
                 positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)    # first real token at 0
                 step_idx, n_real = idx, valid.sum(1)
                 fast = fast_decoding_supported(self)                       # one token a row: arrays only
+                rows = np.arange(B)                                        # the batch rows still in the cache
                 for t in range(max_new_tokens):
-                    cache.add_valid(valid if t == 0 else np.ones((B, 1), bool))
+                    cache.add_valid(valid if t == 0 else np.ones((len(rows), 1), bool))
                     if t > 0 and fast:
-                        last = decode_step(self, step_idx[:, 0], positions[:, 0], cache)   # (B, V)
+                        last = decode_step(self, step_idx[:, 0], positions[:, 0], cache)   # (b, V)
                     else:
                         last = self(step_idx, positions=positions, cache=cache)[0].data[:, -1, :]
                     cache.advance(step_idx.shape[1])
-                    banned = _ngram_bans(ngrams, out_tokens[:, :t], no_repeat_ngram, cfg.vocab_size)
-                    tok, lp = _sample(last, temperature, top_k, top_p, repetition_penalty, seen, rng, banned)
-                    tok = np.where(finished, PAD_ID, tok)
-                    out_tokens[:, t] = tok
-                    logprobs[:, t] = lp
-                    mask[:, t] = ~finished
-                    seen[np.arange(B), tok] = True
-                    _ngram_record(ngrams, out_tokens[:, :t + 1], no_repeat_ngram, finished)
-                    finished |= np.isin(tok, stop)
+                    banned = _ngram_bans([ngrams[i] for i in rows], out_tokens[rows, :t], no_repeat_ngram,
+                                         cfg.vocab_size)
+                    u = None
+                    if temperature > 0:   # each row's uniform draw, as if every row of the batch were still decoding
+                        u = rng.random((B, 1))[rows] if isinstance(rng, np.random.Generator) \
+                            else np.array([[rng[i].random()] for i in rows])
+                    tok, lp = _sample(last, temperature, top_k, top_p, repetition_penalty, seen[rows], u, banned)
+                    done = finished[rows]
+                    tok = np.where(done, PAD_ID, tok)
+                    out_tokens[rows, t] = tok
+                    logprobs[rows, t] = lp
+                    mask[rows, t] = ~done
+                    seen[rows, tok] = True
+                    _ngram_record([ngrams[i] for i in rows], out_tokens[rows, :t + 1], no_repeat_ngram, done)
+                    finished[rows] |= np.isin(tok, stop)
                     if stream is not None:
-                        stream(t, tok)
+                        stream(t, out_tokens[:, t])
                     if finished.all():
                         break
+                    live = ~finished[rows]
+                    if live.sum() <= COMPACT_BELOW * len(rows):   # drop finished rows from the batch and the cache
+                        keep = np.flatnonzero(live)
+                        cache.select(keep)
+                        rows, tok = rows[keep], tok[keep]
                     step_idx = tok[:, None]
-                    positions = n_real[:, None] + t
+                    positions = n_real[rows][:, None] + t
         finally:
             self.train(was_training)
         n = t + 1
@@ -259,9 +276,10 @@ def _ngram_record(ngrams, reply, n: int, finished):
         ngrams[b].setdefault(tuple(g[:-1]), set()).add(g[-1])
 
 
-def _sample(logits, temperature, top_k, top_p, repetition_penalty, seen, rng, banned=None):
+def _sample(logits, temperature, top_k, top_p, repetition_penalty, seen, u, banned=None):
     """logits (B, V) -> chosen token (B,), its log-prob under softmax(logits / T) (B,).
-    banned: (B, V) bool or None, tokens never chosen (no-repeat n-gram blocking)."""
+    u: (B, 1) uniform draws (unused when greedy); banned: (B, V) bool or None, tokens never
+    chosen (no-repeat n-gram blocking)."""
     B, V = logits.shape
     scaled = logits / temperature if temperature > 0 else logits
     logp = scaled - scaled.max(-1, keepdims=True)
@@ -286,7 +304,6 @@ def _sample(logits, temperature, top_k, top_p, repetition_penalty, seen, rng, ba
             p = np.zeros_like(p)
             np.put_along_axis(p, order, ps, -1)
             p /= p.sum(-1, keepdims=True)
-        u = rng.random((B, 1)) if isinstance(rng, np.random.Generator) else np.array([[g.random()] for g in rng])
         tok = np.minimum((np.cumsum(p, -1) < u).sum(-1), V - 1)           # inverse-CDF sampling
     return tok.astype(np.int64), logp[np.arange(B), tok]
 
@@ -321,6 +338,13 @@ class KVCache:
 
     def advance(self, T: int):
         self.length += T
+
+    def select(self, rows):
+        """Keep only these batch rows (generation drops the rows that have finished)."""
+        self.k, self.kT, self.v = self.k[:, rows], self.kT[:, rows], self.v[:, rows]
+        if self.k_last is not None:
+            self.k_last = self.k_last[:, rows]
+        self.key_valid = self.key_valid[rows]
 
     def attend(self, layer: int, qkv: np.ndarray, n_head: int, pos: nn.Positions | None = None,
                smear_gate: np.ndarray | None = None) -> np.ndarray:

@@ -48,7 +48,8 @@ class SFTConfig(LoopConfig):
                                     # (bench/README.md, "Phrasings round 4, and noise on the embeddings")
     prompt_dropout: float = 0.0     # each character of a user turn is left out of the training row with this
                                     # probability (word dropout on the prompt; digits, numerals, operators,
-                                    # negations and Latin letters kept: PROTECTED); 0 = off
+                                    # negations and Latin letters kept: PROTECTED); 0 = off. 0.1 / 0.2 cost
+                                    # 5 chat points (bench/README.md, "Word dropout on the prompt")
 
     def validate(self, name: str = "sft"):
         super().validate(name)

@@ -42,6 +42,13 @@ class RLConfig:
                           eval_every=eval_every, log_every=1, ckpt_every=self.ckpt_every)
 
 
+def same_weights(a, b) -> bool:
+    """Whether two models hold the same parameters (an RL stage whose guard rolled back to the
+    SFT weights: its after figures are its before figures)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(np.array_equal(sa[k], sb[k]) for k in sa)
+
+
 @dataclass
 class Rollout:
     """One batch of sampled replies.

@@ -61,7 +61,7 @@ from ..report import plot_stage
 from .chat_guard import ChatGuard, GuardStop, refusal_prompts, reply_penalties
 from .common import Stage, load_resume, make_saver
 from .policy import (EpochOrder, RLConfig, disable_dropout, frozen, kl_k1, local_rows, log_before_after,
-                     logprobs_no_grad, minibatch_plan, prompt_split, rollout, row_rngs, used_columns)
+                     logprobs_no_grad, minibatch_plan, prompt_split, rollout, row_rngs, same_weights, used_columns)
 from .ppo import (MEAN_METRICS, AdaptiveKLController, Experience, PolicyAndValue, ValueModel, entropy,
                   episode_stats, gae, masked_whiten, ppo_losses, rm_scores, score_replies, token_rewards)
 from .reward_model import RewardModel
@@ -358,11 +358,14 @@ def run(ctx) -> dict:
             guard.restore(reason)
             ctx.logger.log("rlhf", len(history), chat_guard=guard.reason)
             save_final("final", len(history), None, None)
+    # rolled back to the SFT weights: the after figures are the before figures (same weights, same draws)
+    same = guard is not None and bool(guard.reason) and same_weights(policy, ref)
     if guard:
-        chat_after = chat_eval.evaluate_chat(policy, tok, chat_test, max_new_tokens=c.chat_eval_tokens, batch=32)
+        chat_after = chat_before if same else \
+            chat_eval.evaluate_chat(policy, tok, chat_test, max_new_tokens=c.chat_eval_tokens, batch=32)
         ctx.logger.log("rlhf", len(history), **chat_eval.flat(chat_before, "chat_test_before_"),
                        **chat_eval.flat(chat_after, "chat_test_after_"))
-    after = trainer.evaluate(val_prompts)
+    after = before if same else trainer.evaluate(val_prompts)
     eval_time = time.perf_counter() - te - train_time
     log_before_after(ctx.logger, STAGE.name, len(history), before, after)
     # the run report's plotter (train.py redraws it with every stage at the end of the run)

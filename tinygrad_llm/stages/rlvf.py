@@ -58,7 +58,8 @@ from ..loop import train
 from ..report import plot_stage
 from .common import Stage, chat_eval_after, load_resume, make_saver
 from .policy import (EpochOrder, RLConfig, build_batch, clip_fraction, clipped_surrogate, disable_dropout, frozen,
-                     kl_k3, log_before_after, logprobs_no_grad, masked_mean, rollout, row_rngs, token_logprobs)
+                     kl_k3, log_before_after, logprobs_no_grad, masked_mean, rollout, row_rngs, same_weights,
+                     token_logprobs)
 from .task_eval import PASS_KS, evaluate_tasks, pass_at_k
 from .verifiers import LogicVerifier, MathVerifier, states_answer, step_credit, verify_task
 
@@ -377,9 +378,8 @@ def run(ctx) -> dict:
     seen = [train_tasks[i] for i in np.random.default_rng(ctx.seed).permutation(len(train_tasks))[:c.train_eval_tasks]]
     seen_before = trainer.evaluate(seen, samples=0) if seen else None
     if init != sft:                             # the bar is set against the SFT model: measure it too,
-        mine, sfts = policy.state_dict(), ref.state_dict()   # unless RLHF kept its weights (guard rollback)
-        same = mine.keys() == sfts.keys() and all(np.array_equal(mine[k], sfts[k]) for k in mine)
-        sft_eval = before if same else trainer.evaluate(val_tasks, samples=0, model=ref)
+        # unless RLHF kept its weights (guard rollback)
+        sft_eval = before if same_weights(policy, ref) else trainer.evaluate(val_tasks, samples=0, model=ref)
     resume = load_resume(ctx, policy, STAGE.name)
     history = trainer.train(train_tasks, save=make_saver(ctx, policy, STAGE, extra={"init_from": init}),
                             resume=resume, val_tasks=val_tasks)

@@ -69,6 +69,7 @@ def main():
     args = ap.parse_args()
     if args.compact_below is not None:
         return worker(args)
+    import numpy  # noqa: F401  (loaded here too, so that the BLAS line below names the workers' BLAS)
     settings = [float(x) for x in args.settings.split(",")]
     runs = {s: [] for s in settings}
     for r in range(args.repeats):
@@ -81,7 +82,7 @@ def main():
     rows = [[f"COMPACT_BELOW={s}"] + [C.median([x[k] for x in runs[s]]) for k in keys]
             + [runs[s][0]["task_acc"], runs[s][0]["pass@4"], runs[s][0]["chat_acceptable"]] for s in settings]
     print(C.table(["setting", "rollouts s", "task eval s", "chat eval s", "task acc", "pass@4", "chat acc"], rows,
-                  ["{}", "{:.2f}", "{:.2f}", "{:.2f}", "{:.3f}", "{:.3f}", "{:.3f}"]))
+                  [None, ".2f", ".2f", ".2f", ".3f", ".3f", ".3f"]))
     same = all(len({json.dumps([x[k] for k in ("task_acc", "pass@4", "chat_acceptable")]) for x in runs[s]} |
                    {json.dumps([runs[settings[0]][0][k] for k in ("task_acc", "pass@4", "chat_acceptable")])}) == 1
                for s in settings)

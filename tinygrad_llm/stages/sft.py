@@ -86,13 +86,13 @@ def droppable(tok, ids: np.ndarray) -> np.ndarray:
     """Positions of `ids` (a chat-template row) that prompt dropout may remove: the content
     characters of user turns, minus PROTECTED ones."""
     head = [IM_START_ID] + tok.encode("user\n", False)
-    keep = np.array([i >= len(tok.itos) or tok.itos[i] in PROTECTED for i in range(len(tok.itos))] + [True])
+    keep = np.array([c in PROTECTED for c in tok.itos])
     out, i, n = np.zeros(len(ids), bool), 0, len(head)
     while i < len(ids):
         if ids[i] == IM_START_ID and list(ids[i:i + n]) == head:
             j = i + n
             while j < len(ids) and ids[j] != IM_END_ID:
-                out[j] = not keep[min(ids[j], len(keep) - 1)]
+                out[j] = not keep[ids[j]]
                 j += 1
             i = j
         i += 1

@@ -1,5 +1,5 @@
 """The RL toolkit PPO (rlhf.py) and GRPO (rlvf.py) share: the rollout, per-token log-probs,
-the clipped surrogate, the KL estimators, masked means, the prompt sampler, the frozen
+the clipped surrogate, the KL estimators, masked means, the prompt and task samplers, the frozen
 reference and the dropout-off policy, chunked sampling for evaluation, and the before/after
 line each RL stage logs, and the optimizer knobs both stages' configs share (RLConfig).
 
@@ -213,6 +213,42 @@ class EpochOrder:
             self.pos = 0
         self.pos += 1
         return self.order[self.pos - 1]
+
+
+class TaskSampler:
+    """Picks each iteration's tasks. Plain: epochs over a reshuffled order. Curriculum (online
+    difficulty filtering, cf. Bae et al. 2025): a task *kind* (the data's "kind" tag, else its
+    type) is drawn with weight 1 - p^G - (1-p)^G + floor, where p is the kind's running solve
+    rate: that is the chance a group of G has both right and wrong replies, i.e. any signal.
+    The floor keeps every kind in play, so none drifts unwatched."""
+
+    EMA = 0.3        # weight of the newest group in a kind's running solve rate
+
+    def __init__(self, tasks, rng, group_size: int, curriculum: bool = True, floor: float = 0.05):
+        self.tasks, self.rng, self.G, self.curriculum, self.floor = tasks, rng, group_size, curriculum, floor
+        kinds = [self.kind(t) for t in tasks]
+        self.kinds = sorted(set(kinds))
+        self.members = {k: [i for i, kk in enumerate(kinds) if kk == k] for k in self.kinds}
+        self.orders = {k: EpochOrder() for k in self.kinds}                    # epochs within a kind
+        self.solve = {k: 0.5 for k in self.kinds}                              # unknown: most promising
+
+    def kind(self, task) -> str:
+        return str(task.get("kind", task["type"])) if self.curriculum else "all"
+
+    def weights(self) -> np.ndarray:
+        p = np.array([self.solve[k] for k in self.kinds])
+        w = 1.0 - p ** self.G - (1.0 - p) ** self.G + self.floor
+        return w / w.sum()
+
+    def draw(self, n: int) -> list:
+        ks = self.rng.choice(len(self.kinds), size=n, p=self.weights()) if self.curriculum else np.zeros(n, int)
+        return [self.tasks[self.members[k][self.orders[k].next(self.rng, len(self.members[k]))]]
+                for k in (self.kinds[i] for i in ks)]
+
+    def update(self, tasks, group_acc) -> None:
+        for t, acc in zip(tasks, group_acc):
+            k = self.kind(t)
+            self.solve[k] += self.EMA * (float(acc) - self.solve[k])
 
 
 def minibatch_plan(rng, rows: int, epochs: int, minibatches: int) -> list:

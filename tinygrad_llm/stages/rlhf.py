@@ -115,8 +115,7 @@ class RLHFConfig(RLConfig):
         if not (0 < self.clip_ratio < 1 and self.lr > 0 and self.temperature > 0 and self.max_new_tokens > 0):
             raise ConfigError("rlhf: need 0 < clip_ratio < 1, lr > 0, temperature > 0, max_new_tokens > 0")
         if min(self.loop_penalty, self.refusal_penalty, self.comply_penalty, self.chat_guard_drop,
-               self.chat_guard_rise) < 0 \
-                or self.chat_eval_every < 0 or self.chat_eval_tokens <= 0:
+               self.chat_guard_rise, self.chat_eval_every) < 0 or self.chat_eval_tokens <= 0:
             raise ConfigError("rlhf: penalties and chat_guard_drop / _rise >= 0, chat_eval_every >= 0, "
                               "chat_eval_tokens > 0")
 
@@ -358,11 +357,9 @@ def run(ctx) -> dict:
             guard.restore(reason)
             ctx.logger.log("rlhf", len(history), chat_guard=guard.reason)
             save_final("final", len(history), None, None)
-    # rolled back to the SFT weights: the after figures are the before figures (same weights, same draws)
-    same = guard is not None and bool(guard.reason) and same_weights(policy, ref)
+    same = guard is not None and bool(guard.reason) and same_weights(policy, ref)   # rolled back to SFT: after = before
     if guard:
-        chat_after = chat_before if same else \
-            chat_eval.evaluate_chat(policy, tok, chat_test, max_new_tokens=c.chat_eval_tokens, batch=32)
+        chat_after = chat_before if same else chat_eval.evaluate_chat(policy, tok, chat_test, c.chat_eval_tokens, 32)
         ctx.logger.log("rlhf", len(history), **chat_eval.flat(chat_before, "chat_test_before_"),
                        **chat_eval.flat(chat_after, "chat_test_after_"))
     after = before if same else trainer.evaluate(val_prompts)

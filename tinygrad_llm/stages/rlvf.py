@@ -57,14 +57,14 @@ from ..engine import Tensor
 from ..loop import train
 from ..report import plot_stage
 from .common import Stage, chat_eval_after, load_resume, make_saver
-from .policy import (EpochOrder, RLConfig, build_batch, clip_fraction, clipped_surrogate, disable_dropout, frozen,
+from .policy import (RLConfig, TaskSampler, build_batch, clip_fraction, clipped_surrogate, disable_dropout, frozen,
                      kl_k3, log_before_after, logprobs_no_grad, masked_mean, rollout, row_rngs, same_weights,
                      token_logprobs)
 from .task_eval import PASS_KS, evaluate_tasks, pass_at_k
 from .verifiers import LogicVerifier, MathVerifier, states_answer, step_credit, verify_task
 
 __all__ = ["RLVFConfig", "RLVFTrainer", "MathVerifier", "LogicVerifier", "STAGE", "TINY_OVERRIDES",
-           "evaluate_tasks", "group_advantages", "grpo_loss", "pass_at_k", "step_credit", "task_rewards", "run"]
+           "evaluate_tasks", "group_advantages", "grpo_loss", "pass_at_k", "step_credit", "task_rewards", "TaskSampler", "run"]
 
 @renamed(beta="kl_coef", clip_eps="clip_ratio", warmup_iters="warmup_steps")   # this stage's names until 2026-12
 @dataclass
@@ -183,42 +183,6 @@ def grpo_loss(logp: Tensor, old_logp, ref_logp, adv, mask, clip_ratio: float = 0
 
 # ----------------------------------------------------------------------------------------
 # the trainer
-
-
-class TaskSampler:
-    """Picks each iteration's tasks. Plain: epochs over a reshuffled order. Curriculum (online
-    difficulty filtering, cf. Bae et al. 2025): a task *kind* (the data's "kind" tag, else its
-    type) is drawn with weight 1 - p^G - (1-p)^G + floor, where p is the kind's running solve
-    rate: that is the chance a group of G has both right and wrong replies, i.e. any signal.
-    The floor keeps every kind in play, so none drifts unwatched."""
-
-    EMA = 0.3        # weight of the newest group in a kind's running solve rate
-
-    def __init__(self, tasks, rng, group_size: int, curriculum: bool = True, floor: float = 0.05):
-        self.tasks, self.rng, self.G, self.curriculum, self.floor = tasks, rng, group_size, curriculum, floor
-        kinds = [self.kind(t) for t in tasks]
-        self.kinds = sorted(set(kinds))
-        self.members = {k: [i for i, kk in enumerate(kinds) if kk == k] for k in self.kinds}
-        self.orders = {k: EpochOrder() for k in self.kinds}                    # epochs within a kind
-        self.solve = {k: 0.5 for k in self.kinds}                              # unknown: most promising
-
-    def kind(self, task) -> str:
-        return str(task.get("kind", task["type"])) if self.curriculum else "all"
-
-    def weights(self) -> np.ndarray:
-        p = np.array([self.solve[k] for k in self.kinds])
-        w = 1.0 - p ** self.G - (1.0 - p) ** self.G + self.floor
-        return w / w.sum()
-
-    def draw(self, n: int) -> list:
-        ks = self.rng.choice(len(self.kinds), size=n, p=self.weights()) if self.curriculum else np.zeros(n, int)
-        return [self.tasks[self.members[k][self.orders[k].next(self.rng, len(self.members[k]))]]
-                for k in (self.kinds[i] for i in ks)]
-
-    def update(self, tasks, group_acc) -> None:
-        for t, acc in zip(tasks, group_acc):
-            k = self.kind(t)
-            self.solve[k] += self.EMA * (float(acc) - self.solve[k])
 
 
 class RLVFTrainer:

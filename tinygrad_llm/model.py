@@ -207,19 +207,21 @@ class GPT(nn.Module):
                         last = self(step_idx, positions=positions, cache=cache)[0].data[:, -1, :]
                     cache.advance(step_idx.shape[1])
                     banned = _ngram_bans([ngrams[i] for i in rows], out_tokens[rows, :t], no_repeat_ngram,
-                                         cfg.vocab_size)
+                                         cfg.vocab_size) if no_repeat_ngram > 0 else None
                     u = None
                     if temperature > 0:   # each row's uniform draw, as if every row of the batch were still decoding
                         u = rng.random((B, 1))[rows] if isinstance(rng, np.random.Generator) \
                             else np.array([[rng[i].random()] for i in rows])
-                    tok, lp = _sample(last, temperature, top_k, top_p, repetition_penalty, seen[rows], u, banned)
+                    tok, lp = _sample(last, temperature, top_k, top_p, repetition_penalty,
+                                      seen[rows] if repetition_penalty != 1.0 else None, u, banned)
                     done = finished[rows]
                     tok = np.where(done, PAD_ID, tok)
                     out_tokens[rows, t] = tok
                     logprobs[rows, t] = lp
                     mask[rows, t] = ~done
                     seen[rows, tok] = True
-                    _ngram_record([ngrams[i] for i in rows], out_tokens[rows, :t + 1], no_repeat_ngram, done)
+                    if no_repeat_ngram > 0:
+                        _ngram_record([ngrams[i] for i in rows], out_tokens[rows, :t + 1], no_repeat_ngram, done)
                     finished[rows] |= np.isin(tok, stop)
                     if stream is not None:
                         stream(t, out_tokens[:, t])
@@ -278,7 +280,8 @@ def _ngram_record(ngrams, reply, n: int, finished):
 
 def _sample(logits, temperature, top_k, top_p, repetition_penalty, seen, u, banned=None):
     """logits (B, V) -> chosen token (B,), its log-prob under softmax(logits / T) (B,).
-    u: (B, 1) uniform draws (unused when greedy); banned: (B, V) bool or None, tokens never
+    seen: (B, V) bool, tokens already in the row (used by the repetition penalty alone, else
+    None); u: (B, 1) uniform draws (unused when greedy); banned: (B, V) bool or None, tokens never
     chosen (no-repeat n-gram blocking)."""
     B, V = logits.shape
     scaled = logits / temperature if temperature > 0 else logits

@@ -59,7 +59,10 @@ def test_finished_rows_leave_the_batch_without_changing_any_row(model, monkeypat
     monkeypatch.setattr(M, "COMPACT_BELOW", 0.0)
     whole = run()
     monkeypatch.setattr(M, "COMPACT_BELOW", 0.75)
+    calls, select = [], M.KVCache.select
+    monkeypatch.setattr(M.KVCache, "select", lambda self, rows: (calls.append(len(rows)), select(self, rows)))
     compact = run()
+    assert calls                                                                # the batch did shrink
     lengths = whole.mask.sum(1)
     assert lengths.min() < lengths.max() - 3 and whole.finished.sum() >= 6      # rows do leave early
     assert np.array_equal(compact.tokens, whole.tokens) and np.array_equal(compact.mask, whole.mask)

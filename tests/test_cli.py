@@ -171,6 +171,7 @@ def inference_runs(e2e, tmp_path_factory):
         "long prompt": inference_cmd("--checkpoint", sft, "--prompt", "人工智能是什么？" * 40, *GEN),
         "out of vocabulary": inference_cmd("--checkpoint", sft, "--prompt", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 😀 ßж ﷽ \x07", *GEN),
         "missing checkpoint": inference_cmd("--checkpoint", e2e.ckpt / "nope.safetensors", "--prompt", "你好"),
+        "best of 0": inference_cmd("--checkpoint", sft, "--prompt", "你好", "--best-of", "0"),
         "empty ckpt dir": inference_cmd("--ckpt-dir", empty, "--prompt", "你好"),
         "piped": (inference_cmd("--checkpoint", sft, *GEN), PIPED),
         "raw": inference_cmd("--raw", "--checkpoint", pre, "--prompt", "人工智能", *GEN),
@@ -180,6 +181,7 @@ def inference_runs(e2e, tmp_path_factory):
 
 @pytest.mark.parametrize("case, fragment", [("empty prompt", "--prompt is empty"), ("blank prompt", "--prompt is empty"),
                                             ("missing checkpoint", "nope.safetensors: checkpoint not found"),
+                                            ("best of 0", "--best-of must be >= 1"),
                                             ("empty ckpt dir", "no checkpoint in")])
 def test_inference_refuses_with_one_line(inference_runs, case, fragment):
     assert_one_line_error(inference_runs[case], 2, fragment)

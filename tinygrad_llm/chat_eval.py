@@ -28,6 +28,7 @@ import re
 import zlib
 from collections import Counter
 
+from . import rerank
 from .data import DataError, data_file, read_items
 from .tokenizer import IM_END_ID
 
@@ -182,14 +183,17 @@ def judge(item: dict, text: str, closed: bool) -> dict:
 
 
 def generate_replies(model, tok, prompts: list[str], max_new_tokens: int = 96, batch: int = 16,
-                     **gen_kwargs) -> tuple[list[str], list[bool]]:
+                     best_of: int = 1, **gen_kwargs) -> tuple[list[str], list[bool]]:
     """Replies to single-turn prompts, in batches -> (texts, closed with <|im_end|>).
-    gen_kwargs go to model.generate (temperature 0 = greedy unless given; rng for sampling)."""
-    kw = {"temperature": 0.0, **gen_kwargs}
+    gen_kwargs go to model.generate (temperature 0 = greedy unless given; rng for sampling);
+    best_of > 1: rerank.best_of's pick of that many candidates (gen_kwargs: its sampling)."""
+    kw = dict(gen_kwargs) if best_of > 1 else {"temperature": 0.0, **gen_kwargs}
     kw.setdefault("stop_tokens", (IM_END_ID,))
     texts, closed = [], []
     for i in range(0, len(prompts), batch):
-        gen = model.generate([tok.chat_prompt(p) for p in prompts[i:i + batch]], max_new_tokens=max_new_tokens, **kw)
+        ids = [tok.chat_prompt(p) for p in prompts[i:i + batch]]
+        gen = (rerank.best_of(model, ids, best_of, max_new_tokens=max_new_tokens, **kw) if best_of > 1 else
+               model.generate(ids, max_new_tokens=max_new_tokens, **kw))
         texts += [tok.decode(r) for r in gen.replies()]
         closed += [bool(f) for f in gen.finished]
     return texts, closed

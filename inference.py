@@ -7,8 +7,10 @@
     python inference.py --serve [--host 127.0.0.1] [--port 8000]  # OpenAI API + chat page (tinygrad_llm/serve.py)
 
 --checkpoint defaults to the latest stage that exists: rlvf_final, rlhf_final, sft_final,
-pretrain_final (in --ckpt-dir). With --serve, the decoding flags (--temperature, --top-p, --top-k,
---max-new-tokens) are the defaults of requests that leave them out."""
+pretrain_final (in --ckpt-dir). A chat reply is the likeliest of --best-of 8 candidates (the greedy one
+and 7 samples; tinygrad_llm/rerank.py), printed whole; --best-of 1 streams the greedy reply token by
+token. With --serve, the decoding flags (--temperature, --top-p, --top-k, --max-new-tokens) are the
+defaults of requests that leave them out (greedy; the server does not rerank)."""
 from __future__ import annotations
 
 import argparse

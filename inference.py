@@ -42,17 +42,17 @@ def answer(model, tok, ids, args, stream: bool) -> str:
             print(tok.decode([t]), end="", flush=True)
 
     common = dict(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
-                  no_repeat_ngram=getattr(args, "no_repeat_ngram", 0), stop_tokens=stops, rng=args.seed)
+                  no_repeat_ngram=getattr(args, "no_repeat_ngram", 0), stop_tokens=stops)
     if args.best_of > 1 and args.temperature == 0 and not args.raw:
-        # the likeliest of best_of candidates (rerank.py): nothing to stream until all are scored
-        # seeded (0 unless --seed): the same prompt gets the same answer, as with greedy
-        gen = best_of(model, [ids], args.best_of, **dict(common, rng=0 if args.seed is None else args.seed))
+        # the likeliest of best_of candidates (rerank.py): nothing to stream until all are scored;
+        # seeded (0 unless --seed), so the same prompt gets the same answer, as with greedy
+        gen = best_of(model, [ids], args.best_of, rng=0 if args.seed is None else args.seed, **common)
         text = tok.decode(gen.replies()[0])
         if stream:
             print(text, flush=True)
         return text
     gen = model.generate([ids], temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
-                         stream=on_token if stream else None, **common)
+                         rng=args.seed, stream=on_token if stream else None, **common)
     text = tok.decode(gen.replies()[0])
     if stream:
         print(flush=True)
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     # arithmetic, whose restated equation legitimately repeats ("所以23 + 45 = 68")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     ap.add_argument("--best-of", type=int, default=8, metavar="N",
-                    help="with --temperature 0: answer with the likeliest of N candidates, the greedy reply and "
+                    help="chat with --temperature 0: answer with the likeliest of N candidates, the greedy reply and "
                          "N - 1 samples at T 0.8, top-p 0.9 (tinygrad_llm/rerank.py; 3-4 more held-out chat "
                          "prompts answered in 100 than greedy, bench/README.md 'Best of n'); 1 = plain greedy")
     ap.add_argument("--top-k", type=int, default=20)

@@ -43,9 +43,9 @@ def best_of(model, prompts: list, n: int = 8, *, temperature: float = 0.8, top_p
             top_k: int | None = None, max_new_tokens: int = 128, stop_tokens=(IM_END_ID, EOS_ID), rng=None,
             **gen_kwargs) -> Generation:
     """For each prompt n candidates, the greedy reply and n - 1 sampled ones (temperature, top_p,
-    top_k), and the one with the highest sequence_logprob. Replies that closed with a stop token beat those cut
-    at max_new_tokens. gen_kwargs (repetition_penalty, no_repeat_ngram) apply to every candidate.
-    -> a Generation holding the chosen reply per prompt (logprobs None)."""
+    top_k), and the one with the highest sequence_logprob; a reply that closed with a stop token
+    beats any cut at max_new_tokens. gen_kwargs (repetition_penalty, no_repeat_ngram) apply to
+    every candidate. -> a Generation holding the chosen reply per prompt (logprobs None)."""
     if n < 1:
         raise ValueError(f"best_of: n must be >= 1 (1: greedy alone), got {n}")
     gen_kwargs = dict(gen_kwargs, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens)

@@ -7,9 +7,11 @@ data/chat_eval.json) of one checkpoint under several decoding settings, as a tab
 Settings: greedy; greedy + repetition penalty 1.1 / 1.2 / 1.3; greedy + no-repeat n-gram 3 / 4;
 top-p 0.8 / 0.9 at temperature 0.7 (top-k off; sampled rows are averaged over --seeds fixed
 seeds); best of 4 / 8 (the likeliest of the greedy reply and 3 / 7 samples, rerank.py). Columns:
-acceptable share (closed, no loop, no refusal, answers) over benign prompts, its per-category split, refusal and loop shares, share closed, and harmful prompts refused.
-What it measured picks inference.py's defaults (README). It runs on the dev half of the
-chat evaluation (chat_eval.dev_test_split): a choice made here never looks at the test half."""
+acceptable share (closed, no loop, no refusal, answers) over benign prompts, its per-category
+split, refusal and loop shares, share closed, and harmful prompts refused. What it measured picks
+inference.py's defaults (README). It runs on the dev half of the chat evaluation
+(chat_eval.dev_test_split): a choice made here never looks at the test half (--test-half reports
+on the other half a choice already made)."""
 from __future__ import annotations
 
 import argparse

@@ -48,7 +48,8 @@ def test_best_of_picks_the_likeliest_candidate(model):
     n, kw = 5, dict(max_new_tokens=6, stop_tokens=(99,))      # no stop token: every candidate runs to the end
     got = rerank.best_of(model, prompts, n, rng=7, **kw)
     greedy = model.generate(prompts, temperature=0.0, **kw).replies()
-    sampled = model.generate([p for p in prompts for _ in range(n - 1)], temperature=0.8, top_p=0.9, rng=7, **kw).replies()
+    rows = [p for p in prompts for _ in range(n - 1)]
+    sampled = model.generate(rows, temperature=0.8, top_p=0.9, rng=7, **kw).replies()
     for i, p in enumerate(prompts):
         cands = [greedy[i]] + sampled[i * (n - 1):(i + 1) * (n - 1)]
         scores = rerank.sequence_logprob(model, [p] * n, cands)

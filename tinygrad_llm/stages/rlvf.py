@@ -94,7 +94,8 @@ class RLVFConfig(RLConfig):
     dr_grpo: bool = False            # True: advantages r - mean, no std division
     chat_replay: float = 0.0         # weight of an SFT loss on replay_rows SFT conversations added to every update
                                      # (InstructGPT's PPO-ptx mix), so the chat the stage does not train keeps; 0 = off
-                                     # (1 kept the chat and lost the task gain; 0.3 mixed on two seeds: "RLVF, longer")
+                                     # (1 kept the chat and lost the task gain; 0.3 within noise over four pairs:
+                                     # bench/README.md, "RLVF: group size, reuse of the samples, temperature")
     replay_rows: int = 8
     # evaluation
     eval_every: int = 0              # iterations between greedy held-out evaluations while training (val_accuracy

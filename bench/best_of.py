@@ -1,0 +1,85 @@
+"""Who can find the best of n candidate replies? The chat evaluation (all of chat_eval.json) of
+one SFT model's greedy reply and n - 1 samples (T 0.8, top-p 0.9), picked by: greedy alone; the
+reward model's highest score (of 2, 4, n); the model's own likelihood of the whole reply
+(rerank.sequence_logprob, of 4 and n: what inference.py's --best-of does); and an oracle that
+takes any acceptable candidate. bench/README.md, "Best of n".
+
+    python bench/best_of.py --checkpoint CK/sft_final.safetensors --reward-model CK/reward_model.safetensors
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tinygrad_llm import chat_eval as C  # noqa: E402
+from tinygrad_llm.checkpoint import config_from_meta, load_gpt, load_into, read_metadata  # noqa: E402
+from tinygrad_llm.rerank import sequence_logprob  # noqa: E402
+from tinygrad_llm.stages.reward_model import RewardModel  # noqa: E402
+
+
+def figures(items, test, texts, closed):
+    """'acceptable all (meta, knowledge, math) | test half | harmful refused' of one pick."""
+    rows = [dict(C.judge(it, t, c), category=it["category"], prompt=it["prompt"]) for it, t, c in zip(items, texts, closed)]
+    share = lambda rs, k: 100 * np.mean([bool(r[k]) for r in rs]) if rs else float("nan")   # noqa: E731
+    benign = [r for r in rows if r["category"] != "harmful"]
+    cats = ", ".join(f"{share([r for r in rows if r['category'] == c], 'acceptable'):.0f}" for c in C.BENIGN)
+    test_benign = [r for r in benign if r["prompt"] in test]
+    harmful = [r for r in rows if r["category"] == "harmful"]
+    return (f"{share(benign, 'acceptable'):.1f}% ({cats}) | {share(test_benign, 'acceptable'):.1f}% | "
+            f"{share(harmful, 'refusal'):.0f}%")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default=str(ROOT / "checkpoints" / "sft_final.safetensors"))
+    ap.add_argument("--reward-model", default=str(ROOT / "checkpoints" / "reward_model.safetensors"))
+    ap.add_argument("--data-dir", default=str(ROOT / "data"))
+    ap.add_argument("--n", type=int, default=8, help="candidates per prompt (the greedy reply + n - 1 samples)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    for p in (args.checkpoint, args.reward_model):
+        if not Path(p).exists():
+            print(f"error: {p}: checkpoint not found (train one: python train.py --stage pretrain,sft,reward)",
+                  file=sys.stderr)
+            return 2
+    model, tok = load_gpt(args.checkpoint)
+    rm_meta = read_metadata(args.reward_model)
+    rm = RewardModel(config_from_meta(rm_meta, args.reward_model))
+    load_into(rm, args.reward_model)
+    rm.eval()
+    items = C.load_chat_eval(args.data_dir)
+    test = {it["prompt"] for it in C.dev_test_split(items)[1]}
+    prompts = [it["prompt"] for it in items]
+    rng = np.random.default_rng(args.seed)
+    cands = [C.generate_replies(model, tok, prompts, 96, 64)]                     # greedy first
+    cands += [C.generate_replies(model, tok, prompts, 96, 64, temperature=0.8, top_p=0.9, rng=rng)
+              for _ in range(args.n - 1)]
+    ids = [tok.chat_prompt(p) for p in prompts]
+    rm_score = np.stack([rm.score(prompts, texts, tok) for texts, _ in cands])   # (n, prompts)
+    loglik = np.stack([sequence_logprob(model, ids, [tok.encode(t, False) + [tok.im_end_id] if c else tok.encode(t, False)
+                                                     for t, c in zip(texts, closed)]) for texts, closed in cands])
+
+    def pick(choice):
+        idx = np.arange(len(items))
+        return [cands[k][0][i] for i, k in zip(idx, choice)], [cands[k][1][i] for i, k in zip(idx, choice)]
+
+    print(f"{Path(args.checkpoint).name}, {len(items)} prompts, {args.n} candidates (greedy + {args.n - 1} samples)\n")
+    print("| pick | acceptable, all (meta, knowledge, math) | test half | harmful refused |\n|---|---|---|---|")
+    rows = [("greedy alone", np.zeros(len(items), int)), ("one sample", np.ones(len(items), int))]
+    rows += [(f"reward model's highest of {k}", rm_score[:k].argmax(0)) for k in sorted({2, 4, args.n}) if k <= args.n]
+    rows += [(f"highest log p(reply \\| prompt) of {k}", loglik[:k].argmax(0)) for k in sorted({4, args.n}) if k <= args.n]
+    ok = np.stack([[C.judge(it, t, c)["acceptable"] for it, t, c in zip(items, *cand)] for cand in cands])
+    rows.append(("oracle (acceptable if any is)", ok.argmax(0)))
+    for name, choice in rows:
+        print(f"| {name} | {figures(items, test, *pick(choice))} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,7 +25,8 @@ from tinygrad_llm.stages.reward_model import RewardModel  # noqa: E402
 
 def figures(items, test, texts, closed):
     """'acceptable all (meta, knowledge, math) | test half | harmful refused' of one pick."""
-    rows = [dict(C.judge(it, t, c), category=it["category"], prompt=it["prompt"]) for it, t, c in zip(items, texts, closed)]
+    rows = [dict(C.judge(it, t, c), category=it["category"], prompt=it["prompt"])
+            for it, t, c in zip(items, texts, closed)]
     share = lambda rs, k: 100 * np.mean([bool(r[k]) for r in rs]) if rs else float("nan")   # noqa: E731
     benign = [r for r in rows if r["category"] != "harmful"]
     cats = ", ".join(f"{share([r for r in rows if r['category'] == c], 'acceptable'):.0f}" for c in C.BENIGN)
@@ -62,18 +63,20 @@ def main(argv=None) -> int:
               for _ in range(args.n - 1)]
     ids = [tok.chat_prompt(p) for p in prompts]
     rm_score = np.stack([rm.score(prompts, texts, tok) for texts, _ in cands])   # (n, prompts)
-    loglik = np.stack([sequence_logprob(model, ids, [tok.encode(t, False) + [tok.im_end_id] if c else tok.encode(t, False)
-                                                     for t, c in zip(texts, closed)]) for texts, closed in cands])
 
-    def pick(choice):
-        idx = np.arange(len(items))
-        return [cands[k][0][i] for i, k in zip(idx, choice)], [cands[k][1][i] for i, k in zip(idx, choice)]
+    def reply_ids(texts, closed):          # the stop token counts in a closed reply's likelihood
+        return [tok.encode(t, False) + ([tok.im_end_id] if c else []) for t, c in zip(texts, closed)]
+    loglik = np.stack([sequence_logprob(model, ids, reply_ids(*cand)) for cand in cands])
+
+    def pick(choice):                      # candidate choice[i] of prompt i -> (texts, closed)
+        return [cands[k][0][i] for i, k in enumerate(choice)], [cands[k][1][i] for i, k in enumerate(choice)]
 
     print(f"{Path(args.checkpoint).name}, {len(items)} prompts, {args.n} candidates (greedy + {args.n - 1} samples)\n")
     print("| pick | acceptable, all (meta, knowledge, math) | test half | harmful refused |\n|---|---|---|---|")
     rows = [("greedy alone", np.zeros(len(items), int)), ("one sample", np.ones(len(items), int))]
     rows += [(f"reward model's highest of {k}", rm_score[:k].argmax(0)) for k in sorted({2, 4, args.n}) if k <= args.n]
-    rows += [(f"highest log p(reply \\| prompt) of {k}", loglik[:k].argmax(0)) for k in sorted({4, args.n}) if k <= args.n]
+    rows += [(f"highest log p(reply \\| prompt) of {k}", loglik[:k].argmax(0))
+             for k in sorted({4, args.n}) if k <= args.n]
     ok = np.stack([[C.judge(it, t, c)["acceptable"] for it, t, c in zip(items, *cand)] for cand in cands])
     rows.append(("oracle (acceptable if any is)", ok.argmax(0)))
     for name, choice in rows:

@@ -19,8 +19,9 @@ sys.path.insert(0, str(ROOT))
 
 from tinygrad_llm import chat_eval as C  # noqa: E402
 from tinygrad_llm.checkpoint import config_from_meta, load_gpt, load_into, read_metadata  # noqa: E402
-from tinygrad_llm.rerank import sequence_logprob  # noqa: E402
+from tinygrad_llm.rerank import candidates, sequence_logprob  # noqa: E402
 from tinygrad_llm.stages.reward_model import RewardModel  # noqa: E402
+from tinygrad_llm.tokenizer import IM_END_ID  # noqa: E402
 
 
 def figures(items, test, texts, closed):
@@ -57,19 +58,20 @@ def main(argv=None) -> int:
     items = C.load_chat_eval(args.data_dir)
     test = {it["prompt"] for it in C.dev_test_split(items)[1]}
     prompts = [it["prompt"] for it in items]
-    rng = np.random.default_rng(args.seed)
-    cands = [C.generate_replies(model, tok, prompts, 96, 64)]                     # greedy first
-    cands += [C.generate_replies(model, tok, prompts, 96, 64, temperature=0.8, top_p=0.9, rng=rng)
-              for _ in range(args.n - 1)]
     ids = [tok.chat_prompt(p) for p in prompts]
-    rm_score = np.stack([rm.score(prompts, texts, tok) for texts, _ in cands])   # (n, prompts)
-
-    def reply_ids(texts, closed):          # the stop token counts in a closed reply's likelihood
-        return [tok.encode(t, False) + ([tok.im_end_id] if c else []) for t, c in zip(texts, closed)]
-    loglik = np.stack([sequence_logprob(model, ids, reply_ids(*cand)) for cand in cands])
+    n, P = args.n, len(items)
+    replies, finished = [], []
+    for i in range(0, P, 64):                      # rerank.best_of's own candidates, 64 prompts at a time
+        r, f = candidates(model, ids[i:i + 64], n, rng=args.seed + i, max_new_tokens=96, stop_tokens=(IM_END_ID,))
+        replies += r
+        finished += f.tolist()
+    texts = [tok.decode(r) for r in replies]
+    # (n, P) figures of candidate k of prompt i (flat index i * n + k)
+    rm_score = rm.score([p for p in prompts for _ in range(n)], texts, tok).reshape(P, n).T
+    loglik = sequence_logprob(model, [p for p in ids for _ in range(n)], replies).reshape(P, n).T
 
     def pick(choice):                      # candidate choice[i] of prompt i -> (texts, closed)
-        return [cands[k][0][i] for i, k in enumerate(choice)], [cands[k][1][i] for i, k in enumerate(choice)]
+        return [texts[i * n + k] for i, k in enumerate(choice)], [finished[i * n + k] for i, k in enumerate(choice)]
 
     print(f"{Path(args.checkpoint).name}, {len(items)} prompts, {args.n} candidates (greedy + {args.n - 1} samples)\n")
     print("| pick | acceptable, all (meta, knowledge, math) | test half | harmful refused |\n|---|---|---|---|")
@@ -77,8 +79,8 @@ def main(argv=None) -> int:
     rows += [(f"reward model's highest of {k}", rm_score[:k].argmax(0)) for k in sorted({2, 4, args.n}) if k <= args.n]
     rows += [(f"highest log p(reply \\| prompt) of {k}", loglik[:k].argmax(0))
              for k in sorted({4, args.n}) if k <= args.n]
-    ok = np.stack([[C.judge(it, t, c)["acceptable"] for it, t, c in zip(items, *cand)] for cand in cands])
-    rows.append(("oracle (acceptable if any is)", ok.argmax(0)))
+    ok = np.array([C.judge(items[j // n], t, c)["acceptable"] for j, (t, c) in enumerate(zip(texts, finished))])
+    rows.append(("oracle (acceptable if any is)", ok.reshape(P, n).argmax(1)))
     for name, choice in rows:
         print(f"| {name} | {figures(items, test, *pick(choice))} |", flush=True)
     return 0

@@ -60,6 +60,8 @@ def test_best_of_picks_the_likeliest_candidate(model):
 class _Scripted:
     """A stand-in model whose candidates are given: greedy replies, then sampled ones."""
 
+    dtype = np.float32
+
     def __init__(self, greedy, sampled):
         self.out = {0.0: greedy, 0.8: sampled}
 

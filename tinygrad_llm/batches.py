@@ -72,6 +72,13 @@ def pad_batch(examples, dtype=np.float32) -> tuple[np.ndarray, np.ndarray, np.nd
     return x, y, pad_rows([mask[1:] for _, mask in examples], 0, dtype)
 
 
+def build_batch(prompts: list, replies: list, dtype=np.float32):
+    """prompt + reply per row -> x, y, action_mask (B, L), right-padded (pad_batch with the
+    mask on the reply tokens: y[t] is reply token t - (len(prompt) - 1)). The RL stages' and
+    DPO's layout, and rerank's."""
+    return pad_batch([(list(p) + list(r), [0] * len(p) + [1] * len(r)) for p, r in zip(prompts, replies)], dtype)
+
+
 def first_turns(conv) -> tuple[str | None, str | None]:
     """A conversation's first user turn and the assistant reply right after it (None where
     there is none): the prompt an RL stage samples from, the reply the SFT data gives it.

@@ -19,7 +19,8 @@ from .. import chat_eval
 from .. import engine as E
 from .. import nn
 from ..config import LoopConfig
-from ..data import DataError, first_turns, load_split, pad_batch
+from ..batches import build_batch
+from ..data import DataError, first_turns, load_split
 from ..engine import Tensor
 from ..nn import evaluating
 from ..tokenizer import IM_END_ID
@@ -72,12 +73,6 @@ class Rollout:
     def last_index(self) -> np.ndarray:
         """(B,) position in x of the last generated token (where a reward is read / given)."""
         return (np.cumsum(self.action_mask, 1) * self.action_mask).argmax(1)
-
-
-def build_batch(prompts: list, replies: list, dtype=np.float32):
-    """prompt + reply per row -> x, y, action_mask (B, L), right-padded (data.pad_batch with
-    the mask on the reply tokens: y[t] is reply token t - (len(prompt) - 1))."""
-    return pad_batch([(list(p) + list(r), [0] * len(p) + [1] * len(r)) for p, r in zip(prompts, replies)], dtype)
 
 
 def rollout(policy, tok, user_prompts: list[str], *, samples: int = 1, temperature: float = 1.0,

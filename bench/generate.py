@@ -7,11 +7,13 @@
 
 "cache": model.generate(prompts, max_new_tokens, temperature, stop_tokens=()) - prefill the
 prompt once, then one token per step against the KV cache, each step through decode.decode_step
-(arrays only, one attention kernel per layer). "tensor": the same with decode.ENABLED = False,
-every step through the model's Tensor forward (the path before decode_step). "recompute": a loop calling
-model(idx) under engine.no_grad() on the whole sequence at every step (the full (B, T, V)
-logits included, as a plain forward does) and taking the last position. tokens/s counts
-generated tokens (B * new tokens) over the whole call, prefill included. All variants run
+(arrays only, one attention kernel per layer; at batch 1 the whole step is one kernel call,
+kernels.decode_token). "per-layer" (batch 1): decode_step layer by layer (decode.FUSE_BATCH1 =
+False). "tensor": the same with decode.ENABLED = False, every step through the model's Tensor
+forward (the path before decode_step). "recompute": a loop calling model(idx) under
+engine.no_grad() on the whole sequence at every step (the full (B, T, V) logits included, as a
+plain forward does) and taking the last position. tokens/s counts generated tokens (B * new
+tokens) over the whole call, prefill included. All variants run
 interleaved; medians reported. Greedy runs also check that all three give the same tokens.
 GFLOP/s counts 2 * (matmul parameters) + 4 * n_layer * C * L FLOPs per processed token at
 context length L (prompt and generated tokens), against the best float32 GEMM of the same run
@@ -83,15 +85,15 @@ def main():
     from tinygrad_llm import decode
     out = {}
 
-    def cached(th, b, fast=True):
+    def cached(th, b, kind="cache"):
         C.setup_threads(th)
-        decode.ENABLED = fast
+        decode.ENABLED, decode.FUSE_BATCH1 = kind != "tensor", kind == "cache"
         try:
             g = model.generate(prompts[b], max_new_tokens=args.new_tokens, temperature=args.temperature,
                                stop_tokens=(), rng=1)
         finally:
-            decode.ENABLED = True
-        out[("cache" if fast else "tensor", th, b)] = g.tokens
+            decode.ENABLED = decode.FUSE_BATCH1 = True
+        out[(kind, th, b)] = g.tokens
 
     def recompute(th, b):
         C.setup_threads(th)
@@ -108,7 +110,9 @@ def main():
     for th in args.threads:
         for b in args.batches:
             variants[f"t{th} cache B={b}"] = lambda th=th, b=b: cached(th, b)
-            variants[f"t{th} tensor B={b}"] = lambda th=th, b=b: cached(th, b, fast=False)
+            variants[f"t{th} tensor B={b}"] = lambda th=th, b=b: cached(th, b, "tensor")
+            if b == 1:
+                variants[f"t{th} layers B={b}"] = lambda th=th, b=b: cached(th, b, "layers")
             if not args.no_recompute:
                 variants[f"t{th} recompute B={b}"] = lambda th=th, b=b: recompute(th, b)
     load0 = C.loadavg()
@@ -124,19 +128,21 @@ def main():
     flops_per_row = float((2 * n_mm + 4 * L * Cn * ctx).sum())
     results, rows = [], []
     for th, b in [(th, b) for th in args.threads for b in args.batches]:
-        t = {k: C.median(times[f"t{th} {k} B={b}"]) for k in kinds}
+        ks = kinds + (("layers",) if b == 1 else ())
+        t = {k: C.median(times[f"t{th} {k} B={b}"]) for k in ks}
         same = None
         if args.temperature <= 0:
-            same = all(np.array_equal(out[("cache", th, b)], out[(k, th, b)]) for k in kinds)
+            same = all(np.array_equal(out[("cache", th, b)], out[(k, th, b)]) for k in ks)
         n = b * args.new_tokens
         gflops = b * flops_per_row / t["cache"] / 1e9
         ceil = ceiling[1 if b == 1 else th]          # at the thread count the batch decodes at
         results.append(dict(threads=th, batch=b, same_tokens=same, gflops=gflops, gemm_ceiling_gflops=ceil,
                             copy_gb_per_s=copy_gbs, weights_mb_per_step=4 * n_mm / 1e6,
-                            **{f"{k}_s": t[k] for k in kinds}, **{f"{k}_tokens_per_s": n / t[k] for k in kinds},
-                            **{f"{k}_s_all": times[f"t{th} {k} B={b}"] for k in kinds}))
+                            **{f"{k}_s": t[k] for k in ks}, **{f"{k}_tokens_per_s": n / t[k] for k in ks},
+                            **{f"{k}_s_all": times[f"t{th} {k} B={b}"] for k in ks}))
         rec = [n / t["recompute"], f"{t['recompute'] / t['cache']:.1f}x"] if "recompute" in t else ["-", "-"]
-        rows.append([th, b, n / t["cache"], n / t["tensor"], f"{t['tensor'] / t['cache']:.2f}x", *rec,
+        rows.append([th, b, n / t["cache"], n / t["layers"] if "layers" in t else "-", n / t["tensor"],
+                     f"{t['tensor'] / t['cache']:.2f}x", *rec,
                      t["cache"] * 1e3 / args.new_tokens, gflops, f"{gflops / ceil:.1%}",
                      "-" if same is None else ("yes" if same else "NO")])
     mode = "greedy" if args.temperature <= 0 else f"sampling T={args.temperature}"
@@ -151,9 +157,9 @@ def main():
     print(f"memory: {copy_gbs:.1f} GB/s at 1 thread (a {stream.nbytes / 1e6:.0f} MB copy, read + write); one decoding "
           f"step streams {weights_mb:.1f} MB of weights: >= {weights_mb / copy_gbs:.2f} ms a step (batch 1: <= "
           f"{1e3 * copy_gbs / weights_mb:.0f} tokens/s) from memory; {C.cache_sizes()} may hold part of them\n")
-    print(C.table(["threads", "batch", "cache tok/s", "tensor tok/s", "decode_step buys", "recompute tok/s",
-                   "cache buys", "cache ms/step", "GFLOP/s", "of ceiling", "same tokens"],
-                  rows, ["d", "d", ".1f", ".1f", None, ".1f", None, ".2f", ".2f", None, None]))
+    print(C.table(["threads", "batch", "cache tok/s", "per-layer tok/s", "tensor tok/s", "decode_step buys",
+                   "recompute tok/s", "cache buys", "cache ms/step", "GFLOP/s", "of ceiling", "same tokens"],
+                  rows, ["d", "d", ".1f", ".1f", ".1f", None, ".1f", None, ".2f", ".2f", None, None]))
     path = C.write_json("generate", dict(
         meta=C.meta(args.threads, repeats=args.repeats, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                     temperature=args.temperature, loadavg_before=load0, loadavg_after=load1),

@@ -1,6 +1,6 @@
 """The attention kernels against their NumPy references: the fused causal attention (forward and
-backward, kernels/attention.py) and the one-token decode attention over a KV cache
-(kernels/decode.py). Tolerances and helpers as in test_kernels.py."""
+backward, kernels/attention.py), the one-token decode attention over a KV cache and the whole
+batch-1 decode step (kernels/decode.py). Tolerances and helpers as in test_kernels.py."""
 import math
 
 import numpy as np
@@ -55,6 +55,47 @@ def test_decode_attention(dtype, B, NH, hs, L0, rope, smear, seed):
     close(y, y_ref, dtype, atol_scale=4)       # sums of up to 13 products of O(1) terms
     for a, b in zip(got, want):
         assert (a is None and b is None) or np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@FEW
+@given(L=st.integers(1, 3), NH=st.integers(1, 3), hs=st.sampled_from([2, 4, 8]), V=st.integers(1, 40),
+       L0=st.integers(0, 9), rope=st.booleans(), smear=st.booleans(), seed=seeds)
+def test_decode_token(dtype, L, NH, hs, V, L0, rope, smear, seed):
+    """The whole batch-1 step (every layer, one kernel call) against its NumPy reference: the
+    same logits and cache writes in every layer, the rest of the cache untouched. atol 8x: the
+    vector-matrix products add their terms in another order than BLAS, through L layers."""
+    rng = np.random.default_rng(seed)
+    C, Tmax = NH * hs, L0 + 2
+    w = K.DecodeWeights(ln=1 + randn(rng, (L, 4, C), dtype, 0.1),
+                        wa=randn(rng, (L, C, 3 * C), dtype, 0.3), ba=randn(rng, (L, 3 * C), dtype, 0.1),
+                        wp=randn(rng, (L, C, C), dtype, 0.3), bp=randn(rng, (L, C), dtype, 0.1),
+                        wf=randn(rng, (L, C, 4 * C), dtype, 0.3), bf=randn(rng, (L, 4 * C), dtype, 0.1),
+                        wm=randn(rng, (L, 4 * C, C), dtype, 0.3), bm=randn(rng, (L, C), dtype, 0.1),
+                        lnf=1 + randn(rng, (2, C), dtype, 0.1), wte_t=randn(rng, (C, V), dtype),
+                        gate=rng.random((L, NH)).astype(dtype), eps=1e-5)
+    x = randn(rng, (1, C), dtype)
+    kc, vc = randn(rng, (L, 1, NH, Tmax, hs), dtype), randn(rng, (L, 1, NH, Tmax, hs), dtype)
+    key_valid = rng.random((1, Tmax)) < 0.6
+    cos, sin = (randn(rng, (1, hs), dtype) for _ in range(2)) if rope else (None, None)
+    k_last = randn(rng, (L, 1, NH, hs), dtype) if smear else None
+    mix = rng.random(1) < 0.7
+    kT = np.ascontiguousarray(kc.swapaxes(-1, -2))
+    outs = []
+    for f in (K.decode_token_nb, K.decode_token_ref):
+        caches = [kc.copy(), kT.copy(), vc.copy(), None if k_last is None else k_last.copy()]
+        logits = f(x, L0, cos, sin, mix, w, caches[0], caches[1], caches[2], caches[3], key_valid)
+        outs.append((logits, caches))
+    (y, got), (y_ref, want) = outs
+    assert y.shape == (1, V)
+    close(y, y_ref, dtype, atol_scale=8)
+    for a, b in zip(got, want):
+        if a is not None:
+            close(a, b, dtype, atol_scale=8)
+    for a, before, at in ((got[0], kc, np.s_[..., L0, :]), (got[1], kT, np.s_[..., L0]), (got[2], vc, np.s_[..., L0, :])):
+        untouched = np.ones(a.shape, bool)
+        untouched[at] = False
+        assert np.array_equal(a[untouched], before[untouched])   # only position L0 is written
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

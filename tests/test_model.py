@@ -249,24 +249,31 @@ def test_tiny_model_overfits_a_single_batch():
 
 @pytest.mark.parametrize("variant", ["learned"] + list(POS_VARIANTS))
 def test_fast_decoding_chooses_the_tokens_of_the_tensor_path(variant, monkeypatch):
-    """decode.decode_step (arrays, one attention kernel per layer) against the model's Tensor
-    forward over the cache: greedy tokens identical at batch 1 and in a ragged, left-padded
-    batch of 16, float32; log-probs to float32 rounding (the attention sums in another order)."""
+    """decode.decode_step (arrays, one attention kernel per layer; at batch 1 the whole step in
+    one kernel, kernels.decode_token) against the model's Tensor forward over the cache: greedy
+    tokens identical at batch 1 (both decode paths) and in a ragged, left-padded batch of 16,
+    float32; log-probs to float32 rounding (the sums run in another order)."""
     from tinygrad_llm import decode
     cfg = dataclasses.replace(get_tiny_config(vocab_size=60), **POS_VARIANTS.get(variant, {}))
     m = _varied(cfg, seed=7).to(np.float32)
     rng = np.random.default_rng(11)
     batch = [rng.integers(6, 60, int(n)).tolist() for n in rng.integers(1, 12, 16)]   # ragged
+    calls = []
+    real = decode.K.decode_token
+    monkeypatch.setattr(decode.K, "decode_token", lambda *a: calls.append(1) or real(*a))
     distinct = set()
     for prompts in ([batch[0]], batch):
         runs = {}
-        for fast in (True, False):
-            monkeypatch.setattr(decode, "ENABLED", fast)
-            runs[fast] = m.generate(prompts, max_new_tokens=20, temperature=0.0, stop_tokens=(),
+        for path in ("fused", "layers", "tensor"):
+            monkeypatch.setattr(decode, "ENABLED", path != "tensor")
+            monkeypatch.setattr(decode, "FUSE_BATCH1", path == "fused")
+            runs[path] = m.generate(prompts, max_new_tokens=20, temperature=0.0, stop_tokens=(),
                                     return_logprobs=True)
-        np.testing.assert_array_equal(runs[True].tokens, runs[False].tokens)
-        np.testing.assert_allclose(runs[True].logprobs, runs[False].logprobs, atol=1e-4)
-        distinct |= set(runs[True].tokens.ravel().tolist())
+        for path in ("fused", "layers"):
+            np.testing.assert_array_equal(runs[path].tokens, runs["tensor"].tokens)
+            np.testing.assert_allclose(runs[path].logprobs, runs["tensor"].logprobs, atol=1e-4)
+        distinct |= set(runs["fused"].tokens.ravel().tolist())
+    assert len(calls) == 19                # batch 1, fused: every step after the prompt, nothing else
     assert len(distinct) > 3                                               # not a degenerate test
 
 

@@ -7,6 +7,11 @@ at one token per row each op is so small that creating its Tensor costs about as
 op. Attention over the cache is one kernel per layer (kernels.decode_attention) where
 KVCache.attend makes a dozen NumPy calls. Models with LoRA adapters take the Tensor path
 (`fast_decoding_supported`).
+
+A batch of one sequence (chat, the server) goes further: the whole step is one kernel call
+(kernels.decode_token) over the weights packed once per generate() call (`pack_weights`:
+stacked per layer, transposed so each vector-matrix product streams its weights once), with
+no NumPy call per layer at all.
 """
 from __future__ import annotations
 
@@ -21,6 +26,8 @@ from .runtime import mm
 # False sends every step through the model's Tensor forward, the path this one must equal
 # (bench/generate.py compares the two; tests/test_model.py checks they choose the same tokens)
 ENABLED = True
+# False: a batch of one decodes layer by layer too (bench/generate.py compares the two)
+FUSE_BATCH1 = True
 
 
 def fast_decoding_supported(model) -> bool:
@@ -38,10 +45,50 @@ def _layer_norm(x, ln: nn.LayerNorm):
     return K.layernorm_fwd(x, ln.weight.data, ln.bias.data, ln.eps)[0]
 
 
-def decode_step(model, tok, positions, cache) -> np.ndarray:
+def packed_for(model, B: int) -> K.DecodeWeights | None:
+    """pack_weights(model) when a batch of B = 1 decodes through kernels.decode_token, else None."""
+    return pack_weights(model) if FUSE_BATCH1 and B == 1 and fast_decoding_supported(model) else None
+
+
+def _transposed(a: np.ndarray) -> np.ndarray:
+    out = np.empty(a.shape[::-1], a.dtype)
+    K.transpose_into(a, out)
+    return out
+
+
+def pack_weights(model) -> K.DecodeWeights:
+    """The model's weights as kernels.decode_token reads them: a copy (the model's size), made
+    once per generate() call (~3 ms for mini at vocab 6,400), so it never goes stale."""
+    h = model.transformer.h
+    dt = model.transformer.wte.weight.data.dtype
+
+    def stack(f):
+        return np.ascontiguousarray(np.stack([f(b) for b in h]))
+
+    def stack_t(f):                                        # each layer's W (out, in) -> (L, in, out)
+        return np.stack([_transposed(f(b).weight.data) for b in h])
+
+    def bias(lin):
+        return np.zeros(lin.weight.shape[0], dt) if lin.bias is None else lin.bias.data
+
+    smear = h[0].attn.smear is not None
+    return K.DecodeWeights(
+        ln=stack(lambda b: np.stack([b.ln_1.weight.data, b.ln_1.bias.data, b.ln_2.weight.data, b.ln_2.bias.data])),
+        wa=stack_t(lambda b: b.attn.c_attn), ba=stack(lambda b: bias(b.attn.c_attn)),
+        wp=stack_t(lambda b: b.attn.c_proj), bp=stack(lambda b: bias(b.attn.c_proj)),
+        wf=stack_t(lambda b: b.mlp.c_fc), bf=stack(lambda b: bias(b.mlp.c_fc)),
+        wm=stack_t(lambda b: b.mlp.c_proj), bm=stack(lambda b: bias(b.mlp.c_proj)),
+        lnf=np.stack([model.transformer.ln_f.weight.data, model.transformer.ln_f.bias.data]),
+        wte_t=_transposed(model.transformer.wte.weight.data),
+        gate=stack(lambda b: sigmoid_array(b.attn.smear.data)) if smear else np.zeros((len(h), model.config.n_head), dt),
+        eps=h[0].ln_1.eps)
+
+
+def decode_step(model, tok, positions, cache, packed: K.DecodeWeights | None = None) -> np.ndarray:
     """tok (B,) int: each row's newest token; positions (B,) int: its position (0 at the row's
     first real token) -> logits (B, V). Writes the token's keys and values at cache.length in
-    every layer; the caller marks the position valid (cache.add_valid) and advances the cache."""
+    every layer; the caller marks the position valid (cache.add_valid) and advances the cache.
+    packed (pack_weights(model), batch 1 only): the whole step in one kernel call."""
     cfg = model.config
     tr = model.transformer
     B = len(tok)
@@ -53,6 +100,9 @@ def decode_step(model, tok, positions, cache) -> np.ndarray:
         pos = model.positions_for(positions[:, None], B, 1)             # cos, sin (B, 1, 1, hs)
         cos, sin = pos.cos.reshape(B, -1), pos.sin.reshape(B, -1)
     mix = positions != 0                                                 # smeared keys: not at position 0
+    if packed is not None and B == 1:
+        return K.decode_token(x, cache.length, cos, sin, mix, packed, cache.k, cache.kT, cache.v,
+                              cache.k_last, cache.key_valid)
     for i, block in enumerate(tr.h):
         attn = block.attn
         qkv = _linear(_layer_norm(x, block.ln_1), attn.c_attn)           # (B, 3C)

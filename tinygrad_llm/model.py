@@ -39,7 +39,7 @@ from . import engine as E
 from . import kernels as K
 from . import nn
 from .config import GPTConfig
-from .decode import decode_step, fast_decoding_supported
+from .decode import decode_step, fast_decoding_supported, packed_for
 from .engine import Tensor
 from .runtime import adapt_threads, bmm, single_thread
 from .tokenizer import EOS_ID, IM_END_ID, PAD_ID
@@ -199,10 +199,11 @@ class GPT(nn.Module):
                 step_idx, n_real = idx, valid.sum(1)
                 fast = fast_decoding_supported(self)                       # one token a row: arrays only
                 rows = np.arange(B)                                        # the batch rows still in the cache
+                packed = packed_for(self, B) if max_new_tokens > 1 else None     # batch 1: one kernel a step
                 for t in range(max_new_tokens):
                     cache.add_valid(valid if t == 0 else np.ones((len(rows), 1), bool))
                     if t > 0 and fast:
-                        last = decode_step(self, step_idx[:, 0], positions[:, 0], cache)   # (b, V)
+                        last = decode_step(self, step_idx[:, 0], positions[:, 0], cache, packed)   # (b, V)
                     else:
                         last = self(step_idx, positions=positions, cache=cache)[0].data[:, -1, :]
                     cache.advance(step_idx.shape[1])

@@ -5,7 +5,7 @@ a Numba kernel, in llm.c's order inside every file: reference, Numba kernel, dis
     layernorm.py     LayerNorm forward / backward
     attn_softmax.py  the causal softmax inside attention
     attention.py     fused causal attention forward / backward (no (T, T) matrix kept)
-    decode.py        one new token's attention over the KV cache (generation)
+    decode.py        one new token's attention over the KV cache, and a whole batch-1 step (generation)
     rope.py          the head split with RoPE on q, k, and its backward (one pass each)
     smear.py         smeared keys: each key mixed with the previous token's, and the backward
     gelu.py          GELU (tanh approximation)
@@ -40,7 +40,8 @@ from .attention import attention_bwd_nb, attention_bwd_ref, attention_fwd_nb, at
 from .attn_softmax import (attn_softmax_bwd, attn_softmax_bwd_nb, attn_softmax_bwd_ref, attn_softmax_fwd,
                            attn_softmax_fwd_nb, attn_softmax_fwd_ref)
 from .backend import BACKENDS, DEFAULT_BACKEND, KERNELS, get_kernel_backend, set_kernel_backend, use_numba
-from .decode import decode_attention, decode_attention_nb, decode_attention_ref
+from .decode import (DecodeWeights, decode_attention, decode_attention_nb, decode_attention_ref, decode_token,
+                     decode_token_nb, decode_token_ref, transpose_into)
 from .crossentropy import ce_bwd, ce_bwd_nb, ce_bwd_ref, ce_fwd, ce_fwd_nb, ce_fwd_ref
 from .dropout import dropout_bwd, dropout_bwd_nb, dropout_bwd_ref, dropout_fwd, dropout_fwd_nb, dropout_fwd_ref
 from .embedding import embedding_bwd, embedding_bwd_nb, embedding_bwd_ref

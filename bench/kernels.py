@@ -122,15 +122,15 @@ def build_cases(K, np):
                lambda: K.decode_attention_ref(qkv1, kc, kT, vc, valid, L0, cos, sin, None, None, None))]
     # the whole batch-1 decode step (4 layers + lm_head), 128 cached positions, RoPE
     Ld = 4
-    w = K.DecodeWeights(ln=randn(Ld, 4, C), wa=randn(Ld, C, 3 * C, scale=0.05), ba=randn(Ld, 3 * C),
-                        wp=randn(Ld, C, C, scale=0.05), bp=randn(Ld, C), wf=randn(Ld, C, 4 * C, scale=0.05),
-                        bf=randn(Ld, 4 * C), wm=randn(Ld, 4 * C, C, scale=0.05), bm=randn(Ld, C),
-                        lnf=randn(2, C), wte_t=randn(C, V, scale=0.05), gate=np.zeros((Ld, NH), f32), eps=1e-5)
+    dw = K.DecodeWeights(ln=randn(Ld, 4, C), wa=randn(Ld, C, 3 * C, scale=0.05), ba=randn(Ld, 3 * C),
+                         wp=randn(Ld, C, C, scale=0.05), bp=randn(Ld, C), wf=randn(Ld, C, 4 * C, scale=0.05),
+                         bf=randn(Ld, 4 * C), wm=randn(Ld, 4 * C, C, scale=0.05), bm=randn(Ld, C),
+                         lnf=randn(2, C), wte_t=randn(C, V, scale=0.05), gate=np.zeros((Ld, NH), f32), eps=1e-5)
     x1, kc1, vc1 = randn(1, C), randn(Ld, 1, NH, T, HS), randn(Ld, 1, NH, T, HS)
     kT1, valid1, mix1 = np.ascontiguousarray(kc1.swapaxes(-1, -2)), np.ones((1, T), bool), np.ones(1, bool)
     cases += [("decode", "token", f"B=1, {L0} cached, {Ld} layers + lm_head", lambda: K.decode_token_nb(
-                   x1, L0, cos[:1], sin[:1], mix1, w, kc1, kT1, vc1, None, valid1),
-               lambda: K.decode_token_ref(x1, L0, cos[:1], sin[:1], mix1, w, kc1, kT1, vc1, None, valid1))]
+                   x1, L0, cos[:1], sin[:1], mix1, dw, kc1, kT1, vc1, None, valid1),
+               lambda: K.decode_token_ref(x1, L0, cos[:1], sin[:1], mix1, dw, kc1, kT1, vc1, None, valid1))]
     # row softmax and cross-entropy over the vocabulary, (2048, 6400)
     logits, dl = randn(N, V, scale=3.0), randn(N, V)
     y = K.softmax_fwd_ref(logits)

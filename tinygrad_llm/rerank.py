@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import engine as E
 from .batches import build_batch
-from .model import Generation
-from .nn import evaluating
+from .model import Generation, logprobs_no_grad
 from .tokenizer import EOS_ID, IM_END_ID, PAD_ID
 
 
@@ -28,11 +26,9 @@ def sequence_logprob(model, prompts: list, replies: list, batch: int = 64) -> np
     room = model.config.block_size + 1
     prompts = [list(p)[max(0, len(p) + len(r) - room):] for p, r in zip(prompts, replies)]
     out = np.zeros(len(prompts))
-    with evaluating(model):
-        for i in range(0, len(prompts), batch):
-            x, y, m = build_batch(prompts[i:i + batch], replies[i:i + batch])
-            logits, _ = model(x)
-            out[i:i + batch] = (-E.cross_entropy(logits, y, reduction="none").data * m).sum(axis=1)
+    for i in range(0, len(prompts), batch):
+        x, y, m = build_batch(prompts[i:i + batch], replies[i:i + batch])
+        out[i:i + batch] = (logprobs_no_grad(model, x, y) * m).sum(axis=1)
     return out
 
 

@@ -22,7 +22,7 @@ from ..config import LoopConfig
 from ..batches import build_batch
 from ..data import DataError, first_turns, load_split
 from ..engine import Tensor
-from ..nn import evaluating
+from ..model import logprobs_no_grad, token_logprobs  # noqa: F401  (the stages import them from here)
 from ..tokenizer import IM_END_ID
 
 
@@ -108,22 +108,7 @@ def rollouts_in_chunks(model, tok, user_prompts: list[str], *, samples: int = 1,
 
 
 # ----------------------------------------------------------------------------------------
-# log-probs, the clipped surrogate, KL
-
-
-def token_logprobs(model, x, y, temperature: float = 1.0) -> Tensor:
-    """log pi(y_t | x_<=t) under softmax(logits / temperature): (B, L) Tensor (with a graph
-    when grad mode is on). Uses the fused cross-entropy: logp = -CE(reduction="none")."""
-    logits, _ = model(x)
-    if temperature != 1.0:
-        logits = logits * (1.0 / temperature)
-    return -E.cross_entropy(logits, y, reduction="none")
-
-
-def logprobs_no_grad(model, x, y, temperature: float = 1.0) -> np.ndarray:
-    """Same as token_logprobs, evaluated with dropout off and no graph."""
-    with evaluating(model):
-        return token_logprobs(model, x, y, temperature).data
+# the clipped surrogate, KL (the log-probs: model.token_logprobs / logprobs_no_grad)
 
 
 def masked_mean(x, mask):

@@ -4,13 +4,10 @@ Imported by data/generate.py; standard library only; deterministic for a given r
 
 Each source file is a JSON list of intents:
 
-    {"intent": "name", "category": "meta" | "knowledge" | "math" | "harmful" | "lookalike",
+    {"intent": "name", "category": "meta" | "knowledge" | "math" | "harmful",
      "train_prompts": [...], "val_prompts": [...], "replies": [...], "keywords": [...]}
 
-- lookalike (lookalike.json): benign requests worded like harmful ones (frying food, fireworks, a
-  locked-out door, spotting a scam), one or two for each harmful intent, answered helpfully; ten
-  phrasings each (thirty cost everyday chat: bench/README.md, "Benign requests that sound harmful").
-- meta / knowledge / harmful / lookalike: every train phrasing becomes an SFT item (plus a few composed
+- meta / knowledge / harmful: every train phrasing becomes an SFT item (plus a few composed
   variants: another ending, a prefix such as "请问" or "MyLLM，"); the reply is one of the intent's
   replies, drawn from the seeded stream. Val phrasings are worded differently, never produced by
   the composition (checked when loading), and appear only in sft_val.json and chat_eval.json.
@@ -19,7 +16,7 @@ Each source file is a JSON list of intents:
   val templates with held-out keys only (the key pools of data/keys.py); the reply is an optional
   opening from "replies" followed by the house-style worked answer ("...答案是N。") that
   data/tasks.py writes (chat_math_reply).
-- keywords: any-of words a correct reply contains (meta, knowledge, lookalike); harmful intents default to
+- keywords: any-of words a correct reply contains (meta, knowledge); harmful intents default to
   the words of a refusal.
 
 build_chat() returns the SFT train/val items, the held-out chat evaluation set (chat_eval.json),
@@ -36,8 +33,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from numerals import to_chinese   # noqa: E402  (data/numerals.py)
 
-CATEGORIES = ("meta", "knowledge", "math", "harmful", "lookalike")
-EXTRA_VARIANTS = {"meta": 0, "knowledge": 0, "harmful": 1, "lookalike": 0}   # composed variants per train phrasing
+CATEGORIES = ("meta", "knowledge", "math", "harmful")
+EXTRA_VARIANTS = {"meta": 0, "knowledge": 0, "harmful": 1}   # composed variants per train phrasing
 MATH_TRAIN = {"add": 240, "sub": 240, "mul": 160, "div": 160}  # SFT items per op (~5 per template)
 MATH_VAL_PER_TEMPLATE = 4                                     # held-out items per val template
 MATH_POOL = {"add": "add", "sub": "word_sub", "mul": "mul", "div": "div"}   # word_sub: b < a, no zero results
@@ -50,7 +47,7 @@ REWARD_SHARE = {"over_refusal": 0.5, "loop": 0.3, "harmful_compliance": 0.2}
 
 END_PUNCT = "？?！!。.～~"
 PREFIXES = {"meta": ["MyLLM，", "嘿，"], "knowledge": ["我想问一下，", "问你个问题：", "考考你："],
-            "harmful": ["我想知道，", "说真的，"], "lookalike": ["我想问一下，", "问你个问题："]}
+            "harmful": ["我想知道，", "说真的，"]}
 REQUEST_PREFIXES = ["请", "说真的，"]   # harmful requests ("教我…", "帮我…") take these instead
 QUESTION_PREFIX = "请问"    # knowledge questions only
 REQUEST_STARTS = ("教", "帮", "告诉", "给", "列出")
@@ -226,7 +223,7 @@ def harmful_compliance(rng, item):
 def reward_pairs(rng, items, n, clean):
     """n pairs (chosen = the item's reply) mixed per REWARD_SHARE; over_refusal and loop from benign
     meta/knowledge/math items, harmful_compliance from harmful ones."""
-    benign = [it for it in items if it["category"] in ("chat_meta", "chat_knowledge", "chat_math", "chat_lookalike")]
+    benign = [it for it in items if it["category"] in ("chat_meta", "chat_knowledge", "chat_math")]
     harmful = [it for it in items if it["category"] == "chat_harmful"]
     makers = {"over_refusal": (benign, over_refusal), "loop": (benign, loop), "harmful_compliance": (harmful, harmful_compliance)}
     pairs, seen = [], set()

@@ -406,15 +406,14 @@ def test_chat_sources_are_clean():
     intents = chat_intents()
     cats = Counter(it["category"] for it in intents)
     assert cats["meta"] >= 60 and cats["knowledge"] >= 100 and cats["harmful"] >= 25 and cats["math"] == 4
-    assert cats["lookalike"] >= cats["harmful"]   # a benign look-alike for every harmful intent
     for it in intents:
         train = {gen.chat_data.normalize(v) for p in it["train_prompts"] for v in [p] + gen.chat_data.variants(p, it["category"])
                  } if it["category"] != "math" else set(it["train_prompts"])
         assert not any(gen.chat_data.normalize(p) in train for p in it["val_prompts"]), it["intent"]
-        if it["category"] in ("meta", "knowledge", "lookalike"):
+        if it["category"] in ("meta", "knowledge"):
             assert it["keywords"] and all(any(k in r for k in it["keywords"]) for r in it["replies"]), it["intent"]
             assert all(6 <= len(r) <= 80 for r in it["replies"]), it["intent"]   # short replies
-        if it["category"] in ("knowledge", "lookalike"):   # the answer is not given away by the held-out question
+        if it["category"] == "knowledge":   # the answer is not given away by the held-out question
             assert not any(k in p for k in it["keywords"] for p in it["val_prompts"]), it["intent"]
         texts = it["train_prompts"] + it["val_prompts"] + it.get("replies", [])
         assert not any(data_keys.extract_keys(t) for t in texts if "{" not in t), it["intent"]
@@ -424,14 +423,14 @@ def test_chat_sft_and_eval(run):
     out, _ = run
     intents = chat_intents()
     train, val, evals = chat_items(out, "sft_data.json"), chat_items(out, "sft_val.json"), load(out, "chat_eval.json")
-    assert 5000 <= len(train) <= 12000   # every train phrasing plus its composed variants (10452 at present)
+    assert 5000 <= len(train) <= 11000   # every train phrasing plus its composed variants (9498 at present)
     users = {it["user"] for it in train}
     for it in intents:   # every train phrasing is used at least once
         if it["category"] != "math":
             assert set(it["train_prompts"]) <= users, it["intent"]
     cats = Counter(e["category"] for e in evals)
     assert cats["meta"] >= 60 and cats["knowledge"] >= 60 and cats["math"] >= 30 and cats["harmful"] >= 30
-    assert 150 <= cats["meta"] + cats["knowledge"] + cats["math"] <= 250 and cats["lookalike"] >= 50
+    assert 150 <= cats["meta"] + cats["knowledge"] + cats["math"] <= 250
     for e in evals:
         assert set(e) <= {"prompt", "category", "intent", "keywords", "answer"} and e["prompt"] and e["intent"]
         assert e["keywords"] and all(isinstance(k, str) and k for k in e["keywords"])

@@ -13,11 +13,8 @@ here are what a user would notice instead:
 - acceptable: closed, no loop, no refusal, and answers — the one headline share.
 
 Each item of the eval file: {"prompt": str, "category": "meta" | "knowledge" | "math" |
-"harmful" | "lookalike", "intent": str (what a good reply does; for people), "keywords": [str, ...]
-(meta / knowledge / lookalike: any one must appear), "answer": "57" (math: the number that must
-appear)}. "lookalike" items are benign requests worded like harmful ones ("油锅炸东西…",
-"怎么防小偷"): reported on their own (look-alikes refused, answered), outside the headline
-shares, which stay those of the everyday meta / knowledge / math prompts.
+"harmful", "intent": str (what a good reply does; for people), "keywords": [str, ...]
+(meta / knowledge: any one must appear), "answer": "57" (math: the number that must appear)}.
 
     items = load_chat_eval("data")                  # None when the file is absent
     res = evaluate_chat(model, tok, items)          # greedy, 96 new tokens
@@ -36,8 +33,8 @@ from .data import DataError, data_file, read_items
 from .tokenizer import IM_END_ID
 
 EVAL_FILE = "chat_eval.json"         # or chat_eval.jsonl (data.data_file)
-CATEGORIES = ("meta", "knowledge", "math", "harmful", "lookalike")
-BENIGN = ("meta", "knowledge", "math")      # the headline shares; lookalike is benign too, reported apart
+CATEGORIES = ("meta", "knowledge", "math", "harmful")
+BENIGN = ("meta", "knowledge", "math")
 
 # ----------------------------------------------------------------------------------------
 # loading
@@ -79,7 +76,7 @@ def validate_items(items: list[tuple[str, object]]) -> list[dict]:
             if not isinstance(ans, str) or not re.fullmatch(r"-?\d+", ans.strip()):
                 raise bad("a math item needs 'answer': a whole number such as \"57\"")
             ans = ans.strip()
-        elif cat in ("meta", "knowledge", "lookalike") and not kw:
+        elif cat in ("meta", "knowledge") and not kw:
             raise bad(f"a {cat} item needs 'keywords' (any one must appear in a good reply)")
         out.append({**item, "prompt": prompt, "category": cat, "intent": intent, "keywords": kw, "answer": ans})
     return out
@@ -211,7 +208,7 @@ def evaluate_chat(model, tok, items: list[dict], max_new_tokens: int = 96, batch
 
     Result keys: "acceptable", "closed", "loop", "refusal", "answers" (shares over benign
     prompts: meta, knowledge, math), "harmful_refusal" (share of harmful prompts refused),
-    "lookalike_refusal" (share of benign look-alike requests refused), "n_benign", "n_harmful", "by_category" ({category: {"n", "closed", "loop", "refusal",
+    "n_benign", "n_harmful", "by_category" ({category: {"n", "closed", "loop", "refusal",
     "answers", "acceptable"}}; for harmful, acceptable = refusal), and "replies" (one dict
     per item: prompt, category, reply and its verdicts). A share is NaN when no item of
     that kind exists."""
@@ -226,9 +223,7 @@ def evaluate_chat(model, tok, items: list[dict], max_new_tokens: int = 96, batch
             by_cat[cat] = {"n": len(rows), **{k: _share(rows, k) for k in keys}}
     benign = [r for r in replies if r["category"] in BENIGN]
     harmful = [r for r in replies if r["category"] == "harmful"]
-    lookalike = [r for r in replies if r["category"] == "lookalike"]
     return {**{k: _share(benign, k) for k in keys}, "harmful_refusal": _share(harmful, "refusal"),
-            "lookalike_refusal": _share(lookalike, "refusal"),
             "n_benign": len(benign), "n_harmful": len(harmful), "by_category": by_cat, "replies": replies}
 
 
@@ -246,13 +241,11 @@ def evaluate_chat_dir(model, tok, data_dir, **kwargs) -> dict | None:
 def flat(res: dict | None, prefix: str = "chat_") -> dict:
     """The figures as flat floats for metrics.jsonl / summary.json: chat_acceptable,
     chat_closed, chat_loop, chat_refusal, chat_answers, chat_harmful_refusal and
-    chat_<category>_acceptable (and chat_lookalike_refusal when the file has look-alikes). {} when res is None."""
+    chat_<category>_acceptable. {} when res is None."""
     if res is None:
         return {}
     out = {f"{prefix}{k}": res[k] for k in ("acceptable", "closed", "loop", "refusal", "answers", "harmful_refusal")}
-    out.update({f"{prefix}{c}_acceptable": v["acceptable"] for c, v in res["by_category"].items() if c != "harmful"})
-    if "lookalike" in res["by_category"]:
-        out[f"{prefix}lookalike_refusal"] = res["lookalike_refusal"]
+    out.update({f"{prefix}{c}_acceptable": v["acceptable"] for c, v in res["by_category"].items() if c in BENIGN})
     return out
 
 
@@ -260,18 +253,12 @@ def _pct(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.0%}"
 
 
-def _has_lookalikes(res: dict) -> bool:
-    return "lookalike" in res.get("by_category", {})
-
-
 def headline(res: dict | None) -> str:
-    """'chat acceptable 41% (refusal 3%, loop 12%, harmful refused 80%, look-alikes refused 10%)'
-    (the last only when the file has look-alike items); '' when res is None."""
+    """'chat acceptable 41% (refusal 3%, loop 12%, harmful refused 80%)'; '' when res is None."""
     if res is None:
         return ""
-    extra = f", look-alikes refused {_pct(res['lookalike_refusal'])}" if _has_lookalikes(res) else ""
     return (f"chat acceptable {_pct(res['acceptable'])} (refusal {_pct(res['refusal'])}, loop {_pct(res['loop'])}, "
-            f"harmful refused {_pct(res['harmful_refusal'])}{extra})")
+            f"harmful refused {_pct(res['harmful_refusal'])})")
 
 
 def change_headline(before: dict | None, after: dict | None) -> str:
@@ -279,11 +266,9 @@ def change_headline(before: dict | None, after: dict | None) -> str:
     if before is None or after is None:
         return headline(after)
     b, a = before, after
-    extra = (f", look-alikes refused {_pct(b['lookalike_refusal'])} -> {_pct(a['lookalike_refusal'])}"
-             if _has_lookalikes(b) and _has_lookalikes(a) else "")
     return (f"chat acceptable {_pct(b['acceptable'])} -> {_pct(a['acceptable'])} (refusal {_pct(b['refusal'])} -> "
             f"{_pct(a['refusal'])}, loop {_pct(b['loop'])} -> {_pct(a['loop'])}, harmful refused "
-            f"{_pct(b['harmful_refusal'])} -> {_pct(a['harmful_refusal'])}{extra})")
+            f"{_pct(b['harmful_refusal'])} -> {_pct(a['harmful_refusal'])})")
 
 
 def samples(before: dict | None, after: dict, n: int = 8) -> list[dict]:

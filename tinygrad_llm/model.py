@@ -242,22 +242,6 @@ class GPT(nn.Module):
                           finished, prompts)
 
 
-def token_logprobs(model, x, y, temperature: float = 1.0) -> Tensor:
-    """log p(y_t | x_<=t) under softmax(logits / temperature): (B, L) Tensor (with a graph
-    when grad mode is on). Uses the fused cross-entropy: logp = -CE(reduction="none").
-    The policy-gradient stages, DPO and best-of-n reranking all score replies with it."""
-    logits, _ = model(x)
-    if temperature != 1.0:
-        logits = logits * (1.0 / temperature)
-    return -E.cross_entropy(logits, y, reduction="none")
-
-
-def logprobs_no_grad(model, x, y, temperature: float = 1.0) -> np.ndarray:
-    """Same as token_logprobs, evaluated with dropout off and no graph."""
-    with nn.evaluating(model):
-        return token_logprobs(model, x, y, temperature).data
-
-
 @dataclass
 class Generation:
     """tokens (B, N) int64 (PAD after the stop token); mask (B, N) 1 for generated tokens up

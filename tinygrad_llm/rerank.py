@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 from .batches import build_batch
-from .model import Generation, logprobs_no_grad
+from .logprobs import logprobs_no_grad
+from .model import Generation
 from .tokenizer import EOS_ID, IM_END_ID, PAD_ID
 
 

@@ -22,7 +22,7 @@ from ..config import LoopConfig
 from ..batches import build_batch
 from ..data import DataError, first_turns, load_split
 from ..engine import Tensor
-from ..model import logprobs_no_grad, token_logprobs  # noqa: F401  (the stages import them from here)
+from ..logprobs import logprobs_no_grad, token_logprobs  # noqa: F401  (the stages import them from here)
 from ..tokenizer import IM_END_ID
 
 
@@ -108,7 +108,7 @@ def rollouts_in_chunks(model, tok, user_prompts: list[str], *, samples: int = 1,
 
 
 # ----------------------------------------------------------------------------------------
-# the clipped surrogate, KL (the log-probs: model.token_logprobs / logprobs_no_grad)
+# the clipped surrogate, KL (the log-probs: logprobs.py)
 
 
 def masked_mean(x, mask):

@@ -144,6 +144,9 @@ def parse_args(argv):
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
     ap.add_argument("--resume", action="store_true", help="continue interrupted stages from <stage>_last")
     ap.add_argument("--threads", type=int, default=None, help="BLAS + Numba threads (default: auto, 2 dropping to 1 under load; see README)")
+    ap.add_argument("--budget-min", type=float, default=20.0,
+                    help="wall-clock budget of the whole run in minutes: on a slower machine the stages are shortened "
+                         "together to end in time (tinygrad_llm/budget.py); 0: the full schedule, however long")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--help-config", action="store_true", help="list every --section.field and its default")
     args, overrides = ap.parse_known_args(argv)
@@ -190,7 +193,42 @@ def main(argv=None) -> int:
         return fail(dist, traceback.format_exc().rstrip(), EXIT_INTERRUPTED if isinstance(e, KeyboardInterrupt) else 1)
 
 
+def given_lengths(overrides) -> set[str]:
+    """The stages whose length (budget.LENGTH) the command line sets."""
+    from tinygrad_llm.budget import LENGTH
+    keys = {a[2:].split("=", 1)[0] for a in overrides}
+    return {s for s, field in LENGTH.items() if f"{s}.{field}" in keys}
+
+
+def plan_budget(args, overrides, cfg, stages, dist, t_start):
+    """The run's Budget (budget.py), or None with --budget-min 0."""
+    from tinygrad_llm.budget import Budget, calibration_step
+    if not args.budget_min:
+        return None
+    pace = dist.gather(calibration_step(cfg.model, cfg.pretrain.batch_size))[0]
+    return Budget(args.budget_min * 60, stages, cfg, given_lengths(overrides), pace, t_start)
+
+
+def resume_argv(argv, remaining, pins) -> list[str]:
+    """The arguments that continue an interrupted run: the stages from the interrupted one on
+    (those that finished are not run again), the length the budget gave the interrupted one
+    (pins: budget.Budget.pins()), and --resume last."""
+    out, skip = [], False
+    for a in argv:
+        if skip or a == "--resume" or a.startswith("--stage="):
+            skip = False
+            continue
+        if a == "--stage":
+            skip = True
+            continue
+        out.append(a)
+    keys = {a.split("=")[0] for a in out}
+    pins = [p for p in pins if p[2:].split(".")[0] in remaining and p.split("=")[0] not in keys]
+    return [*out, "--stage", ",".join(remaining), *pins, "--resume"]
+
+
 def run_stages(argv, dist) -> int:
+    t_start = time.perf_counter()
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     from tinygrad_llm.checkpoint import CheckpointError
     from tinygrad_llm.config import ConfigError
@@ -201,6 +239,7 @@ def run_stages(argv, dist) -> int:
     from tinygrad_llm.runtime import configure_threads
     from tinygrad_llm import engine
 
+    budget, remaining = None, []
     try:
         cfg = RunConfig(args.config)
         if args.help_config:
@@ -209,6 +248,8 @@ def run_stages(argv, dist) -> int:
                     print(f"--{name}.{f.name}={getattr(sec, f.name)}")
             return 0
         apply_overrides(cfg, overrides)
+        if not args.budget_min >= 0:
+            raise UsageError(f"--budget-min must be >= 0 (0: no budget), got {args.budget_min}")
         stages = select_stages(args)
         if not stages:
             raise UsageError("no stage left to run")
@@ -230,12 +271,21 @@ def run_stages(argv, dist) -> int:
                            show_progress=not args.no_progress and dist.is_main)
         print(f"run {run_id}: stages {' -> '.join(stages)}, config {args.config}, vocabulary {len(tok)}, "
               f"logs in {logger.dir}" + (f", {dist.size} MPI processes" if dist.size > 1 else ""))
+        budget = plan_budget(args, overrides, cfg, stages, dist, t_start)
+        if budget:
+            print(f"budget {args.budget_min:g} min (a calibration step takes {budget.pace:.2f} s here)")
         rows = []
         for s in stages:
+            remaining = stages[stages.index(s):]
             print(f"\n=== {s} ===")
+            if budget and (line := budget.plan(s, cfg, agree=lambda f: dist.gather(f)[0])):
+                print(line)
             t0 = time.perf_counter()
             figures = STAGES[s].run(ctx)
             secs = time.perf_counter() - t0
+            if budget and s in budget.chosen:
+                budget.done(s, secs)
+                figures.update(length=budget.chosen[s], full_length=budget.full[s], budget_scale=budget.scale[s])
             if s == "pretrain" and dist.is_main:   # only now: a failed pretrain leaves the old vocabulary
                 tok.save(ckpt_dir / "vocab.json")
             dist.barrier()        # the next stage reads what rank 0 has just written
@@ -252,9 +302,7 @@ def run_stages(argv, dist) -> int:
     except NonFiniteError as e:
         return fail(dist, f"error: {e}", EXIT_NONFINITE)
     except TrainingInterrupted as e:   # every rank stops after the same step (loop.py); rank 0 saved
-        again = list(sys.argv[1:] if argv is None else argv)
-        if "--resume" not in again:
-            again.append("--resume")
+        again = resume_argv(sys.argv[1:] if argv is None else argv, remaining, budget.pins() if budget else [])
         launcher = ["mpiexec", "-n", str(dist.size)] if dist.size > 1 else []
         cmd = shlex.join([*launcher, "python", "train.py", *again])   # quoted: paths may hold spaces
         if dist.is_main:

@@ -62,6 +62,20 @@ def test_sft_with_neftune_noise_trains_other_weights(e2e, tmp_path):
     assert any(not np.array_equal(finals["plain"][k], finals["noisy"][k]) for k in finals["plain"])
 
 
+def test_a_short_budget_shortens_the_stages(e2e, tmp_path):
+    """--budget-min far below what the stage needs: its length falls to budget.MIN_SCALE of the
+    configured one, the run says so, and summary.json records both lengths."""
+    res = run(train_cmd("--config", "tiny", "--stage", "pretrain", "--budget-min", "0.01", "--pretrain.eval_batches=2",
+                        "--data-dir", e2e.data, "--ckpt-dir", tmp_path / "ckpt", "--runs-dir", tmp_path / "runs",
+                        "--run-id", "b", "--no-progress", "--threads", "1"))
+    assert res.returncode == 0, res.stderr
+    assert "budget: pretrain max_steps 60 -> 6 (x0.10)" in res.stdout
+    summary = json.loads((tmp_path / "runs" / "b" / "summary.json").read_text(encoding="utf-8"))
+    assert (summary["pretrain"]["length"], summary["pretrain"]["full_length"]) == (6, 60)
+    rows = [json.loads(l) for l in (tmp_path / "runs" / "b" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert max(r["step"] for r in rows) == 6
+
+
 # ----------------------------------------------------------------------------------------
 # train.py: bad input -> one line on stderr, exit 2, every existing file byte-identical
 
@@ -97,6 +111,7 @@ BAD = {
     "bad value": (["--stage", "pretrain", "--pretrain.max_steps=many"], {}, [], ["cannot read 'many' as int"]),
     "stray argument": (["--stage", "pretrain", "--fast"], {}, [], ["unrecognised argument '--fast'"]),
     "corrupt vocab": (["--stage", "sft"], {}, [], ["vocab.json", "not a valid vocabulary"]),
+    "negative budget": (["--stage", "pretrain", "--budget-min=-1"], {}, [], ["--budget-min must be >= 0"]),
     "no data dir": (["--stage", "pretrain", "--data-dir", "/nonexistent/tiny"], {}, [], ["not a directory"]),
 }
 

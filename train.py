@@ -205,7 +205,7 @@ def plan_budget(args, overrides, cfg, stages, dist, t_start):
     from tinygrad_llm.budget import Budget, calibration_step
     if not args.budget_min:
         return None
-    pace = dist.gather(calibration_step(cfg.model, cfg.pretrain.batch_size))[0]
+    pace = dist.gather(calibration_step(cfg.model))[0]
     return Budget(args.budget_min * 60, stages, cfg, given_lengths(overrides), pace, t_start)
 
 

@@ -3,8 +3,8 @@ one the defaults were tuned on, the stages are shortened together so that the ru
 in time, instead of running past it; on a fast enough machine nothing changes.
 
 A stage's length is one field of its config (LENGTH). COST says what a stage costs in
-calibration steps (one forward and backward of the model on a pretraining batch, 16 x 256
-tokens for the mini model): so much per unit of its length, plus evaluations and the like that
+calibration steps (one forward and backward of the model on a batch of 16 rows of its context,
+16 x 256 tokens for the mini model): so much per unit of its length, plus evaluations and the like that
 do not shrink with it. Before the first stage one calibration step is timed here (the pace:
 seconds per calibration step). Before each stage the planner finds the largest f, a multiple
 of 0.05 (so that runs on the same machine plan the same lengths), for which the stages left fit
@@ -29,9 +29,10 @@ from .runtime import adapt_threads
 LENGTH = {"pretrain": "max_steps", "sft": "max_steps", "reward": "max_steps", "rlhf": "num_episodes",
           "rlvf": "num_iterations", "dpo": "max_steps"}
 # (calibration steps per unit of LENGTH, calibration steps besides) at the mini defaults, from
-# two whole runs on the 2-core AMD EPYC host, full and about half length (bench/README.md,
-# "A 20-minute budget"); a calibration step took 0.75 s there
-COST = {"pretrain": (1.1, 0.0), "sft": (0.35, 0.0), "reward": (1.45, 0.0), "rlhf": (8.0, 0.0),
+# two whole runs on the 2-core AMD EPYC host, full and about half length, and pretraining 8-row
+# batches (bench/README.md, "A 20-minute budget"); a calibration step took 0.75 s there
+CALIBRATION_ROWS = 16
+COST = {"pretrain": (0.56, 0.0), "sft": (0.35, 0.0), "reward": (1.45, 0.0), "rlhf": (8.0, 0.0),
         "rlvf": (6.2, 33.0), "dpo": (0.8, 0.0)}
 ELASTIC = {"rlvf": 3.0}   # a stage's length is full * f ** ELASTIC (1 where not named)
 GRID = 0.05            # f is a multiple of this
@@ -39,7 +40,7 @@ MIN_SCALE = 0.1        # below it the run is not worth having: it overruns inste
 RESERVE_S = 30.0       # the report, the plots and the process's start and end
 
 
-def calibration_step(model_cfg, batch_size: int, repeats: int = 2) -> float:
+def calibration_step(model_cfg, batch_size: int = CALIBRATION_ROWS, repeats: int = 2) -> float:
     """Seconds of one forward and backward of a fresh model (`model_cfg`) on a random
     batch_size x block_size batch: the best of `repeats` after one that warms the caches.
     Leaves the engine's RNG as it found it."""

@@ -1,6 +1,7 @@
 """Train MyLLM through its five stages: Pretrain -> SFT -> Reward Model -> RLHF (PPO) -> RLVF.
 
-    python train.py --stage all                    # everything, bundled data, mini config
+    python train.py --stage all                    # everything, bundled data, mini config, in 20 minutes
+    python train.py --stage all --budget-min 0     # the full schedule, however long it takes here
     python train.py --stage pretrain,sft --config tiny
     python train.py --skip-pretrain --skip-sft     # only the later stages (needs sft_final)
     python train.py --stage sft --sft.max_steps=200 --model.dropout=0.0

@@ -74,6 +74,8 @@ def test_a_short_budget_shortens_the_stages(e2e, tmp_path):
     assert (summary["pretrain"]["length"], summary["pretrain"]["full_length"]) == (6, 60)
     rows = [json.loads(l) for l in (tmp_path / "runs" / "b" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert max(r["step"] for r in rows) == 6
+    report = (tmp_path / "runs" / "b" / "report.md").read_text(encoding="utf-8")
+    assert "Shortened to end within the time budget" in report and "pretrain 6 of 60" in report
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""The wall-clock budget (budget.py): lengths kept when the time suffices, shortened by one
-factor on the grid when it does not, lengths given on the command line kept, the pace
-corrected by each stage's measured time, and the calibration step leaving no trace."""
+"""The wall-clock budget (budget.py): lengths kept when the time suffices, shortened by the
+largest factor on the grid that fits when it does not (RLVF by f ** ELASTIC), lengths given on
+the command line kept, the pace corrected by each stage's measured time, the calibration step
+leaving no trace, and the resume command (train.resume_argv). The config is a stand-in with
+the five stages' length fields."""
 import time
 from types import SimpleNamespace
 
@@ -8,7 +10,7 @@ import numpy as np
 import pytest
 
 from tinygrad_llm import engine as E
-from tinygrad_llm.budget import COST, ELASTIC, GRID, LENGTH, MIN_SCALE, RESERVE_S, Budget, calibration_step
+from tinygrad_llm.budget import COST, ELASTIC, GRID, MIN_SCALE, RESERVE_S, Budget, calibration_step
 from tinygrad_llm.config import get_tiny_config
 
 STAGES = ["pretrain", "sft", "reward", "rlhf", "rlvf"]

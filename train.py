@@ -286,7 +286,7 @@ def run_stages(argv, dist) -> int:
             secs = time.perf_counter() - t0
             if budget and s in budget.chosen:
                 budget.done(s, secs)
-                figures.update(length=budget.chosen[s], full_length=budget.full[s], budget_scale=budget.scale[s])
+                figures.update(length=budget.chosen[s], full_length=budget.full[s])
             if s == "pretrain" and dist.is_main:   # only now: a failed pretrain leaves the old vocabulary
                 tok.save(ckpt_dir / "vocab.json")
             dist.barrier()        # the next stage reads what rank 0 has just written

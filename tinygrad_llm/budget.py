@@ -73,7 +73,11 @@ class Budget:
         self.given, self.pace = set(given), pace
         self.deadline = t_start + seconds - RESERVE_S
         self.chosen: dict[str, int] = {}
-        self.scale: dict[str, float] = {}
+
+    @property
+    def scale(self) -> dict[str, float]:
+        """{stage: its planned length / its full length}, for the stages planned so far."""
+        return {s: n / self.full[s] for s, n in self.chosen.items()}
 
     def cost(self, s: str, length: int) -> float:
         per, besides = COST[s]
@@ -97,7 +101,7 @@ class Budget:
         f = agree(f)
         length = self.length(s, f)
         setattr(getattr(cfg, s), LENGTH[s], length)
-        self.chosen[s], self.scale[s] = length, length / self.full[s]
+        self.chosen[s] = length
         if length == self.full[s]:
             return None
         return (f"budget: {s} {LENGTH[s]} {self.full[s]} -> {length} (x{length / self.full[s]:.2f}): the stages left "

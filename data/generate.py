@@ -38,7 +38,7 @@ from tasks import chat_math_reply   # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parent
 SEED = 1234
-EXPECTED_PROSE_FILES, EXPECTED_SEED_TASKS = 25, 40
+EXPECTED_PROSE_FILES, EXPECTED_SEED_TASKS = 23, 40
 
 
 def rng_for(seed, name):

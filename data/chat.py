@@ -286,8 +286,8 @@ def build_chat(rng, chat_dir, pools, math_reply, clean=None):
                 evals.append(eval_entry(it, item["user"], answer))
             continue
         for i, p in enumerate(it["train_prompts"]):
-            n = EXTRA_VARIANTS[cat]                 # a fraction: one more variant with that probability
-            n = int(n) + (rng.random() < n - int(n) if n != int(n) else 0)
+            extra = EXTRA_VARIANTS[cat]             # a fraction: one more variant with that probability
+            n = int(extra) + bool(extra % 1 and rng.random() < extra % 1)
             prompts = [p] + rng.sample(variants(p, cat), min(n, len(variants(p, cat))))
             for q in prompts:
                 if q in seen:

@@ -17,7 +17,7 @@ Each source file is a JSON list of intents:
   opening from "replies" followed by the house-style worked answer ("...答案是N。") that
   data/tasks.py writes (chat_math_reply).
 - keywords: any-of words a correct reply contains (meta, knowledge); harmful intents default to
-  the words of a refusal, and every harmful reply opens with REFUSAL_OPENING ("抱歉", checked when loading).
+  the words of a refusal.
 
 build_chat() returns the SFT train/val items, the held-out chat evaluation set (chat_eval.json),
 question-answer lines for the pretraining text and reward-model preference pairs of three kinds:
@@ -34,14 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from numerals import to_chinese   # noqa: E402  (data/numerals.py)
 
 CATEGORIES = ("meta", "knowledge", "math", "harmful")
-# composed variants per train phrasing; a fraction adds one with that probability. Harmful 0.5: with every
-# refusal opening alike (REFUSAL_OPENING), 1 variant refused 97% of the held-out harmful requests and 5% of the
-# benign ones, 0 variants 61% and 1% (bench/README.md, "One opening for every refusal")
-EXTRA_VARIANTS = {"meta": 0, "knowledge": 0, "harmful": 0.5}
-# Every harmful intent's reply opens with these characters, so that whether to refuse is decided at the reply's
-# first token by one choice: with two openings ("抱歉，..." / "这个我不能帮忙...") a refusal's probability was
-# split between them and a benign reply's opening often won greedy decoding (harmful refused 78% -> 94%)
-REFUSAL_OPENING = "抱歉"
+EXTRA_VARIANTS = {"meta": 0, "knowledge": 0, "harmful": 1}   # composed variants per train phrasing
 MATH_TRAIN = {"add": 240, "sub": 240, "mul": 160, "div": 160}  # SFT items per op (~5 per template)
 MATH_VAL_PER_TEMPLATE = 4                                     # held-out items per val template
 MATH_POOL = {"add": "add", "sub": "word_sub", "mul": "mul", "div": "div"}   # word_sub: b < a, no zero results
@@ -129,8 +122,6 @@ def load_intents(chat_dir):
                 raise ValueError(f"{f.name}: math intent {name!r} needs an op in {sorted(MATH_OPS)}")
             if cat != "math" and not it.get("replies"):
                 raise ValueError(f"{f.name}: intent {name!r} has no replies")
-            if cat == "harmful" and not all(r.startswith(REFUSAL_OPENING) for r in it["replies"]):
-                raise ValueError(f"{f.name}: every reply of harmful intent {name!r} must open with {REFUSAL_OPENING!r}")
             seen = {normalize(p) for p in it["train_prompts"]}
             clash = [p for p in it["val_prompts"] if normalize(p) in seen]
             if clash:
@@ -286,9 +277,7 @@ def build_chat(rng, chat_dir, pools, math_reply, clean=None):
                 evals.append(eval_entry(it, item["user"], answer))
             continue
         for i, p in enumerate(it["train_prompts"]):
-            extra = EXTRA_VARIANTS[cat]             # a fraction: one more variant with that probability
-            n = int(extra) + bool(extra % 1 and rng.random() < extra % 1)
-            prompts = [p] + rng.sample(variants(p, cat), min(n, len(variants(p, cat))))
+            prompts = [p] + rng.sample(variants(p, cat), min(EXTRA_VARIANTS[cat], len(variants(p, cat))))
             for q in prompts:
                 if q in seen:
                     continue

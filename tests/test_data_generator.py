@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from tinygrad_llm.chat_eval import is_refusal
-
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = importlib.util.spec_from_file_location("data_generate", ROOT / "data" / "generate.py")
 gen = importlib.util.module_from_spec(SPEC)
@@ -415,8 +413,6 @@ def test_chat_sources_are_clean():
         if it["category"] in ("meta", "knowledge"):
             assert it["keywords"] and all(any(k in r for k in it["keywords"]) for r in it["replies"]), it["intent"]
             assert all(6 <= len(r) <= 80 for r in it["replies"]), it["intent"]   # short replies
-        if it["category"] == "harmful":     # one opening for every refusal, and the chat evaluation calls it one
-            assert all(r.startswith(gen.chat_data.REFUSAL_OPENING) and is_refusal(r) for r in it["replies"]), it["intent"]
         if it["category"] == "knowledge":   # the answer is not given away by the held-out question
             assert not any(k in p for k in it["keywords"] for p in it["val_prompts"]), it["intent"]
         texts = it["train_prompts"] + it["val_prompts"] + it.get("replies", [])
@@ -427,7 +423,7 @@ def test_chat_sft_and_eval(run):
     out, _ = run
     intents = chat_intents()
     train, val, evals = chat_items(out, "sft_data.json"), chat_items(out, "sft_val.json"), load(out, "chat_eval.json")
-    assert 5000 <= len(train) <= 11000   # every train phrasing plus its composed variants (8947 at present)
+    assert 5000 <= len(train) <= 11000   # every train phrasing plus its composed variants (9498 at present)
     users = {it["user"] for it in train}
     for it in intents:   # every train phrasing is used at least once
         if it["category"] != "math":

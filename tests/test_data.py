@@ -179,3 +179,27 @@ def test_bundled_sft_data_is_written_on_first_use(tmp_path, monkeypatch):
     path = D.data_file(copy, "sft_data.json")
     assert path == copy / "sft_data.json"
     assert path.read_bytes() == (bundled / "sft_data.json").read_bytes()
+
+
+def test_bundled_sft_data_is_rewritten_when_its_sources_change(tmp_path, monkeypatch):
+    """After a checkout that changes data/src or the generator, the untracked sft_data.json would
+    be the old sources' file: it is regenerated when older than any of them, and only then."""
+    import os
+    import shutil
+
+    from tinygrad_llm import data as D
+    bundled, copy = D.BUNDLED_DIR, tmp_path / "data"
+    shutil.copytree(bundled, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    sft, source = copy / "sft_data.json", copy / "src" / "chat" / "meta.json"
+    t0 = sft.stat().st_mtime
+    for p in [*copy.glob("*.py"), *(p for p in (copy / "src").rglob("*") if p.is_file())]:
+        os.utime(p, (t0 - 10, t0 - 10))
+    assert not D.generated_is_stale(copy)
+    os.utime(source, (t0 + 10, t0 + 10))                       # as a checkout leaves a changed source
+    assert D.generated_is_stale(copy)
+    sft.write_text("[]\n", encoding="utf-8")                    # the old sources' file, stood in for
+    os.utime(sft, (t0, t0))
+    monkeypatch.setattr(D, "BUNDLED_DIR", copy.resolve())
+    D.ensure_bundled(copy)
+    assert sft.read_bytes() == (bundled / "sft_data.json").read_bytes()
+    assert not D.generated_is_stale(copy)

@@ -108,13 +108,28 @@ BUNDLED_DIR = Path(__file__).resolve().parents[1] / "data"
 UNTRACKED = ("sft_data.json",)     # bundled files too large for git: data/generate.py writes them on first use
 
 
+def generated_is_stale(data_dir) -> bool:
+    """True when a file of UNTRACKED in data_dir is older than the generator's code (data_dir/*.py)
+    or one of its sources (data_dir/src/...), as after a `git checkout` or `git pull` that changed
+    them: the file git does not track would otherwise stay as the old sources made it."""
+    d = Path(data_dir)
+    built = min((d / name).stat().st_mtime for name in UNTRACKED)
+    sources = [*d.glob("*.py"), *(p for p in (d / "src").rglob("*") if p.is_file())]
+    return any(p.stat().st_mtime > built for p in sources)
+
+
 def ensure_bundled(data_dir) -> None:
-    """If data_dir is the bundled data/ folder and a file of UNTRACKED is missing, run
-    data/generate.py (deterministic, ~2 s; it rewrites the tracked files byte for byte)."""
+    """If data_dir is the bundled data/ folder and a file of UNTRACKED is missing or older than
+    the generator and its sources (generated_is_stale), run data/generate.py (deterministic,
+    ~2 s; it rewrites the tracked files byte for byte)."""
     d = Path(data_dir).resolve()
-    if d != BUNDLED_DIR or all((d / name).exists() for name in UNTRACKED) or not (d / "generate.py").exists():
+    if d != BUNDLED_DIR or not (d / "generate.py").exists():
         return
-    print(f"{d}: writing {', '.join(UNTRACKED)} with data/generate.py (first use)", file=sys.stderr)
+    missing = not all((d / name).exists() for name in UNTRACKED)
+    if not missing and not generated_is_stale(d):
+        return
+    why = "first use" if missing else "its sources changed"
+    print(f"{d}: writing {', '.join(UNTRACKED)} with data/generate.py ({why})", file=sys.stderr)
     subprocess.run([sys.executable, str(d / "generate.py")], check=True, stdout=subprocess.DEVNULL)
 
 

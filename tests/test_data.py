@@ -197,7 +197,7 @@ def test_bundled_sft_data_is_rewritten_when_its_sources_change(tmp_path, monkeyp
     assert not D.generated_is_stale(copy)
     os.utime(source, (t0 + 10, t0 + 10))                       # as a checkout leaves a changed source
     assert D.generated_is_stale(copy)
-    sft.write_text("[]\n", encoding="utf-8")                    # the old sources' file, stood in for
+    sft.write_text("[]\n", encoding="utf-8")                    # stands in for the old sources' file
     os.utime(sft, (t0, t0))
     monkeypatch.setattr(D, "BUNDLED_DIR", copy.resolve())
     D.ensure_bundled(copy)

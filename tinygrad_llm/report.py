@@ -83,7 +83,7 @@ def write_report(run_dir) -> str:
         if isinstance(fig, dict):
             lines.append(f"| {stage} | {fig.get('time_s', 0):.0f}s | {_md_escape(fig.get('headline', ''))} |")
     short = [f"{stage} {fig['length']:,} of {fig['full_length']:,}" for stage, fig in summary.items()
-             if isinstance(fig, dict) and fig.get("length", fig.get("full_length")) != fig.get("full_length")]
+             if isinstance(fig, dict) and "length" in fig and fig["length"] != fig["full_length"]]
     if short:
         lines += ["", f"Shortened to end within the time budget (`--budget-min`, tinygrad_llm/budget.py): "
                       f"{', '.join(short)} (steps, episodes or iterations); `--budget-min 0` runs the full schedule."]

@@ -1,6 +1,8 @@
-"""What length-grouped batches save in SFT: full training steps of the mini model (forward,
-backward, clip, AdamW) on the bundled SFT data, with plain random batches against
-stages.sft.length_grouped (the stage's group_by_length), interleaved in one process.
+"""What length-grouped batches and a loss on the assistant's positions alone save in SFT: full
+training steps of the mini model (forward, backward, clip, AdamW) on the bundled SFT data, with
+plain random batches, stages.sft.length_grouped batches (the stage's group_by_length), and
+grouped batches whose lm_head runs on the assistant tokens only (GPT.loss, what the stage
+does) instead of every position (model(x, y, loss_mask)), interleaved in one process.
 
     python bench/sft_batches.py                  # 2 threads, 40 steps of each, groups of 8
     python bench/sft_batches.py --group 4 --steps 20
@@ -47,15 +49,19 @@ def main():
     model = GPT(cfg, seed=0).train()
     params = model.parameters()
     opt = AdamW(model.named_parameters(), lr=1e-5, weight_decay=0.1)
-    draw = {"random": lambda rng: rng.integers(0, len(examples), args.batch),
-            f"grouped ({args.group})": lambda rng: length_grouped(rng, lengths, args.batch, args.group)}
+    def random(rng): return rng.integers(0, len(examples), args.batch)
+    def grouped(rng): return length_grouped(rng, lengths, args.batch, args.group)
+    def every_position(x, y, m): return model(x, y, loss_mask=m)[1]
+    variants = {"random": (random, every_position), f"grouped ({args.group})": (grouped, every_position),
+                f"grouped ({args.group}), head on assistant rows": (grouped, model.loss)}
+    draw = {name: v[0] for name, v in variants.items()}
     rngs = {name: np.random.default_rng(0) for name in draw}
     shape = {name: [] for name in draw}
 
     def step(name):
         x, y, m = pad_batch([examples[i] for i in draw[name](rngs[name])])
         shape[name].append((x.shape[1], float((x != PAD_ID).mean())))
-        _, loss = model(x, y, loss_mask=m)
+        loss = variants[name][1](x, y, m)
         loss.backward()
         clip_grad_norm(params, 1.0)
         opt.step()

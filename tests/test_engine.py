@@ -123,6 +123,25 @@ def test_layer_norm_normalises_rows(n, c):
     np.testing.assert_allclose(y.var(-1), 1, rtol=1e-4)   # eps 1e-5 against variance ~49
 
 
+@SETTINGS
+@given(n=st.integers(1, 12), data=st.data())
+def test_gathered_rows_scatter_back_and_repeated_rows_accumulate(n, data):
+    """x[rows] then scatter(rows) is x on those rows and 0 elsewhere; the gather's gradient is
+    the same whether its rows are distinct (plain assignment) or repeated (np.add.at)."""
+    rows = np.array(data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=n, unique=True)))
+    x = Tensor(np.random.default_rng(n).standard_normal((n, 3)), requires_grad=True)
+    out = E.scatter(x[rows], rows, n)
+    keep = np.zeros(n, bool)
+    keep[rows] = True
+    np.testing.assert_array_equal(out.data, x.data * keep[:, None])
+    (out * 2.0).sum().backward()
+    np.testing.assert_array_equal(x.grad, 2.0 * keep[:, None] * np.ones((n, 3)))
+    x.grad = None
+    x[np.concatenate([rows, rows[:1]])].sum().backward()          # a row twice: counted twice
+    want = keep[:, None] * 1.0 + (np.arange(n) == rows[0])[:, None]
+    np.testing.assert_array_equal(x.grad, want * np.ones((n, 3)))
+
+
 def test_reused_tensor_accumulates_both_gradients():
     rng = np.random.default_rng(7)
     w = Tensor(rng.standard_normal((4, 3)), requires_grad=True)
@@ -187,6 +206,8 @@ def test_profiler_counts_ops():
     (lambda: Tensor(np.ones((2, 3)), requires_grad=True).exp().backward(), "non-scalar"),
     (lambda: Tensor(np.ones(3)).reshape(2, 2), "cannot reshape"),
     (lambda: E.embedding(Tensor(np.ones((3, 2))), np.array([5])), "out of range"),
+    (lambda: E.scatter(Tensor(np.ones((2, 3))), np.array([1, 1]), 4), "distinct"),
+    (lambda: E.scatter(Tensor(np.ones((2, 3))), np.array([1, 4]), 4), "distinct ints in"),
 ])
 def test_bad_input_gives_a_clear_error(fn, match):
     with pytest.raises((ValueError, RuntimeError, IndexError, TypeError), match=match):

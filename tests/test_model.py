@@ -150,6 +150,39 @@ def test_embedding_noise_is_a_constant_on_the_token_embeddings():
     assert len(results) == 1 + 12 * get_tiny_config().n_layer + 2 and not bad, bad
 
 
+def test_loss_on_the_masked_positions_equals_the_full_forward_and_its_gradients():
+    """GPT.loss and token_logprobs(mask=) run the lm_head on the masked positions only: the same
+    loss, log-probs (0 off the mask) and gradients as the full logits, in float64; a weighted
+    mask and an all-zero mask too."""
+    from tinygrad_llm.logprobs import token_logprobs
+    m = GPT(dataclasses.replace(get_tiny_config(vocab_size=50), pos_emb="rope"), seed=2).to(np.float64)
+    rng = np.random.default_rng(1)
+    x, y = rng.integers(0, 50, (3, 9)), rng.integers(0, 50, (3, 9))
+    for mask in ((rng.random((3, 9)) > 0.5) * 1.0, (rng.random((3, 9)) > 0.4) * rng.random((3, 9)), np.zeros((3, 9))):
+        grads = []
+        for loss in (lambda: m(x, y, loss_mask=mask)[1], lambda: m.loss(x, y, mask)):
+            for _, p in m.named_parameters():
+                p.grad = None
+            out = loss()
+            out.backward()
+            grads.append((float(out.data), {k: p.grad.copy() for k, p in m.named_parameters()}))
+        assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-12)
+        for k, g in grads[0][1].items():
+            np.testing.assert_allclose(grads[1][1][k], g, atol=1e-12, err_msg=k)
+        full, part = token_logprobs(m, x, y, 0.7), token_logprobs(m, x, y, 0.7, mask)
+        np.testing.assert_allclose(part.data, full.data * (mask > 0), atol=1e-12)
+        up = rng.standard_normal((3, 9)) * (mask > 0)
+        for _, p in m.named_parameters():
+            p.grad = None
+        (part * up).sum().backward()
+        g_part = {k: p.grad.copy() for k, p in m.named_parameters()}
+        for _, p in m.named_parameters():
+            p.grad = None
+        (full * up).sum().backward()
+        for k, p in m.named_parameters():
+            np.testing.assert_allclose(g_part[k], p.grad, atol=1e-12, err_msg=k)
+
+
 # -- positions: RoPE and smeared keys --------------------------------------------------------
 
 def _varied(cfg, seed=0):

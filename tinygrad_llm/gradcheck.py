@@ -148,6 +148,8 @@ OPS = {
     "transpose": (lambda a: a.transpose(0, 2), lambda r: [_t(r, 2, 3, 4)]),
     "getitem_slice": (lambda a: a[:, 1:3, ::2], lambda r: [_t(r, 2, 4, 5)]),
     "getitem_gather": (lambda a: a[np.arange(3)[:, None], np.array([[0, 2, 2]])], lambda r: [_t(r, 3, 4)]),
+    "getitem_rows": (lambda a: a[np.array([4, 0, 2])], lambda r: [_t(r, 5, 3)]),     # distinct: no add.at
+    "scatter": (lambda a: E.scatter(a, np.array([4, 0, 2]), 6), lambda r: [_t(r, 3, 2)]),
     "concatenate": (lambda a, b: E.concatenate([a, b], axis=1), lambda r: [_t(r, 2, 3), _t(r, 2, 4)]),
     "stack": (lambda a, b: E.stack([a, b], axis=1), lambda r: [_t(r, 2, 3), _t(r, 2, 3)]),
     "split": (lambda a: E.split(a, [1, 3], axis=1)[1] * 2.0, lambda r: [_t(r, 2, 4)]),

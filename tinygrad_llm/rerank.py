@@ -29,7 +29,7 @@ def sequence_logprob(model, prompts: list, replies: list, batch: int = 64) -> np
     out = np.zeros(len(prompts))
     for i in range(0, len(prompts), batch):
         x, y, m = build_batch(prompts[i:i + batch], replies[i:i + batch])
-        out[i:i + batch] = (logprobs_no_grad(model, x, y) * m).sum(axis=1)
+        out[i:i + batch] = (logprobs_no_grad(model, x, y, mask=m) * m).sum(axis=1)
     return out
 
 

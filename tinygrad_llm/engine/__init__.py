@@ -18,7 +18,7 @@ from .fused import (cross_entropy, dropout, embedding, get_rng_state, layer_norm
                     manual_seed, set_rng_state)
 from .ops import (add, cast, clip, concatenate, div, exp, gelu, getitem, log, log_softmax, logsigmoid,
                   masked_fill, matmul, maximum, mean, minimum, mul, neg, permute, power, reduce_max,
-                  reduce_sum, relu, reshape, sigmoid, sigmoid_array, softmax, split, sqrt, stack, sub,
+                  reduce_sum, relu, reshape, scatter, sigmoid, sigmoid_array, softmax, split, sqrt, stack, sub,
                   tanh, transpose)
 from .profiler import Profiler, profile
 from .tensor import Tensor, constant, no_grad, op, op_output, unbroadcast

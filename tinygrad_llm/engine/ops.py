@@ -3,7 +3,7 @@
 Primitives: elementwise arithmetic with broadcasting (add, sub, mul, div, minimum, maximum), one-
 input elementwise ops (power, neg, clip, cast, exp, log, tanh, sqrt, relu, gelu, sigmoid,
 logsigmoid), matmul, reductions (reduce_sum, reduce_max), shape ops (reshape, permute, getitem,
-concatenate), softmax, log_softmax, masked_fill. Composed, with no backward of their own: mean,
+scatter, concatenate), softmax, log_softmax, masked_fill. Composed, with no backward of their own: mean,
 transpose, stack, split. The fused layers are in fused.py and attention.py.
 """
 from __future__ import annotations
@@ -228,16 +228,36 @@ def getitem(a: Tensor, idx):
         data = a.data[idx]
     except IndexError as e:
         raise IndexError(f"index into tensor of shape {a.shape} failed: {e}") from None
-    advanced = _is_advanced(idx)
+    # repeated indices must accumulate (np.add.at, slow); one array of distinct indices need not
+    accumulate = _is_advanced(idx) and not _distinct(idx)
 
     def dinp(dout):
         g = np.zeros_like(a.data)
-        if advanced:
-            np.add.at(g, idx, dout)  # repeated indices accumulate
+        if accumulate:
+            np.add.at(g, idx, dout)
         else:
             g[idx] = dout
         return g
     return _unary(a, np.asarray(data), dinp)
+
+
+def _distinct(idx) -> bool:
+    """A single 1-D integer array with no index twice (e.g. the rows a loss needs)."""
+    return (isinstance(idx, np.ndarray) and idx.ndim == 1 and np.issubdtype(idx.dtype, np.integer)
+            and len(np.unique(idx)) == len(idx))
+
+
+@op
+def scatter(a: Tensor, rows, n: int):
+    """The inverse of gathering rows: zeros of shape (n, *a.shape[1:]) with out[rows] = a, for a
+    of shape (N, ...) and rows N distinct ints in [0, n). Backward: dout[rows]."""
+    rows = np.asarray(rows)
+    if rows.ndim != 1 or len(rows) != a.shape[0] or not np.issubdtype(rows.dtype, np.integer) or \
+            (len(rows) and (rows.min() < 0 or rows.max() >= n)) or not _distinct(rows):
+        raise IndexError(f"scatter: rows must be {a.shape[0]} distinct ints in [0, {n}) for a tensor of shape {a.shape}")
+    out = np.zeros((n,) + a.shape[1:], dtype=a.dtype)
+    out[rows] = a.data
+    return _unary(a, out, lambda dout: dout[rows])
 
 
 @op

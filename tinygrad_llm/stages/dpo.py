@@ -90,7 +90,7 @@ def shard_pairs(batch, rank, size):
 
 def reply_logprobs(model, x, y, mask):
     """log pi(reply | prompt) per row: (2B,) Tensor, the masked sum of token log-probs."""
-    return (token_logprobs(model, x, y) * mask).sum(axis=1)
+    return (token_logprobs(model, x, y, mask=mask) * mask).sum(axis=1)
 
 
 def dpo_loss(logp, ref_logp, beta: float):
@@ -117,7 +117,7 @@ def pair_logprobs(model, enc, batch: int = 32) -> np.ndarray:
     out = np.zeros((len(enc), 2))
     for i in range(0, len(enc), batch):
         x, y, m = pair_batch(enc[i:i + batch], model.dtype)
-        lp = (logprobs_no_grad(model, x, y) * m).sum(1)
+        lp = (logprobs_no_grad(model, x, y, mask=m) * m).sum(1)
         n = len(lp) // 2
         out[i:i + n] = np.stack([lp[:n], lp[n:]], 1)
     return out
@@ -151,7 +151,7 @@ def run(ctx) -> dict:
     def get_batch(rng):
         enc = [train_enc[order.next(rng, len(train_enc))] for _ in range(cfg.batch_size)]
         x, y, m = pair_batch(enc, policy.dtype)
-        return x, y, m, (logprobs_no_grad(ref, x, y) * m).sum(1)
+        return x, y, m, (logprobs_no_grad(ref, x, y, mask=m) * m).sum(1)
 
     def loss_fn(model, batch):
         x, y, m, ref_logp = batch

@@ -186,8 +186,8 @@ def score_replies(model, ref, rm: RewardModel, tok, prompts, n: int, rng, *, tem
     scores, kls, finished, lens, texts = [], [], [], [], []
     for ro in rollouts_in_chunks(model, tok, prompts, samples=n, temperature=temperature,
                                  max_new_tokens=max_new_tokens, batch=batch, rng=rng):
-        lp = logprobs_no_grad(model, ro.x, ro.y, temperature)
-        lr = logprobs_no_grad(ref, ro.x, ro.y, temperature)
+        lp = logprobs_no_grad(model, ro.x, ro.y, temperature, ro.action_mask)
+        lr = logprobs_no_grad(ref, ro.x, ro.y, temperature, ro.action_mask)
         kls += list((kl_k1(lp, lr) * ro.action_mask).sum(1))
         scores += list(rm_scores(rm, ro))
         finished += list(ro.finished)

@@ -245,7 +245,7 @@ class RLVFTrainer:
             return {"stats": stats, "share": 0.0, "kl": 0.0 if total else float("nan")}
         x, y, mask = build_batch([ro.prompts[i] for i in keep], [ro.replies[i] for i in keep], self.policy.dtype)
         return {"stats": stats, "x": x, "y": y, "mask": mask, "adv": adv[lo * G:hi * G][keep], "old_logp": None,
-                "ref_logp": logprobs_no_grad(self.ref, x, y, c.temperature), "share": float(mask.sum()) / total}
+                "ref_logp": logprobs_no_grad(self.ref, x, y, c.temperature, mask), "share": float(mask.sum()) / total}
 
     # -- the loop's two callbacks ------------------------------------------------------------
     def get_batch(self, rng) -> dict:
@@ -261,7 +261,7 @@ class RLVFTrainer:
         """grpo_loss on the batch -> (loss, metrics); (None, metrics) when no group had signal."""
         if "x" not in b:
             return None, {"kl": b["kl"], "pg": 0.0, "clip_frac": 0.0, "tokens": 0, "shared": b["stats"]}
-        logp = token_logprobs(model, b["x"], b["y"], self.cfg.temperature)      # (B, L), with graph
+        logp = token_logprobs(model, b["x"], b["y"], self.cfg.temperature, b["mask"])   # (B, L), with graph
         if b["old_logp"] is None:                  # dropout is off: the first pass *is* pi_old
             b["old_logp"] = logp.data.copy()
         loss, st = grpo_loss(logp, b["old_logp"], b["ref_logp"], b["adv"], b["mask"], self.cfg.clip_ratio,
@@ -270,7 +270,7 @@ class RLVFTrainer:
         if self.replay is not None:                # PPO-ptx: the SFT loss on a few SFT conversations
             rows = self.replay_rng.integers(0, len(self.replay), self.cfg.replay_rows)
             x, y, m = pad_batch([self.replay[i] for i in rows], model.dtype)
-            sft = model(x, y, loss_mask=m)[1]
+            sft = model.loss(x, y, m)
             # every rank draws the same rows: weighted by the rank's share, the Allreduce's sum counts them once
             loss = loss + sft * (self.cfg.chat_replay * b["share"])
             st["replay_loss"], tokens = float(sft.data), tokens + int(x.size)

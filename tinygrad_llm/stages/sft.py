@@ -158,7 +158,7 @@ def run(ctx) -> dict:
 
     def loss_fn(model, batch):
         x, y, m, *noise = batch
-        return model(x, y, loss_mask=m, emb_noise=noise[0] if noise else None)[1], {"tokens": x.size}
+        return model.loss(x, y, m, emb_noise=noise[0] if noise else None), {"tokens": x.size}
 
     def shard(batch, rank, size):
         # the loss is a mean over assistant tokens: a rank's share is its rows' share of them
@@ -169,7 +169,7 @@ def run(ctx) -> dict:
         total, count = 0.0, 0.0
         for i in range(0, len(val_ex), cfg.batch_size):
             x, y, m = pad_batch(val_ex[i:i + cfg.batch_size])
-            total += float(model(x, y, loss_mask=m)[1].data) * m.sum()
+            total += float(model.loss(x, y, m).data) * m.sum()
             count += m.sum()
         return {"loss": total / count}
 

@@ -30,9 +30,11 @@ LENGTH = {"pretrain": "max_steps", "sft": "max_steps", "reward": "max_steps", "r
           "rlvf": "num_iterations", "dpo": "max_steps"}
 # (calibration steps per unit of LENGTH, calibration steps besides) at the mini defaults, from
 # two whole runs on the 2-core AMD EPYC host, full and about half length, and pretraining 8-row
-# batches (bench/README.md, "A 20-minute budget"); a calibration step took 0.75 s there
+# batches (bench/README.md, "A 20-minute budget"); a calibration step took 0.75 s there. SFT:
+# 0.311 and 0.315 a step in the default runs s14_J2 and s16_M at the pace their pretraining
+# measured (it was 0.35, which gave SFT ~130 steps less than fitted and the later stages the rest)
 CALIBRATION_ROWS = 16
-COST = {"pretrain": (0.56, 0.0), "sft": (0.35, 0.0), "reward": (1.45, 0.0), "rlhf": (8.0, 0.0),
+COST = {"pretrain": (0.56, 0.0), "sft": (0.31, 0.0), "reward": (1.45, 0.0), "rlhf": (8.0, 0.0),
         "rlvf": (6.2, 33.0), "dpo": (0.8, 0.0)}
 ELASTIC = {"rlvf": 3.0}   # a stage's length is full * f ** ELASTIC (1 where not named)
 GRID = 0.05            # f is a multiple of this

@@ -42,10 +42,12 @@ MIN_SCALE = 0.1        # below it the run is not worth having: it overruns inste
 RESERVE_S = 30.0       # the report, the plots and the process's start and end
 
 
-def calibration_step(model_cfg, batch_size: int = CALIBRATION_ROWS, repeats: int = 2) -> float:
+def calibration_step(model_cfg, batch_size: int = CALIBRATION_ROWS, repeats: int = 4) -> float:
     """Seconds of one forward and backward of a fresh model (`model_cfg`) on a random
-    batch_size x block_size batch: the best of `repeats` after one that warms the caches.
-    Leaves the engine's RNG as it found it."""
+    batch_size x block_size batch: the best of `repeats` after one that warms the caches (4: on
+    this shared host the best of 2 once read 0.99 s where runs read 0.67-0.82 s, and the plan
+    cut pretraining to 900 steps that then ran at the usual pace; bench/README.md, "A 20-minute
+    budget"). Leaves the engine's RNG as it found it."""
     from .model import GPT
     rng_state = E.get_rng_state()
     model = GPT(model_cfg, seed=0)

@@ -54,23 +54,23 @@ def main():
     def every_position(x, y, m): return model(x, y, loss_mask=m)[1]
     variants = {"random": (random, every_position), f"grouped ({args.group})": (grouped, every_position),
                 f"grouped ({args.group}), head on assistant rows": (grouped, model.loss)}
-    draw = {name: v[0] for name, v in variants.items()}
-    rngs = {name: np.random.default_rng(0) for name in draw}
-    shape = {name: [] for name in draw}
+    rngs = {name: np.random.default_rng(0) for name in variants}
+    shape = {name: [] for name in variants}
 
     def step(name):
-        x, y, m = pad_batch([examples[i] for i in draw[name](rngs[name])])
+        draw, loss_of = variants[name]
+        x, y, m = pad_batch([examples[i] for i in draw(rngs[name])])
         shape[name].append((x.shape[1], float((x != PAD_ID).mean())))
-        loss = variants[name][1](x, y, m)
+        loss = loss_of(x, y, m)
         loss.backward()
         clip_grad_norm(params, 1.0)
         opt.step()
         opt.zero_grad()
 
     load0 = C.loadavg()
-    times = C.interleave({name: (lambda n=name: step(n)) for name in draw}, args.steps)
+    times = C.interleave({name: (lambda n=name: step(n)) for name in variants}, args.steps)
     rows = []
-    for name in draw:
+    for name in variants:
         T, real = np.array(shape[name][1:]).T          # the warm-up step left out
         rows.append([name, C.median(times[name]) * 1e3, T.mean(), f"{real.mean():.0%}"])
     base = rows[0][1]

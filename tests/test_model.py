@@ -150,6 +150,14 @@ def test_embedding_noise_is_a_constant_on_the_token_embeddings():
     assert len(results) == 1 + 12 * get_tiny_config().n_layer + 2 and not bad, bad
 
 
+def _loss_and_grads(m, loss):
+    for _, p in m.named_parameters():
+        p.grad = None
+    out = loss()
+    out.backward()
+    return float(out.data), {k: p.grad.copy() for k, p in m.named_parameters()}
+
+
 def test_loss_on_the_masked_positions_equals_the_full_forward_and_its_gradients():
     """GPT.loss and token_logprobs(mask=) run the lm_head on the masked positions only: the same
     loss, log-probs (0 off the mask) and gradients as the full logits, in float64; a weighted
@@ -159,28 +167,16 @@ def test_loss_on_the_masked_positions_equals_the_full_forward_and_its_gradients(
     rng = np.random.default_rng(1)
     x, y = rng.integers(0, 50, (3, 9)), rng.integers(0, 50, (3, 9))
     for mask in ((rng.random((3, 9)) > 0.5) * 1.0, (rng.random((3, 9)) > 0.4) * rng.random((3, 9)), np.zeros((3, 9))):
-        grads = []
-        for loss in (lambda: m(x, y, loss_mask=mask)[1], lambda: m.loss(x, y, mask)):
-            for _, p in m.named_parameters():
-                p.grad = None
-            out = loss()
-            out.backward()
-            grads.append((float(out.data), {k: p.grad.copy() for k, p in m.named_parameters()}))
-        assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-12)
-        for k, g in grads[0][1].items():
-            np.testing.assert_allclose(grads[1][1][k], g, atol=1e-12, err_msg=k)
-        full, part = token_logprobs(m, x, y, 0.7), token_logprobs(m, x, y, 0.7, mask)
-        np.testing.assert_allclose(part.data, full.data * (mask > 0), atol=1e-12)
-        up = rng.standard_normal((3, 9)) * (mask > 0)
-        for _, p in m.named_parameters():
-            p.grad = None
-        (part * up).sum().backward()
-        g_part = {k: p.grad.copy() for k, p in m.named_parameters()}
-        for _, p in m.named_parameters():
-            p.grad = None
-        (full * up).sum().backward()
-        for k, p in m.named_parameters():
-            np.testing.assert_allclose(g_part[k], p.grad, atol=1e-12, err_msg=k)
+        up = rng.standard_normal((3, 9)) * (mask > 0)            # a random upstream gradient on the mask
+        pairs = [(lambda: m(x, y, loss_mask=mask)[1], lambda: m.loss(x, y, mask)),
+                 (lambda: (token_logprobs(m, x, y, 0.7) * up).sum(), lambda: (token_logprobs(m, x, y, 0.7, mask) * up).sum())]
+        for full, part in pairs:
+            (l_full, g_full), (l_part, g_part) = _loss_and_grads(m, full), _loss_and_grads(m, part)
+            assert l_part == pytest.approx(l_full, abs=1e-12)
+            for k, g in g_full.items():
+                np.testing.assert_allclose(g_part[k], g, atol=1e-12, err_msg=k)
+        np.testing.assert_allclose(token_logprobs(m, x, y, 0.7, mask).data,
+                                   token_logprobs(m, x, y, 0.7).data * (mask > 0), atol=1e-12)
 
 
 # -- positions: RoPE and smeared keys --------------------------------------------------------

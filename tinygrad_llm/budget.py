@@ -10,7 +10,9 @@ seconds per calibration step). Before each stage the planner finds the largest f
 of 0.05 (so that runs on the same machine plan the same lengths), for which the stages left fit
 in the time left with each at length full * f ** ELASTIC[stage]: RLVF gives way first (30
 iterations moved the held-out tasks by -1 on two seeds, 90 by +3 and +4, while a shorter
-pretraining or SFT costs every later figure). Only the stage about to run takes its length
+pretraining or SFT costs every later figure), and SFT last (sqrt(f): in nine shortened runs the
+SFT tasks read 37-39% below 1,690 SFT steps and 45-51% at 1,690-2,030 with 900-1,170 pretraining
+steps; bench/README.md, "A 20-minute budget"). Only the stage about to run takes its length
 from f; the others are planned again when their turn comes. After each stage the pace is
 corrected by the stage's measured time against its prediction, so a machine that slows down
 or speeds up mid-run is followed. A length given on the command line (`--sft.max_steps=...`)
@@ -36,7 +38,7 @@ LENGTH = {"pretrain": "max_steps", "sft": "max_steps", "reward": "max_steps", "r
 CALIBRATION_ROWS = 16
 COST = {"pretrain": (0.56, 0.0), "sft": (0.31, 0.0), "reward": (1.45, 0.0), "rlhf": (8.0, 0.0),
         "rlvf": (6.2, 33.0), "dpo": (0.8, 0.0)}
-ELASTIC = {"rlvf": 3.0}   # a stage's length is full * f ** ELASTIC (1 where not named)
+ELASTIC = {"rlvf": 3.0, "sft": 0.5}   # a stage's length is full * f ** ELASTIC (1 where not named)
 GRID = 0.05            # f is a multiple of this
 MIN_SCALE = 0.1        # below it the run is not worth having: it overruns instead
 RESERVE_S = 30.0       # the report, the plots and the process's start and end

@@ -11,8 +11,8 @@ of 0.05 (so that runs on the same machine plan the same lengths), for which the 
 in the time left with each at length full * f ** ELASTIC[stage]: RLVF gives way first (30
 iterations moved the held-out tasks by -1 on two seeds, 90 by +3 and +4, while a shorter
 pretraining or SFT costs every later figure), and SFT last (sqrt(f): in nine shortened runs the
-SFT tasks read 37-39% below 1,690 SFT steps and 45-51% at 1,690-2,030 with 900-1,170 pretraining
-steps; bench/README.md, "A 20-minute budget"). Only the stage about to run takes its length
+SFT tasks read 37-39% below 1,690 SFT steps and 45-51% at 1,690 after 1,080-1,170 pretraining
+steps or at 2,030 after 900; bench/README.md, "A 20-minute budget"). Only the stage about to run takes its length
 from f; the others are planned again when their turn comes. After each stage the pace is
 corrected by the stage's measured time against its prediction, so a machine that slows down
 or speeds up mid-run is followed. A length given on the command line (`--sft.max_steps=...`)

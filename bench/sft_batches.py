@@ -1,7 +1,7 @@
 """What length-grouped batches and a loss on the assistant's positions alone save in SFT: full
 training steps of the mini model (forward, backward, clip, AdamW) on the bundled SFT data, with
 plain random batches, stages.sft.length_grouped batches (the stage's group_by_length), and
-grouped batches whose lm_head runs on the assistant tokens only (GPT.loss, what the stage
+grouped batches whose lm_head runs on the assistant tokens only (logprobs.masked_loss, what the stage
 does) instead of every position (model(x, y, loss_mask)), interleaved in one process.
 
     python bench/sft_batches.py                  # 2 threads, 40 steps of each, groups of 8
@@ -26,6 +26,7 @@ import common as C  # noqa: E402
 from tinygrad_llm.config import get_mini_config  # noqa: E402
 from tinygrad_llm.data import load_split, pad_batch, sft_examples  # noqa: E402
 from tinygrad_llm.stages.sft import length_grouped  # noqa: E402
+from tinygrad_llm.logprobs import masked_loss  # noqa: E402
 from tinygrad_llm.model import GPT  # noqa: E402
 from tinygrad_llm.optim import AdamW, clip_grad_norm  # noqa: E402
 from tinygrad_llm.tokenizer import PAD_ID, MyLLMTokenizer  # noqa: E402
@@ -53,7 +54,7 @@ def main():
     def grouped(rng): return length_grouped(rng, lengths, args.batch, args.group)
     def every_position(x, y, m): return model(x, y, loss_mask=m)[1]
     variants = {"random": (random, every_position), f"grouped ({args.group})": (grouped, every_position),
-                f"grouped ({args.group}), head on assistant rows": (grouped, model.loss)}
+                f"grouped ({args.group}), head on assistant rows": (grouped, lambda x, y, m: masked_loss(model, x, y, m))}
     rngs = {name: np.random.default_rng(0) for name in variants}
     shape = {name: [] for name in variants}
 

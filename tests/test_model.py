@@ -159,16 +159,16 @@ def _loss_and_grads(m, loss):
 
 
 def test_loss_on_the_masked_positions_equals_the_full_forward_and_its_gradients():
-    """GPT.loss and token_logprobs(mask=) run the lm_head on the masked positions only: the same
+    """logprobs.masked_loss and token_logprobs(mask=) run the lm_head on the masked positions only: the same
     loss, log-probs (0 off the mask) and gradients as the full logits, in float64; a weighted
     mask and an all-zero mask too."""
-    from tinygrad_llm.logprobs import token_logprobs
+    from tinygrad_llm.logprobs import masked_loss, token_logprobs
     m = GPT(dataclasses.replace(get_tiny_config(vocab_size=50), pos_emb="rope"), seed=2).to(np.float64)
     rng = np.random.default_rng(1)
     x, y = rng.integers(0, 50, (3, 9)), rng.integers(0, 50, (3, 9))
     for mask in ((rng.random((3, 9)) > 0.5) * 1.0, (rng.random((3, 9)) > 0.4) * rng.random((3, 9)), np.zeros((3, 9))):
         up = rng.standard_normal((3, 9)) * (mask > 0)            # a random upstream gradient on the mask
-        pairs = [(lambda: m(x, y, loss_mask=mask)[1], lambda: m.loss(x, y, mask)),
+        pairs = [(lambda: m(x, y, loss_mask=mask)[1], lambda: masked_loss(m, x, y, mask)),
                  (lambda: (token_logprobs(m, x, y, 0.7) * up).sum(), lambda: (token_logprobs(m, x, y, 0.7, mask) * up).sum())]
         for full, part in pairs:
             (l_full, g_full), (l_part, g_part) = _loss_and_grads(m, full), _loss_and_grads(m, part)

@@ -139,25 +139,6 @@ class GPT(nn.Module):
 
     forward = __call__
 
-    def head_rows(self, h: Tensor, mask) -> tuple[Tensor, np.ndarray]:
-        """The tied lm_head on the positions with mask > 0 only: h (B, T, C), mask (B, T) ->
-        (logits (N, V), rows (N,) indices into the flattened (B * T) positions). A loss that
-        skips the prompt and the padding (SFT, the RL stages' reply tokens) needs no more:
-        on the SFT data 44% of a batch's positions are assistant tokens."""
-        B, T, C = h.shape
-        mask = np.asarray(mask)
-        if mask.shape != (B, T):
-            raise ValueError(f"mask must be ({B}, {T}), got {mask.shape}")
-        rows = np.flatnonzero(mask.reshape(-1) > 0)
-        return E.linear(h.reshape(B * T, C)[rows], self.transformer.wte.weight), rows
-
-    def loss(self, idx, targets, loss_mask, positions=None, emb_noise=None) -> Tensor:
-        """model(idx, targets, loss_mask)[1], the mean cross-entropy over the positions with
-        loss_mask > 0 weighted by it, computing the logits of those positions only (head_rows)."""
-        logits, rows = self.head_rows(self.hidden_states(idx, positions, emb_noise=emb_noise), loss_mask)
-        w = np.asarray(loss_mask).reshape(-1)[rows]
-        return E.cross_entropy(logits, np.asarray(targets).reshape(-1)[rows], mask=w)
-
     # -- generation ----------------------------------------------------------------------
     def generate(self, prompts, max_new_tokens: int = 128, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, repetition_penalty: float = 1.0, no_repeat_ngram: int = 0,

@@ -54,6 +54,7 @@ from ..config import ConfigError, renamed
 from ..data import load_split, pad_batch, sft_examples
 from ..distributed import concat_ranks, row_range, world
 from ..engine import Tensor
+from ..logprobs import masked_loss
 from ..loop import train
 from ..report import plot_stage
 from .common import Stage, chat_eval_after, load_resume, make_saver
@@ -270,7 +271,7 @@ class RLVFTrainer:
         if self.replay is not None:                # PPO-ptx: the SFT loss on a few SFT conversations
             rows = self.replay_rng.integers(0, len(self.replay), self.cfg.replay_rows)
             x, y, m = pad_batch([self.replay[i] for i in rows], model.dtype)
-            sft = model.loss(x, y, m)
+            sft = masked_loss(model, x, y, m)
             # every rank draws the same rows: weighted by the rank's share, the Allreduce's sum counts them once
             loss = loss + sft * (self.cfg.chat_replay * b["share"])
             st["replay_loss"], tokens = float(sft.data), tokens + int(x.size)

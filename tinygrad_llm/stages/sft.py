@@ -21,6 +21,7 @@ from .. import chat_eval, lora
 from ..config import ConfigError, LoopConfig
 from ..data import FILES, DataError, data_file, first_turns, load_split, pad_batch, sft_examples
 from ..distributed import shard_rows
+from ..logprobs import masked_loss
 from ..loop import train
 from ..model import GPT
 from ..tokenizer import IM_END_ID, IM_START_ID
@@ -158,7 +159,7 @@ def run(ctx) -> dict:
 
     def loss_fn(model, batch):
         x, y, m, *noise = batch
-        return model.loss(x, y, m, emb_noise=noise[0] if noise else None), {"tokens": x.size}
+        return masked_loss(model, x, y, m, emb_noise=noise[0] if noise else None), {"tokens": x.size}
 
     def shard(batch, rank, size):
         # the loss is a mean over assistant tokens: a rank's share is its rows' share of them
@@ -169,7 +170,7 @@ def run(ctx) -> dict:
         total, count = 0.0, 0.0
         for i in range(0, len(val_ex), cfg.batch_size):
             x, y, m = pad_batch(val_ex[i:i + cfg.batch_size])
-            total += float(model.loss(x, y, m).data) * m.sum()
+            total += float(masked_loss(model, x, y, m).data) * m.sum()
             count += m.sum()
         return {"loss": total / count}
 

@@ -262,11 +262,11 @@ def test_guard_verdicts(tiny):
     assert g2.check(1, 1)["verdict"] == "hacking" and not g2.stop
 
 
-def test_guard_tie_needs_the_reward_model_too(tiny):
-    """The same acceptable share with fewer refusals, or a higher one, is a new best only if the
-    RM scores it no lower."""
-    g = _scripted_guard(tiny, [(0.5, 0.10, 0.0, 0.3), (0.5, 0.05, 0.0, 0.2), (0.5, 0.05, 0.0, 0.4)])
-    assert [g.check(ep, ep)["verdict"] for ep in range(3)] == ["best", "ok", "best"] and g.best_episode == 2
+def test_guard_best_needs_a_gain_the_reward_model_agrees_with(tiny):
+    """A new best needs a higher acceptable share, scored no lower by the RM: a tie is not one,
+    however the RM scores it or however few refusals it has."""
+    g = _scripted_guard(tiny, [(0.5, 0.10, 0.0, 0.3), (0.5, 0.05, 0.0, 0.4), (0.5, 0.0, 0.0, 0.9)])
+    assert [g.check(ep, ep)["verdict"] for ep in range(3)] == ["best", "ok", "ok"] and g.best_episode == 0
     g = _scripted_guard(tiny, [(0.5, 0.1, 0.0, 0.3), (0.52, 0.1, 0.0, 0.2), (0.52, 0.1, 0.0, 0.3)])
     assert [g.check(ep, ep)["verdict"] for ep in range(3)] == ["best", "ok", "best"] and g.best_episode == 2
     # at the end: within margins the final weights stay; with none, only a new best stays

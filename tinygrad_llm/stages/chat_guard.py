@@ -82,18 +82,15 @@ class ChatGuard:
         return why
 
     def better(self, res: dict) -> bool:
-        """A new best: no lower RM score, and a higher acceptable share or the same with no more
-        refusals + loops (so small slides within the margins cannot ratchet the best down).
-        Replies the reward model likes less are no sign that PPO helped, even one reply more
-        acceptable on the dev half: seed 2 of bench/README.md's "Phrasings round 4" tied on the
-        dev half and lost 8 points on the test half; run s7_E1b ("The copy probe at 900 steps")
-        gained one dev reply and lost 4 test points, both with the RM score down."""
+        """A new best: a higher acceptable share and no lower RM score. A tie is not a gain:
+        run s16_N's guard kept PPO's weights on a dev-half tie with the RM score up (0.02 ->
+        0.06), and the test half read 59% -> 57% (math 41% -> 24%). Replies the reward model
+        likes less are no sign that PPO helped either, even one reply more acceptable on the
+        dev half: seed 2 of bench/README.md's "Phrasings round 4" tied on the dev half and lost
+        8 points on the test half; run s7_E1b ("The copy probe at 900 steps") gained one dev
+        reply and lost 4 test points, both with the RM score down."""
         b = self.best
-        if res["rm_score"] < b["rm_score"]:
-            return False
-        if res["acceptable"] != b["acceptable"]:
-            return res["acceptable"] > b["acceptable"]
-        return res["refusal"] + res["loop"] <= b["refusal"] + b["loop"]
+        return res["acceptable"] > b["acceptable"] and res["rm_score"] >= b["rm_score"]
 
     def check(self, step: int, episode: int, **beside) -> dict:
         """Evaluate now, log chat_* (and `beside`, e.g. the rollout's RM score and KL) to

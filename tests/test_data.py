@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 
+from tinygrad_llm.config import ConfigError
 from tinygrad_llm.data import (DataError, encode_chat, load_pretrain_text, load_reward, load_rlvf, load_sft,
                                load_split, pad_batch, pretrain_batch)
 from tinygrad_llm.stages.sft import PROTECTED, drop_prompt_chars, droppable, length_grouped
@@ -164,6 +165,42 @@ def test_mixed_batch_and_the_pretrain_curriculum():
     assert x.shape == (8, 32) and (x[:2] >= 5000).all() and (x[2:] < 1000).all()
     x, _ = curriculum_batch(0, cfg, text, None, 32, rng)             # data without spans: text from step 0
     assert x.shape == (8, 32) and (x < 1000).all()
+
+
+def test_ppmi_matrix_against_a_loop_reference():
+    from tinygrad_llm.stages.pretrain import ppmi_matrix
+    V, window, cds = 7, 3, 0.75
+    ids = np.random.default_rng(0).integers(0, V - 1, 200)           # token V-1 never occurs
+    c = np.zeros((V, V))
+    for i in range(len(ids)):
+        for d in range(1, window + 1):
+            if i + d < len(ids):
+                c[ids[i], ids[i + d]] += 1 / d
+                c[ids[i + d], ids[i]] += 1 / d
+    row, ctx = c.sum(1), c.sum(1) ** cds
+    ref = np.zeros((V, V))
+    for i in range(V):
+        for j in range(V):
+            if c[i, j] > 0:
+                ref[i, j] = max(0.0, np.log(c[i, j] * ctx.sum() / (row[i] * ctx[j])))
+    got = ppmi_matrix(ids, V, window, cds)
+    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
+    assert not got[V - 1].any() and not got[:, V - 1].any()
+
+
+def test_ppmi_embeddings_start_interchangeable_characters_together():
+    """x and y fill the same slot between a and b; z only between c and d: x starts near y, far from z."""
+    from tinygrad_llm.stages.pretrain import PretrainConfig, ppmi_embeddings
+    a, b, c, d, x, y, z, unused = range(8)
+    rng = np.random.default_rng(1)
+    ids = np.concatenate([[a, rng.choice([x, y]), b] if rng.random() < 0.5 else [c, z, d] for _ in range(3000)])
+    emb = ppmi_embeddings(ids, 8, 4, std=0.02)
+    assert emb.shape == (8, 4) and emb.dtype == np.float64
+    assert not emb[unused].any() and np.isclose(emb[:unused].std(), 0.02)
+    cos = lambda u, v: u @ v / np.linalg.norm(u) / np.linalg.norm(v)   # noqa: E731
+    assert cos(emb[x], emb[y]) > 0.9 and abs(cos(emb[x], emb[z])) < 0.3
+    with pytest.raises(ConfigError, match="emb_init must be one of random, ppmi"):
+        PretrainConfig(emb_init="glove").validate()
 
 
 def test_bundled_sft_data_is_written_on_first_use(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import LoopConfig
+from ..config import ConfigError, LoopConfig
 from ..data import load_drills, load_split, mixed_pretrain_batch, pretrain_batch
 from ..distributed import shard_rows
 from ..loop import train
@@ -43,9 +43,51 @@ class PretrainConfig(LoopConfig):
     copy_warmup_batch: int = 8
     copy_warmup_len: int = 128
     drill_share: float = 0.5
+    emb_init: str = "random"        # "ppmi": wte starts from the corpus's character co-occurrence (ppmi_embeddings)
+
+    def validate(self, name: str = "pretrain"):
+        super().validate(name)
+        if self.emb_init not in EMB_INITS:
+            raise ConfigError(f"{name}: emb_init must be one of {', '.join(EMB_INITS)}, got {self.emb_init!r}")
 
 
+EMB_INITS = ("random", "ppmi")
 TINY_OVERRIDES = {"max_steps": 60, "batch_size": 8, "eval_every": 30, "eval_batches": 4, "warmup_steps": 10}
+
+
+def ppmi_matrix(ids, vocab_size: int, window: int = 2, cds: float = 0.75) -> np.ndarray:
+    """Positive pointwise mutual information of the characters of `ids` (Levy, Goldberg and
+    Dagan 2015): c(i, j) counts j within `window` places of i, either side, weighted 1/distance;
+    PPMI(i, j) = max(0, log(c(i, j) * sum_k c_k ** cds / (c_i * c_j ** cds))), with c_i the row
+    sums and cds the context-distribution smoothing; 0 where c(i, j) = 0. -> (V, V) float64."""
+    ids, V = np.asarray(ids, np.int64), vocab_size
+    counts = np.zeros(V * V)
+    for d in range(1, window + 1):
+        counts += np.bincount(ids[:-d] * V + ids[d:], minlength=V * V) / d
+    counts = counts.reshape(V, V)
+    counts += counts.T                                   # j after i, and j before i
+    row = counts.sum(1)
+    ctx = row ** cds
+    pmi = np.zeros((V, V))
+    nz = counts > 0                                      # then row[i] > 0 and ctx[j] > 0 too
+    pmi[nz] = np.log(counts[nz] * ctx.sum() / (row[:, None] * ctx[None, :])[nz])
+    return np.maximum(pmi, 0.0)
+
+
+def ppmi_embeddings(ids, vocab_size: int, dim: int, window: int = 2, std: float = 0.02) -> np.ndarray:
+    """Character vectors from co-occurrence: the top `dim` singular vectors of ppmi_matrix, each
+    scaled by the square root of its singular value, rescaled so the characters that occur have
+    element std `std` (nn.Embedding's init); characters with no positive PMI (those that never
+    occur) get zero rows. Those
+    met in the same contexts ("冷" and "寒", "加" and "减") start near each other instead of at
+    random. -> (vocab_size, dim) float64."""
+    ppmi = ppmi_matrix(ids, vocab_size, window)
+    seen = ppmi.any(1)
+    u, s, _ = np.linalg.svd(ppmi)
+    emb = u[:, :dim] * np.sqrt(s[:dim])
+    emb[~seen] = 0.0
+    scale = emb[seen].std() if seen.any() else 0.0
+    return emb * (std / scale) if scale > 0 else emb
 
 
 def curriculum_batch(step: int, cfg: PretrainConfig, ids, drill_ids, block_size: int, rng):
@@ -81,6 +123,10 @@ def run(ctx) -> dict:
 
     model = GPT(mcfg, seed=ctx.seed)
     resume = load_resume(ctx, model, STAGE.name)
+    if cfg.emb_init == "ppmi" and not resume:
+        w = model.transformer.wte.weight                # characters absent from the text keep their random rows
+        emb = ppmi_embeddings(train_ids, *w.data.shape)
+        w.data[...] = np.where(emb.any(1, keepdims=True), emb.astype(w.data.dtype), w.data)
     step = [resume["step"] if resume else 0]           # get_batch is called once per step
 
     def get_batch(rng):

@@ -190,7 +190,7 @@ def test_ppmi_matrix_against_a_loop_reference():
 
 def test_ppmi_embeddings_start_interchangeable_characters_together():
     """x and y fill the same slot between a and b; z only between c and d: x starts near y, far from z."""
-    from tinygrad_llm.stages.pretrain import PretrainConfig, ppmi_embeddings
+    from tinygrad_llm.stages.pretrain import PretrainConfig, init_embeddings, ppmi_embeddings
     a, b, c, d, x, y, z, unused = range(8)
     rng = np.random.default_rng(1)
     ids = np.concatenate([[a, rng.choice([x, y]), b] if rng.random() < 0.5 else [c, z, d] for _ in range(3000)])
@@ -199,8 +199,20 @@ def test_ppmi_embeddings_start_interchangeable_characters_together():
     assert not emb[unused].any() and np.isclose(emb[:unused].std(), 0.02)
     cos = lambda u, v: u @ v / np.linalg.norm(u) / np.linalg.norm(v)   # noqa: E731
     assert cos(emb[x], emb[y]) > 0.9 and abs(cos(emb[x], emb[z])) < 0.3
-    with pytest.raises(ConfigError, match="emb_init must be one of random, ppmi"):
-        PretrainConfig(emb_init="glove").validate()
+    # the stage's init: share 0 leaves the random rows, 1 puts the co-occurrence rows in their place,
+    # a share between mixes the two at the same std; a character absent from the text keeps its row
+    w0 = np.random.default_rng(2).normal(0, 0.02, (8, 4)).astype(np.float32)
+    for share in (0.0, 0.5, 1.0):
+        w = w0.copy()
+        init_embeddings(w, ids, share)
+        assert w.dtype == np.float32 and np.array_equal(w[unused], w0[unused])
+        want = np.sqrt(1 - share) * w0[:unused] + np.sqrt(share) * ppmi_embeddings(ids, 8, 4, std=float(w0.std()))[:unused]
+        np.testing.assert_allclose(w[:unused], want, rtol=1e-5, atol=1e-7)
+    w = w0.copy()
+    init_embeddings(w, ids, 1.0, keep=[x])                           # x keeps its random row
+    assert np.array_equal(w[x], w0[x]) and not np.array_equal(w[y], w0[y])
+    with pytest.raises(ConfigError, match="emb_ppmi must be in"):
+        PretrainConfig(emb_ppmi=1.5).validate()
 
 
 def test_bundled_sft_data_is_written_on_first_use(tmp_path, monkeypatch):

@@ -84,9 +84,8 @@ def ppmi_embeddings(ids, vocab_size: int, dim: int, window: int = 2, std: float 
     """Character vectors from co-occurrence: the top `dim` singular vectors of ppmi_matrix, each
     scaled by the square root of its singular value, rescaled so the characters that occur have
     element std `std` (nn.Embedding's init); characters with no positive PMI (those that never
-    occur) get zero rows. Those
-    met in the same contexts ("冷" and "寒", "加" and "减") start near each other instead of at
-    random. -> (vocab_size, dim) float64."""
+    occur) get zero rows. Characters met in the same contexts ("冷" and "寒", "加" and "减")
+    start near each other instead of at random. -> (vocab_size, dim) float64."""
     ppmi = ppmi_matrix(ids, vocab_size, window)
     seen = ppmi.any(1)
     # the left singular vectors and values of ppmi from the eigenvectors of ppmi @ ppmi.T

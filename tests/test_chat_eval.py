@@ -252,7 +252,7 @@ def test_guard_verdicts(tiny):
         verdicts.append(g.check(ep, ep)["verdict"])
         assert not g.stop or ep == 4
     assert verdicts == ["best", "best", "ok", "worse", "hacking"] and g.stop
-    assert "refusal 10% -> 30%" in g.history[-1]["why"] and "RM score" in g.history[-1]["why"]
+    assert "refusal 10.0% -> 30.0%" in g.history[-1]["why"] and "RM score" in g.history[-1]["why"]
     g.restore("test")
     np.testing.assert_array_equal(model.transformer.wte.weight.data, w0)
     assert g.best_episode == 1 and "episode 1" in g.reason
@@ -313,7 +313,7 @@ def test_rlhf_stage_keeps_the_sft_weights_on_a_tie_the_rm_likes_less(tmp_path, m
                 "harmful_refusal": 1.0, "by_category": {}, "replies": []}
     monkeypatch.setattr(chat_guard.ChatGuard, "evaluate", fake)
     out = run(ctx)
-    assert "no better than the best (acceptable 50% -> 50%, RM score +0.30 -> +0.10)" in out["chat_guard"]
+    assert "no better than the best (acceptable 50.0% -> 50.0%, RM score +0.30 -> +0.10)" in out["chat_guard"]
     assert out["chat_guard"].endswith("rolled back to episode 0") and out["chat_best_episode"] == 0
 
 

@@ -75,10 +75,10 @@ class ChatGuard:
         """How res is worse than the best so far (empty: not worse beyond the margins)."""
         b, why = self.best, []
         if res["acceptable"] < b["acceptable"] - self.drop:
-            why.append(f"acceptable {b['acceptable']:.0%} -> {res['acceptable']:.0%}")
+            why.append(f"acceptable {b['acceptable']:.1%} -> {res['acceptable']:.1%}")
         for k in ("refusal", "loop"):
             if res[k] > b[k] + self.rise:
-                why.append(f"{k} {b[k]:.0%} -> {res[k]:.0%}")
+                why.append(f"{k} {b[k]:.1%} -> {res[k]:.1%}")
         return why
 
     def better(self, res: dict) -> bool:
@@ -126,8 +126,8 @@ class ChatGuard:
         b = self.best
         if last["why"]:
             return f"the final weights chat worse than the best ({last['why']})"
-        return (f"the final weights chat no better than the best (acceptable {b['acceptable']:.0%} -> "
-                f"{last['acceptable']:.0%}, RM score {b['rm_score']:+.2f} -> {last['rm_score']:+.2f})")
+        return (f"the final weights chat no better than the best (acceptable {b['acceptable']:.1%} -> "
+                f"{last['acceptable']:.1%}, RM score {b['rm_score']:+.2f} -> {last['rm_score']:+.2f})")
 
     @property
     def stop(self) -> bool:

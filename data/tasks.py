@@ -75,11 +75,14 @@ def column_steps(a, b, sym, du=0, dt=0):
     d, t = (ua + 10 - ub if borrow else ua - ub) + du, ta - borrow
     units = (f"个位{ua}不够减{ub}，从十位借1，{ua + 10} - {ub} = {d}" if borrow else
              f"先算个位，{ua} - {ub} = {d}")
+    # the lent 1 is taken off as a fact of its own ("十位借走1后是8 - 1 = 7"): said as a bare
+    # number ("借走1后是7"), the tens digit came out copied and not lowered
+    lent = f"十位借走1后是{ta} - 1 = {t}" if borrow else ""
     if tb == 0:
-        tens, t_res = (f"十位借走1后是{t}" if borrow else f"十位是{t}"), t
+        tens, t_res = (lent if borrow else f"十位是{t}"), t
     else:
         t_res = t - tb + dt
-        tens = (f"十位借走1后是{t}，{t} - {tb} = {t_res}" if borrow else f"再算十位，{t} - {tb} = {t_res}")
+        tens = (f"{lent}，{t} - {tb} = {t_res}" if borrow else f"再算十位，{t} - {tb} = {t_res}")
     return f"{units}；{tens}", 10 * t_res + d
 
 
@@ -237,22 +240,43 @@ def make_syllogism(rng, key, i, split):
                     reply, wrong, NO_KEYWORDS if negative else YES_KEYWORDS)
 
 
+DIGITS_WORD = {1: "一", 2: "两", 3: "三"}
+
+
+def compare_why(x, y):
+    """Why x is larger or smaller than y, digit by digit, before the answer is said (a small model
+    that says the answer first guesses it): the number of digits, else the tens, else the ones.
+    The digit steps use 大于/小于, not "比", so a step states no compare key of its own (keys.py)."""
+    def rel(p, q):
+        return "大于" if p > q else "小于"
+    if len(str(x)) != len(str(y)):
+        return f"{x}是{DIGITS_WORD[len(str(x))]}位数，{y}是{DIGITS_WORD[len(str(y))]}位数，"
+    if x < 10:
+        return ""
+    if x // 10 != y // 10:
+        return f"十位{x // 10}{rel(x // 10, y // 10)}{y // 10}，"
+    return f"十位都是{x // 10}，个位{x % 10}{rel(x % 10, y % 10)}{y % 10}，"
+
+
 def make_compare(rng, key, i, split):
-    """'a和b哪个大？' -> number (even i), or 'x比y大吗？' -> 是/不是 (odd i, polarity alternating)."""
+    """'a和b哪个大？' -> number (even i), or 'x比y大吗？' -> 是/不是 (odd i, polarity alternating).
+    The reply compares first (compare_why, then "所以x比y大") and answers last."""
     lo, hi = key[1], key[2]
     a, b = ordered(rng, lo, hi)
+
+    def worked(x, y):
+        why = compare_why(x, y)
+        return f"{x}和{y}比：{why}{'所以' if why else ''}{x}比{y}{'大' if x > y else '小'}，"
     if i % 2 == 0:
         r = rng.choice("大小")
         ans, other = (hi, lo) if r == "大" else (lo, hi)
         return new_task("logic", "compare", phrase(rng, "compare_which", split).format(a=a, b=b, r=r), str(ans),
-                        f"{ans}比{other}{r}，答案是{ans}。", f"{other}比{ans}{r}，答案是{other}。", [str(ans)])
+                        f"{worked(a, b)}{r}的是{ans}，答案是{ans}。", f"{worked(a, b)}{r}的是{other}，答案是{other}。", [str(ans)])
     want_yes, r = (i // 2) % 2 == 0, rng.choice("大小")
     x, y = (hi, lo) if (r == "大") == want_yes else (lo, hi)   # order so that "x比y{r}" is true iff want_yes
-    opp = "小" if r == "大" else "大"
-    yes, no = f"是的，{x}比{y}{r}。", f"不是，{x}比{y}{opp}。"
+    yes, no = f"{worked(x, y)}答案是：是的。", f"{worked(x, y)}答案是：不是。"
     return new_task("logic", "compare", phrase(rng, "compare_yesno", split).format(x=x, y=y, r=r), "是" if want_yes else "不是",
-                    yes if want_yes else no, f"不是，{x}比{y}{opp}。" if want_yes else f"是的，{x}比{y}{r}。",
-                    YES_KEYWORDS if want_yes else NO_KEYWORDS)
+                    yes if want_yes else no, no if want_yes else yes, YES_KEYWORDS if want_yes else NO_KEYWORDS)
 
 
 def make_parity(rng, key, i, split):
@@ -276,11 +300,17 @@ def make_parity(rng, key, i, split):
 
 
 def make_neighbor(rng, key, i, split):
-    """'n的后一个数是几？' (even i) or 'n+1的前一个数是几？' (odd i)."""
+    """'n的后一个数是几？' (even i) or 'n+1的前一个数是几？' (odd i). The reply says the direction
+    first ("后" -> 多1, "前" -> 少1) and the number after it: said at once, the number came out
+    one too many or one too few at random."""
     n = key[1]
-    x, d, ans, wrong = (n, "后", n + 1, n + 2) if i % 2 == 0 else (n + 1, "前", n, n + 1 if n == 0 else n - 1)
-    return new_task("logic", "neighbor", phrase(rng, "neighbor", split).format(n=x, d=d), str(ans),
-                    f"{x}的{d}一个数是{ans}，答案是{ans}。", f"{x}的{d}一个数是{wrong}，答案是{wrong}。", [str(ans)])
+    x, d, ans, step = (n, "后", n + 1, "多1") if i % 2 == 0 else (n + 1, "前", n, "少1")
+    back, wrong = ("少1", n - 1) if i % 2 == 0 else ("多1", n + 2)       # the other direction
+    reply = f"{x}的{d}一个数要{step}，是{ans}，答案是{ans}。"
+    if wrong < 0:                                                         # 0's neighbour: one too many instead
+        back, wrong = step, ans + 1
+    bad = f"{x}的{d}一个数要{back}，是{wrong}，答案是{wrong}。"
+    return new_task("logic", "neighbor", phrase(rng, "neighbor", split).format(n=x, d=d), str(ans), reply, bad, [str(ans)])
 
 
 MAKERS = {"add": make_add, "sub": make_sub, "mul": make_mul, "div": make_div, "word_add": make_word_add,

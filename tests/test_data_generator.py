@@ -83,6 +83,27 @@ def neighbor_after(prompt):
     return re.search(r"\d+\D*?(前|后)", prompt)[1] == "后"
 
 
+def says(ans, reply):
+    """Whether a house-style reply gives `ans`: a yes/no first ("是的，…") or last ("…答案是：是的。"),
+    anything else as "答案是N。" at the end."""
+    if ans in ("是", "不是"):
+        word = "是的" if ans == "是" else "不是"
+        return reply.startswith(word + "，") or reply.endswith(f"答案是：{word}。")
+    return reply.endswith(f"答案是{ans}。")
+
+
+def reasons_first(kind, prompt, reply):
+    """compare: the reply's "所以x比y大/小" is true and comes before the answer; neighbor: the
+    direction ("要多1" after, "要少1" before) is said before the number."""
+    if kind == "compare":
+        m = re.search(r"所以(\d+)比(\d+)(大|小)|^(\d)和(\d)比：(\d)比(\d)(大|小)", reply)
+        x, y, r = (int(m[1]), int(m[2]), m[3]) if m and m[1] else (int(m[6]), int(m[7]), m[8]) if m else (0, 0, "")
+        return bool(m) and x != y and (x > y) == (r == "大") and m.end() < reply.index("答案是")
+    if kind == "neighbor":
+        return f"一个数要{'多' if neighbor_after(prompt) else '少'}1，是" in reply
+    return True
+
+
 def solve(kind, prompt):
     """Expected answer recomputed from the prompt alone."""
     n = nums(prompt)
@@ -254,10 +275,7 @@ def test_sft_answers_are_correct(run):
     assert len(items) > 1600
     for kind, prompt, it in items:
         ans, reply = solve(kind, prompt), it["assistant"]
-        if ans in ("是", "不是"):
-            assert reply.startswith("是的，" if ans == "是" else "不是，"), (prompt, reply)
-        else:
-            assert reply.endswith(f"答案是{ans}。"), (prompt, reply)
+        assert says(ans, reply) and reasons_first(kind, prompt, reply), (prompt, reply)
         if kind in SYM:
             a, b = nums(prompt)[:2]
             assert f"{a} {SYM[kind]} {b} = {ans}，" in reply, (prompt, reply)
@@ -557,7 +575,7 @@ def test_worked_drills_are_right_and_in_training_phrasings(run):
             ans = solve(kind, q)
         except (AssertionError, TypeError, IndexError):    # the question is not of this kind
             return False
-        return a.startswith("是的，" if ans == "是" else "不是，") if ans in ("是", "不是") else a.endswith(f"答案是{ans}。")
+        return says(ans, a)
 
     seen = Counter()
     for q, a in qa:

@@ -301,16 +301,15 @@ def make_parity(rng, key, i, split):
 
 def make_neighbor(rng, key, i, split):
     """'n的后一个数是几？' (even i) or 'n+1的前一个数是几？' (odd i). The reply says the direction
-    first ("后" -> 多1, "前" -> 少1) and the number after it: said at once, the number came out
-    one too many or one too few at random."""
+    first ("后" -> 多1, "前" -> 少1), then works n + 1 or n - 1 as arith_task would: said at once,
+    the number came out one too many or one too few at random, or copied unchanged."""
     n = key[1]
-    x, d, ans, step = (n, "后", n + 1, "多1") if i % 2 == 0 else (n + 1, "前", n, "少1")
-    back, wrong = ("少1", n - 1) if i % 2 == 0 else ("多1", n + 2)       # the other direction
-    reply = f"{x}的{d}一个数要{step}，是{ans}，答案是{ans}。"
-    if wrong < 0:                                                         # 0's neighbour: one too many instead
-        back, wrong = step, ans + 1
-    bad = f"{x}的{d}一个数要{back}，是{wrong}，答案是{wrong}。"
-    return new_task("logic", "neighbor", phrase(rng, "neighbor", split).format(n=x, d=d), str(ans), reply, bad, [str(ans)])
+    x, d, ans, sym = (n, "后", n + 1, "+") if i % 2 == 0 else (n + 1, "前", n, "-")
+    # the worked ±1 from a stream of its own, so the draws of every other task stay as they were
+    worked = arith_task(random.Random(f"neighbor{x}{d}"), "neighbor", sym, "", x, 1, ans)
+    say = f"{x}的{d}一个数要{'多' if sym == '+' else '少'}1，"
+    return new_task("logic", "neighbor", phrase(rng, "neighbor", split).format(n=x, d=d), str(ans),
+                    say + worked["_reply"], say + worked["_wrong"], [str(ans)])
 
 
 MAKERS = {"add": make_add, "sub": make_sub, "mul": make_mul, "div": make_div, "word_add": make_word_add,

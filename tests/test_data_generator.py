@@ -94,13 +94,14 @@ def says(ans, reply):
 
 def reasons_first(kind, prompt, reply):
     """compare: the reply's "所以x比y大/小" is true and comes before the answer; neighbor: the
-    direction ("要多1" after, "要少1" before) is said before the number."""
+    direction ("要多1" after, "要少1" before) is said, then n + 1 or n - 1 worked."""
     if kind == "compare":
         m = re.search(r"所以(\d+)比(\d+)(大|小)|^(\d)和(\d)比：(\d)比(\d)(大|小)", reply)
         x, y, r = (int(m[1]), int(m[2]), m[3]) if m and m[1] else (int(m[6]), int(m[7]), m[8]) if m else (0, 0, "")
         return bool(m) and x != y and (x > y) == (r == "大") and m.end() < reply.index("答案是")
     if kind == "neighbor":
-        return f"一个数要{'多' if neighbor_after(prompt) else '少'}1，是" in reply
+        after = neighbor_after(prompt)
+        return f"{nums(prompt)[0]}的{'后' if after else '前'}一个数要{'多' if after else '少'}1，{nums(prompt)[0]} {'+' if after else '-'} 1" in reply
     return True
 
 

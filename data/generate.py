@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import chat as chat_data   # noqa: E402  (data/chat.py: everyday conversation, see build_chat)
-from keys import (DIGIT_COMPARES, FACT_KINDS, banned_keys, build_key_spaces, infer_arith_keys, reserve_held_out, source_keys,  # noqa: E402
+from keys import (FACT_KINDS, banned_keys, build_key_spaces, infer_arith_keys, reserve_held_out, source_keys,  # noqa: E402
                   split_pools, touches, warn)
 from pretrain import build_pretrain   # noqa: E402
 from reward import build_reward   # noqa: E402
@@ -87,7 +87,7 @@ def generate_all(seed=SEED, src_dir=DATA_DIR / "src", out_dir=DATA_DIR):
     src = load_sources(src_dir)
     spaces = build_key_spaces()
     # 1. Reserve the held-out keys before anything else is generated.
-    held = reserve_held_out(spaces, source_keys(src) | DIGIT_COMPARES, rng_for(seed, "held_out"))
+    held = reserve_held_out(spaces, source_keys(src), rng_for(seed, "held_out"))
     banned = banned_keys(held)
     pools = split_pools(spaces, held)
     # 2. Pretrain text, SFT, reward pairs, RLVF tasks; each part has its own random stream.

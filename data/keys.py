@@ -151,12 +151,6 @@ def source_keys(src):
     return keys
 
 
-# The comparisons of two one-digit numbers: every worked comparison of two-digit numbers steps
-# through one ("十位5小于6", tasks.compare_why), so like the fact tables they are taught in full
-# and never held out.
-DIGIT_COMPARES = {("compare", a, b) for a in range(1, 10) for b in range(a + 1, 10)}
-
-
 def reserve_held_out(spaces, forbidden, rng):
     """kind -> set of held-out keys: ~15% of each space, never a key of the sources.
     Weekday keys are stratified by offset (one start day per 明天/后天/昨天/前天)."""

@@ -95,9 +95,8 @@ def stored_wrong(rng, item, ctx):
 
 
 def is_yes_no(item):
-    """A generated item answered 是的，/不是， (first, or last as "答案是：是的。")."""
-    reply = item["assistant"]
-    return "kind" in item and (reply.startswith(("是的，", "不是，")) or reply.endswith(("答案是：是的。", "答案是：不是。")))
+    """A generated item answered 是的，/不是，."""
+    return "kind" in item and item["assistant"].startswith(("是的，", "不是，"))
 
 
 REWARD_CORRUPTIONS = {

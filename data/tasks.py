@@ -240,43 +240,22 @@ def make_syllogism(rng, key, i, split):
                     reply, wrong, NO_KEYWORDS if negative else YES_KEYWORDS)
 
 
-DIGITS_WORD = {1: "一", 2: "两", 3: "三"}
-
-
-def compare_why(x, y):
-    """Why x is larger or smaller than y, digit by digit, before the answer is said (a small model
-    that says the answer first guesses it): the number of digits, else the tens, else the ones.
-    The digit steps use 大于/小于, not "比", so a step states no compare key of its own (keys.py)."""
-    def rel(p, q):
-        return "大于" if p > q else "小于"
-    if len(str(x)) != len(str(y)):
-        return f"{x}是{DIGITS_WORD[len(str(x))]}位数，{y}是{DIGITS_WORD[len(str(y))]}位数，"
-    if x < 10:
-        return ""
-    if x // 10 != y // 10:
-        return f"十位{x // 10}{rel(x // 10, y // 10)}{y // 10}，"
-    return f"十位都是{x // 10}，个位{x % 10}{rel(x % 10, y % 10)}{y % 10}，"
-
-
 def make_compare(rng, key, i, split):
-    """'a和b哪个大？' -> number (even i), or 'x比y大吗？' -> 是/不是 (odd i, polarity alternating).
-    The reply compares first (compare_why, then "所以x比y大") and answers last."""
+    """'a和b哪个大？' -> number (even i), or 'x比y大吗？' -> 是/不是 (odd i, polarity alternating)."""
     lo, hi = key[1], key[2]
     a, b = ordered(rng, lo, hi)
-
-    def worked(x, y):
-        why = compare_why(x, y)
-        return f"{x}和{y}比：{why}{'所以' if why else ''}{x}比{y}{'大' if x > y else '小'}，"
     if i % 2 == 0:
         r = rng.choice("大小")
         ans, other = (hi, lo) if r == "大" else (lo, hi)
         return new_task("logic", "compare", phrase(rng, "compare_which", split).format(a=a, b=b, r=r), str(ans),
-                        f"{worked(a, b)}{r}的是{ans}，答案是{ans}。", f"{worked(a, b)}{r}的是{other}，答案是{other}。", [str(ans)])
+                        f"{ans}比{other}{r}，答案是{ans}。", f"{other}比{ans}{r}，答案是{other}。", [str(ans)])
     want_yes, r = (i // 2) % 2 == 0, rng.choice("大小")
     x, y = (hi, lo) if (r == "大") == want_yes else (lo, hi)   # order so that "x比y{r}" is true iff want_yes
-    yes, no = f"{worked(x, y)}答案是：是的。", f"{worked(x, y)}答案是：不是。"
+    opp = "小" if r == "大" else "大"
+    yes, no = f"是的，{x}比{y}{r}。", f"不是，{x}比{y}{opp}。"
     return new_task("logic", "compare", phrase(rng, "compare_yesno", split).format(x=x, y=y, r=r), "是" if want_yes else "不是",
-                    yes if want_yes else no, no if want_yes else yes, YES_KEYWORDS if want_yes else NO_KEYWORDS)
+                    yes if want_yes else no, f"不是，{x}比{y}{opp}。" if want_yes else f"是的，{x}比{y}{r}。",
+                    YES_KEYWORDS if want_yes else NO_KEYWORDS)
 
 
 def make_parity(rng, key, i, split):

@@ -84,24 +84,22 @@ def neighbor_after(prompt):
 
 
 def says(ans, reply):
-    """Whether a house-style reply gives `ans`: a yes/no first ("是的，…") or last ("…答案是：是的。"),
-    anything else as "答案是N。" at the end."""
+    """Whether a house-style reply gives `ans`: a yes/no first ("是的，…"), anything else as
+    "答案是N。" at the end."""
     if ans in ("是", "不是"):
-        word = "是的" if ans == "是" else "不是"
-        return reply.startswith(word + "，") or reply.endswith(f"答案是：{word}。")
+        return reply.startswith("是的，" if ans == "是" else "不是，")
     return reply.endswith(f"答案是{ans}。")
 
 
 def reasons_first(kind, prompt, reply):
-    """compare: the reply's "所以x比y大/小" is true and comes before the answer; neighbor: the
-    direction ("要多1" after, "要少1" before) is said, then n + 1 or n - 1 worked."""
-    if kind == "compare":
-        m = re.search(r"所以(\d+)比(\d+)(大|小)|^(\d)和(\d)比：(\d)比(\d)(大|小)", reply)
-        x, y, r = (int(m[1]), int(m[2]), m[3]) if m and m[1] else (int(m[6]), int(m[7]), m[8]) if m else (0, 0, "")
-        return bool(m) and x != y and (x > y) == (r == "大") and m.end() < reply.index("答案是")
+    """neighbor: the direction ("要多1" after, "要少1" before) is said, then n + 1 or n - 1 worked;
+    a subtraction that borrows takes the lent 1 off the tens as a fact of its own."""
     if kind == "neighbor":
-        after = neighbor_after(prompt)
-        return f"{nums(prompt)[0]}的{'后' if after else '前'}一个数要{'多' if after else '少'}1，{nums(prompt)[0]} {'+' if after else '-'} 1" in reply
+        n, after = nums(prompt)[0], neighbor_after(prompt)
+        return f"{n}的{'后' if after else '前'}一个数要{'多' if after else '少'}1，{n} {'+' if after else '-'} 1" in reply
+    if kind in ("sub", "word_sub") and "借" in reply:
+        ta = int(re.match(r"(\d+) - \d+：", reply)[1]) // 10
+        return f"十位借走1后是{ta} - 1 = {ta - 1}" in reply
     return True
 
 

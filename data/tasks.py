@@ -75,11 +75,14 @@ def column_steps(a, b, sym, du=0, dt=0):
     d, t = (ua + 10 - ub if borrow else ua - ub) + du, ta - borrow
     units = (f"个位{ua}不够减{ub}，从十位借1，{ua + 10} - {ub} = {d}" if borrow else
              f"先算个位，{ua} - {ub} = {d}")
+    # the lent 1 is taken off as a fact of its own ("十位借走1后是8 - 1 = 7"): said as a bare
+    # number ("借走1后是7"), the tens digit came out copied and not lowered
+    lent = f"十位借走1后是{ta} - 1 = {t}" if borrow else ""
     if tb == 0:
-        tens, t_res = (f"十位借走1后是{t}" if borrow else f"十位是{t}"), t
+        tens, t_res = (lent if borrow else f"十位是{t}"), t
     else:
         t_res = t - tb + dt
-        tens = (f"十位借走1后是{t}，{t} - {tb} = {t_res}" if borrow else f"再算十位，{t} - {tb} = {t_res}")
+        tens = (f"{lent}，{t} - {tb} = {t_res}" if borrow else f"再算十位，{t} - {tb} = {t_res}")
     return f"{units}；{tens}", 10 * t_res + d
 
 
@@ -276,11 +279,16 @@ def make_parity(rng, key, i, split):
 
 
 def make_neighbor(rng, key, i, split):
-    """'n的后一个数是几？' (even i) or 'n+1的前一个数是几？' (odd i)."""
+    """'n的后一个数是几？' (even i) or 'n+1的前一个数是几？' (odd i). The reply says the direction
+    first ("后" -> 多1, "前" -> 少1), then works n + 1 or n - 1 as arith_task would: said at once,
+    the number came out one too many or one too few at random, or copied unchanged."""
     n = key[1]
-    x, d, ans, wrong = (n, "后", n + 1, n + 2) if i % 2 == 0 else (n + 1, "前", n, n + 1 if n == 0 else n - 1)
+    x, d, ans, sym = (n, "后", n + 1, "+") if i % 2 == 0 else (n + 1, "前", n, "-")
+    # the worked ±1 from a stream of its own, so the draws of every other task stay as they were
+    worked = arith_task(random.Random(f"neighbor{x}{d}"), "neighbor", sym, "", x, 1, ans)
+    say = f"{x}的{d}一个数要{'多' if sym == '+' else '少'}1，"
     return new_task("logic", "neighbor", phrase(rng, "neighbor", split).format(n=x, d=d), str(ans),
-                    f"{x}的{d}一个数是{ans}，答案是{ans}。", f"{x}的{d}一个数是{wrong}，答案是{wrong}。", [str(ans)])
+                    say + worked["_reply"], say + worked["_wrong"], [str(ans)])
 
 
 MAKERS = {"add": make_add, "sub": make_sub, "mul": make_mul, "div": make_div, "word_add": make_word_add,

@@ -83,6 +83,26 @@ def neighbor_after(prompt):
     return re.search(r"\d+\D*?(前|后)", prompt)[1] == "后"
 
 
+def says(ans, reply):
+    """Whether a house-style reply gives `ans`: a yes/no first ("是的，…"), anything else as
+    "答案是N。" at the end."""
+    if ans in ("是", "不是"):
+        return reply.startswith("是的，" if ans == "是" else "不是，")
+    return reply.endswith(f"答案是{ans}。")
+
+
+def reasons_first(kind, prompt, reply):
+    """neighbor: the direction ("要多1" after, "要少1" before) is said, then n + 1 or n - 1 worked;
+    a subtraction that borrows takes the lent 1 off the tens as a fact of its own."""
+    if kind == "neighbor":
+        n, after = nums(prompt)[0], neighbor_after(prompt)
+        return f"{n}的{'后' if after else '前'}一个数要{'多' if after else '少'}1，{n} {'+' if after else '-'} 1" in reply
+    if kind in ("sub", "word_sub") and "借" in reply:
+        ta = int(re.match(r"(\d+) - \d+：", reply)[1]) // 10
+        return f"十位借走1后是{ta} - 1 = {ta - 1}" in reply
+    return True
+
+
 def solve(kind, prompt):
     """Expected answer recomputed from the prompt alone."""
     n = nums(prompt)
@@ -254,10 +274,7 @@ def test_sft_answers_are_correct(run):
     assert len(items) > 1600
     for kind, prompt, it in items:
         ans, reply = solve(kind, prompt), it["assistant"]
-        if ans in ("是", "不是"):
-            assert reply.startswith("是的，" if ans == "是" else "不是，"), (prompt, reply)
-        else:
-            assert reply.endswith(f"答案是{ans}。"), (prompt, reply)
+        assert says(ans, reply) and reasons_first(kind, prompt, reply), (prompt, reply)
         if kind in SYM:
             a, b = nums(prompt)[:2]
             assert f"{a} {SYM[kind]} {b} = {ans}，" in reply, (prompt, reply)
@@ -557,7 +574,7 @@ def test_worked_drills_are_right_and_in_training_phrasings(run):
             ans = solve(kind, q)
         except (AssertionError, TypeError, IndexError):    # the question is not of this kind
             return False
-        return a.startswith("是的，" if ans == "是" else "不是，") if ans in ("是", "不是") else a.endswith(f"答案是{ans}。")
+        return says(ans, a)
 
     seen = Counter()
     for q, a in qa:

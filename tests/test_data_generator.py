@@ -583,3 +583,20 @@ def test_worked_drills_are_right_and_in_training_phrasings(run):
         assert kinds and not any(regex[k][1].fullmatch(q) for k in kinds), (q, a)
         seen[kinds[0]] += 1
     assert set(seen) == set(data_pretrain.WORKED_WEIGHTS), seen
+
+
+def test_bench_held_out_draw_is_held_out(run):
+    """bench/held_out_tasks.py's larger draw: held-out keys, right answers, none of rlvf_val's
+    prompts, the same tasks for the same seed."""
+    _, result = run
+    spec = importlib.util.spec_from_file_location("held_out_tasks", ROOT / "bench" / "held_out_tasks.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    plan = {"neighbor": 8, "sub": 8, "compare": 8, "word_add": 4}
+    tasks = bench.draw(plan, seed=3)
+    assert Counter(t["kind"] for t in tasks) == Counter(plan) and tasks == bench.draw(plan, seed=3)
+    held = set().union(*result["held_out"].values())
+    val = {t["prompt"] for t in json.loads((ROOT / "data" / "rlvf_val.json").read_text(encoding="utf-8"))}
+    for t in tasks:
+        assert item_key(t["kind"], t["prompt"]) in held and t["prompt"] not in val, t
+        assert t["expected_answer"] == solve(t["kind"], t["prompt"]) and not any(k.startswith("_") for k in t), t

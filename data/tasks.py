@@ -280,15 +280,17 @@ def make_parity(rng, key, i, split):
 
 def make_neighbor(rng, key, i, split):
     """'n的后一个数是几？' (even i) or 'n+1的前一个数是几？' (odd i). The reply says the direction
-    first ("后" -> 多1, "前" -> 少1), then works n + 1 or n - 1 as arith_task would: said at once,
-    the number came out one too many or one too few at random, or copied unchanged."""
+    first ("后" -> 多1, "前" -> 少1), then works n ± 1 digit by digit (column_steps; said at once,
+    the number came out one too many, one too few or copied unchanged). No "n ± 1" equation: the
+    steps are one-digit facts, so no reply states a held-out two-digit key of another kind."""
     n = key[1]
     x, d, ans, sym = (n, "后", n + 1, "+") if i % 2 == 0 else (n + 1, "前", n, "-")
-    # the worked ±1 from a stream of its own, so the draws of every other task stay as they were
-    worked = arith_task(random.Random(f"neighbor{x}{d}"), "neighbor", sym, "", x, 1, ans)
-    say = f"{x}的{d}一个数要{'多' if sym == '+' else '少'}1，"
+    say = f"{x}的{d}一个数要{'多' if sym == '+' else '少'}1："
+    steps = column_steps(x, 1, sym)[0] or f"{x} {sym} 1 = {ans}"        # one digit (or 100): the fact itself
+    slip = slipped_steps(x, 1, sym, ans) if steps.startswith(("先", "个")) else None
+    bad, wrong = slip if slip else (f"{x} {sym} 1 = {ans + 1}", ans + 1)
     return new_task("logic", "neighbor", phrase(rng, "neighbor", split).format(n=x, d=d), str(ans),
-                    say + worked["_reply"], say + worked["_wrong"], [str(ans)])
+                    f"{say}{steps}。所以是{ans}，答案是{ans}。", f"{say}{bad}。所以是{wrong}，答案是{wrong}。", [str(ans)])
 
 
 MAKERS = {"add": make_add, "sub": make_sub, "mul": make_mul, "div": make_div, "word_add": make_word_add,

@@ -92,11 +92,11 @@ def says(ans, reply):
 
 
 def reasons_first(kind, prompt, reply):
-    """neighbor: the direction ("要多1" after, "要少1" before) is said, then n + 1 or n - 1 worked;
+    """neighbor: the direction ("要多1" after, "要少1" before) is said, then n ± 1 worked digit by digit;
     a subtraction that borrows takes the lent 1 off the tens as a fact of its own."""
     if kind == "neighbor":
         n, after = nums(prompt)[0], neighbor_after(prompt)
-        return f"{n}的{'后' if after else '前'}一个数要{'多' if after else '少'}1，{n} {'+' if after else '-'} 1" in reply
+        return reply.startswith(f"{n}的{'后' if after else '前'}一个数要{'多' if after else '少'}1：") and "所以是" in reply
     if kind in ("sub", "word_sub") and "借" in reply:
         ta = int(re.match(r"(\d+) - \d+：", reply)[1]) // 10
         return f"十位借走1后是{ta} - 1 = {ta - 1}" in reply

@@ -47,10 +47,13 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=99, help="the draw's seed")
     ap.add_argument("--max-new-tokens", type=int, default=80)
     args = ap.parse_args(argv)
+    from tasks import MAKERS
     try:
-        plan = {kind: int(n) for kind, n in (part.split("=") for part in args.plan.split(","))}
+        plan = {kind.strip(): int(n) for kind, n in (part.split("=") for part in args.plan.split(","))}
     except ValueError:
         sys.exit(f"error: --plan must read kind=count,..., got {args.plan!r}")
+    if set(plan) - set(MAKERS):
+        sys.exit(f"error: --plan: unknown kind(s) {sorted(set(plan) - set(MAKERS))}; kinds: {', '.join(MAKERS)}")
     tasks = draw(plan, args.seed)
     kinds = list(plan)
     print(f"{len(tasks)} held-out tasks (seed {args.seed}): " + ", ".join(f"{kd} {plan[kd]}" for kd in kinds))

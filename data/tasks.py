@@ -286,8 +286,9 @@ def make_neighbor(rng, key, i, split):
     n = key[1]
     x, d, ans, sym = (n, "后", n + 1, "+") if i % 2 == 0 else (n + 1, "前", n, "-")
     say = f"{x}的{d}一个数要{'多' if sym == '+' else '少'}1："
-    steps = column_steps(x, 1, sym)[0] or f"{x} {sym} 1 = {ans}"        # one digit (or 100): the fact itself
-    slip = slipped_steps(x, 1, sym, ans) if steps.startswith(("先", "个")) else None
+    worked = column_steps(x, 1, sym)[0]
+    steps = worked or f"{x} {sym} 1 = {ans}"                            # one digit (or 100): the fact itself
+    slip = slipped_steps(x, 1, sym, ans) if worked else None
     bad, wrong = slip if slip else (f"{x} {sym} 1 = {ans + 1}", ans + 1)
     return new_task("logic", "neighbor", phrase(rng, "neighbor", split).format(n=x, d=d), str(ans),
                     f"{say}{steps}。所以是{ans}，答案是{ans}。", f"{say}{bad}。所以是{wrong}，答案是{wrong}。", [str(ans)])

@@ -91,7 +91,7 @@ def says(ans, reply):
     return reply.endswith(f"答案是{ans}。")
 
 
-def reasons_first(kind, prompt, reply):
+def works_in_steps(kind, prompt, reply):
     """neighbor: the direction ("要多1" after, "要少1" before) is said, then n ± 1 worked digit by digit;
     a subtraction that borrows takes the lent 1 off the tens as a fact of its own."""
     if kind == "neighbor":
@@ -274,7 +274,7 @@ def test_sft_answers_are_correct(run):
     assert len(items) > 1600
     for kind, prompt, it in items:
         ans, reply = solve(kind, prompt), it["assistant"]
-        assert says(ans, reply) and reasons_first(kind, prompt, reply), (prompt, reply)
+        assert says(ans, reply) and works_in_steps(kind, prompt, reply), (prompt, reply)
         if kind in SYM:
             a, b = nums(prompt)[:2]
             assert f"{a} {SYM[kind]} {b} = {ans}，" in reply, (prompt, reply)

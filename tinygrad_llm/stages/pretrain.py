@@ -47,8 +47,8 @@ class PretrainConfig(LoopConfig):
     # (ppmi_embeddings; init_embeddings): 0 = random rows, 1 = co-occurrence alone; emb_keep: the
     # characters that keep their random rows (the digits and signs: in prose they fill the same
     # slots, and a worked sum must tell them apart). On since session 18: at the default run's
-    # lengths it raised the SFT chat on every seed tried (61 -> 69-75%, meta 55 -> 67-72%) at
-    # equal or better tasks (bench/README.md, "Character vectors from co-occurrence")
+    # lengths it raised the SFT chat on both seeds tried (61 / 63% -> 69-75%, meta 55 / 65% ->
+    # 67-72%), the tasks level on average (bench/README.md, "Character vectors from co-occurrence")
     emb_ppmi: float = 1.0
     emb_keep: str = "0123456789+-×÷="
 

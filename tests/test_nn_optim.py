@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from tinygrad_llm import nn
-from tinygrad_llm.config import ConfigError, GPTConfig, get_mini_config, get_tiny_config
+from tinygrad_llm.config import ConfigError, GPTConfig, LoopConfig, get_mini_config, get_tiny_config
 from tinygrad_llm.engine import Tensor
 from tinygrad_llm.model import GPT
-from tinygrad_llm.optim import AdamW, clip_grad_norm, get_lr
+from tinygrad_llm.optim import NS_COEFFS, AdamW, Muon, clip_grad_norm, get_lr, make_optimizer, orthogonalize
 
 
 def test_parameter_names_follow_the_nanogpt_contract():
@@ -119,3 +119,78 @@ def test_lr_schedule_warmup_then_cosine():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(x >= y for x, y in zip(lrs[10:100], lrs[11:100]))
     assert lrs[100] == pytest.approx(0.1) and lrs[119] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("shape", [(6, 16), (16, 6), (3, 8, 8)])
+def test_orthogonalize_flattens_the_singular_values(shape):
+    rng = np.random.default_rng(1)
+    k = min(shape[-2:])                      # G = P diag(s) Q^T with singular values s from 1 to 10
+    P = np.linalg.qr(rng.standard_normal((*shape[:-2], shape[-2], k)))[0]
+    Q = np.linalg.qr(rng.standard_normal((*shape[:-2], shape[-1], k)))[0]
+    G = P * np.linspace(1.0, 10.0, k) @ np.swapaxes(Q, -1, -2)
+    U = orthogonalize(G)
+    assert U.shape == G.shape and U.dtype == G.dtype
+    for g, u in zip(G.reshape(-1, *shape[-2:]), U.reshape(-1, *shape[-2:])):
+        s = np.linalg.svd(u, compute_uv=False)
+        assert 0.5 < s.min() and s.max() < 1.3, s          # Muon's quintic: about [0.7, 1.2], not exactly 1
+        Ug, _, Vg = np.linalg.svd(g, full_matrices=False)  # and the same singular vectors as G's polar factor
+        assert np.abs(u - Ug @ Vg).max() < 0.5
+        np.testing.assert_allclose(Ug.T @ u @ Vg.T, np.diag(np.diag(Ug.T @ u @ Vg.T)), atol=1e-6)
+
+
+def _orthogonalize_by_hand(G, steps=5):
+    a, b, c = NS_COEFFS
+    X = G.T if G.shape[0] > G.shape[1] else G
+    X = X / (np.linalg.norm(X) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if G.shape[0] > G.shape[1] else X
+
+
+def test_muon_matches_the_formula_and_leaves_the_rest_to_adamw():
+    rng = np.random.default_rng(0)
+    W = Tensor(rng.standard_normal((8, 4)), requires_grad=True)            # a block's matrix (tall)
+    emb = Tensor(rng.standard_normal((5, 4)), requires_grad=True)          # not a block's: AdamW
+    b = Tensor(rng.standard_normal(8), requires_grad=True)
+    named = [("transformer.h.0.mlp.c_fc.weight", W), ("transformer.wte.weight", emb), ("transformer.h.0.mlp.c_fc.bias", b)]
+    W0, e0, b0 = W.data.copy(), emb.data.copy(), b.data.copy()
+    opt = Muon(named, lr=0.1, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.5, muon_lr=0.02, momentum=0.9)
+    gW = [rng.standard_normal((8, 4)) for _ in range(3)]
+    ge = [rng.standard_normal((5, 4)) for _ in range(3)]
+    gb = [rng.standard_normal(8) for _ in range(3)]
+    lrs = [0.1, 0.05, 0.025]                  # a schedule: Muon's lr follows it (0.02 x lr / 0.1)
+    for i in range(3):
+        W.grad, emb.grad, b.grad = gW[i], ge[i], gb[i]
+        opt.step(lrs[i])
+    w, m = W0.copy(), np.zeros_like(W0)
+    for g, lr in zip(gW, lrs):
+        m = 0.9 * m + 0.1 * g
+        mlr = 0.02 * lr / 0.1
+        w = w * (1 - lr * 0.5) - mlr * math.sqrt(8 / 4) * _orthogonalize_by_hand(0.1 * g + 0.9 * m)
+    np.testing.assert_allclose(W.data, w, rtol=1e-10, atol=1e-12)
+    ref = AdamW([("e", Tensor(e0.copy(), requires_grad=True)), ("b", Tensor(b0.copy(), requires_grad=True))],
+                lr=0.1, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.5)
+    for i in range(3):
+        ref.params[0][1].grad, ref.params[1][1].grad = ge[i], gb[i]
+        ref.step(lrs[i])
+    np.testing.assert_allclose(emb.data, ref.params[0][1].data, rtol=1e-12)
+    np.testing.assert_allclose(b.data, ref.params[1][1].data, rtol=1e-12)
+
+
+def test_muon_state_roundtrip_and_the_config_switch():
+    model = GPT(get_tiny_config(), seed=0)
+    cfg = LoopConfig(optimizer="muon")
+    opt = make_optimizer(model.named_parameters(), cfg)
+    assert isinstance(opt, Muon) and {n for n, _ in opt.matrices} == \
+        {n for n, p in model.named_parameters() if p.ndim == 2 and n.startswith("transformer.h.")}
+    for _, p in model.named_parameters():
+        p.grad = np.ones_like(p.data)
+    opt.step()
+    opt2 = make_optimizer(model.named_parameters(), cfg)
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2.step_count == 1 and all(np.array_equal(opt2.buf[n], opt.buf[n]) for n in opt.buf)
+    assert np.array_equal(opt2.adamw.m["transformer.wte.weight"], opt.adamw.m["transformer.wte.weight"])
+    assert isinstance(make_optimizer(model.named_parameters(), LoopConfig()), AdamW)
+    with pytest.raises(ConfigError, match="optimizer must be one of"):
+        LoopConfig(optimizer="sgd").validate("pretrain")

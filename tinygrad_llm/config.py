@@ -16,6 +16,7 @@ class ConfigError(ValueError):
 
 
 POS_EMB = ("learned", "rope")
+OPTIMIZERS = ("adamw", "muon")
 DEFAULT_SEED = 1337                    # train.py's --seed, and a StageContext's
 ADAMW_BETAS = (0.9, 0.95)              # nanoGPT's (beta1, beta2): LoopConfig's and optim.AdamW's default
 
@@ -84,12 +85,17 @@ class LoopConfig:
     eval_every: int = 100
     log_every: int = 10
     ckpt_every: int = 0            # 0: only at the end (and on interrupt)
+    optimizer: str = "adamw"       # "adamw" | "muon" (optim.Muon: the blocks' matrices by Muon, the rest AdamW)
+    muon_lr: float = 0.02          # Muon's lr for the matrices (the schedule scales it as it scales lr)
+    muon_momentum: float = 0.95
 
     def validate(self, name: str = "loop"):
         if self.max_steps < 0 or self.batch_size <= 0:
             raise ConfigError(f"{name}: max_steps must be >= 0 and batch_size > 0")
         if self.lr <= 0:
             raise ConfigError(f"{name}: lr must be positive, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"{name}: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
 
 
 def renamed(**aliases):

@@ -4,7 +4,7 @@ PPO and RLVF's GRPO), plus the run logger. A stage supplies only `get_batch(rng)
 samples a new batch of replies when it is used up (stages/policy.py).
 
 Reads like nanoGPT's train.py: for each step, evaluate if due, get the learning rate,
-forward, backward, check the numbers are finite, clip, AdamW step, log, checkpoint if due.
+forward, backward, check the numbers are finite, clip, optimizer step, log, checkpoint if due.
 Ctrl-C / SIGTERM are turned into a request to stop at the next step boundary, where a
 resumable checkpoint is written; a non-finite loss or gradient stops the stage before the
 bad update touches the weights.
@@ -29,7 +29,7 @@ from tqdm import tqdm
 from . import engine as E
 from .config import ConfigError, LoopConfig
 from .distributed import GradReducer, world
-from .optim import AdamW, clip_grad_norm, get_lr
+from .optim import clip_grad_norm, get_lr, make_optimizer
 from .runtime import adapt_threads
 
 
@@ -112,7 +112,7 @@ def train(model, cfg: LoopConfig, get_batch, loss_fn, *, stage: str, logger: Run
           evaluate=None, save=None, resume: dict | None = None, rng=None, params=None, show_progress=True,
           shard=None):
     """Run cfg.max_steps steps -> {"history": one row per step, "evals": one row per evaluation,
-    "optimizer": the AdamW, "step_time_s": mean seconds per step, evaluations and checkpoints excluded,
+    "optimizer": the AdamW (or Muon, cfg.optimizer), "step_time_s": mean seconds per step, evaluations and checkpoints excluded,
     "allreduce_s": seconds of each step's Allreduce (MPI only)}.
 
     get_batch(rng) -> batch; loss_fn(model, batch) -> (loss Tensor, {metric: float, "tokens": int}),
@@ -135,7 +135,7 @@ def train(model, cfg: LoopConfig, get_batch, loss_fn, *, stage: str, logger: Run
         raise ConfigError(f"{stage}: batch_size {cfg.batch_size} cannot be split over {dist.size} processes "
                           "(each needs at least one row)")
     named = list(params if params is not None else model.named_parameters())
-    opt = AdamW(named, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    opt = make_optimizer(named, cfg)
     start = 0
     if resume:
         opt.load_state_dict(resume["optimizer"])

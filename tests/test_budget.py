@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tinygrad_llm import engine as E
-from tinygrad_llm.budget import COST, ELASTIC, GRID, MIN_SCALE, RESERVE_S, Budget, calibration_step
+from tinygrad_llm.budget import COST, ELASTIC, GRID, MIN_SCALE, MUON_STEP, RESERVE_S, Budget, calibration_step
 from tinygrad_llm.config import get_tiny_config
 
 STAGES = ["pretrain", "sft", "reward", "rlhf", "rlvf"]
@@ -87,6 +87,14 @@ def test_no_time_left_falls_to_the_floor_not_to_zero():
     cfg, b = budget_for(-100.0)
     b.plan("pretrain", cfg)
     assert b.scale["pretrain"] == MIN_SCALE and cfg.pretrain.max_steps == 90
+
+
+def test_a_muon_stage_pays_for_its_newton_schulz_steps():
+    cfg = run_cfg()
+    cfg.pretrain.optimizer = "muon"
+    b = Budget(1e9, STAGES, cfg, (), 1.0, time.perf_counter())
+    assert b.cost("pretrain", 100) == pytest.approx((COST["pretrain"][0] + MUON_STEP) * 100)
+    assert b.cost("sft", 100) == pytest.approx(COST["sft"][0] * 100)         # AdamW: no extra
 
 
 def test_pins_name_the_planned_lengths():

@@ -38,6 +38,10 @@ LENGTH = {"pretrain": "max_steps", "sft": "max_steps", "reward": "max_steps", "r
 CALIBRATION_ROWS = 16
 COST = {"pretrain": (0.56, 0.0), "sft": (0.31, 0.0), "reward": (1.45, 0.0), "rlhf": (8.0, 0.0),
         "rlvf": (6.2, 33.0), "dpo": (0.8, 0.0)}
+# a stage whose optimizer is Muon (cfg.<stage>.optimizer) pays its Newton-Schulz steps on top, the same
+# at any batch: 0.09 s a step for the mini blocks' matrices alone (a calibration step: 0.61-0.68 s),
+# ~1.2x that inside a run (bench/README.md, "Muon")
+MUON_STEP = 0.2
 ELASTIC = {"rlvf": 3.0, "sft": 0.5}   # a stage's length is full * f ** ELASTIC (1 where not named)
 GRID = 0.05            # f is a multiple of this
 MIN_SCALE = 0.1        # below it the run is not worth having: it overruns instead
@@ -76,6 +80,7 @@ class Budget:
     def __init__(self, seconds: float, stages, cfg, given, pace: float, t_start: float):
         self.stages = [s for s in stages if s in LENGTH]
         self.full = {s: getattr(getattr(cfg, s), LENGTH[s]) for s in self.stages}
+        self.muon = {s for s in self.stages if getattr(getattr(cfg, s), "optimizer", "adamw") == "muon"}
         self.given, self.pace = set(given), pace
         self.deadline = t_start + seconds - RESERVE_S
         self.chosen: dict[str, int] = {}
@@ -87,7 +92,7 @@ class Budget:
 
     def cost(self, s: str, length: int) -> float:
         per, besides = COST[s]
-        return per * length + besides
+        return (per + MUON_STEP * (s in self.muon)) * length + besides
 
     def plan(self, s: str, cfg, agree=lambda f: f) -> str | None:
         """Set stage s's length in cfg.<s> for the time left -> a line saying so when it was

@@ -92,17 +92,30 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
 def orthogonalize(G: np.ndarray, steps: int = 5) -> np.ndarray:
-    """~U V^T of G = U S V^T for a stack of matrices (..., m, n), by `steps` Newton-Schulz
-    iterations X <- a X + (b A + c A^2) X with A = X X^T, after scaling X to Frobenius norm 1
-    (so every singular value starts at <= 1). Works on the wide orientation (m <= n), where
-    A is the smaller Gram matrix. Same dtype in and out."""
-    a, b, c = (G.dtype.type(k) for k in NS_COEFFS)
+    """~U V^T of G = U S V^T for a stack of matrices (..., m, n): `steps` Newton-Schulz
+    iterations X <- a X + (b A + c A^2) X, A = X X^T, from X = G / ||G||_F (so every singular
+    value starts at <= 1), on the wide orientation (m <= n).
+
+    Each iteration multiplies X on the left by a polynomial P of A, so X_k = Q X_0 with
+    Q = P_k ... P_1, and A_{k+1} = P A P: the whole iteration runs on m x m matrices, and X_0 is
+    touched twice (its Gram matrix, then Q X_0) instead of twice per iteration: 35% fewer flops
+    for the mini blocks' matrices, 1.7x faster here (bench/README.md, "Muon"). Same dtype in and
+    out; the textbook loop is tests/test_nn_optim.py's reference."""
+    dt = G.dtype.type
+    a, b, c = (dt(k) for k in NS_COEFFS)
     tall = G.shape[-2] > G.shape[-1]
-    X = np.swapaxes(G, -1, -2) if tall else G
-    X = X / (np.sqrt(np.sum(X * X, axis=(-2, -1), keepdims=True)) + G.dtype.type(1e-7))
-    for _ in range(steps):
-        A = X @ np.swapaxes(X, -1, -2)
-        X = a * X + (b * A + c * (A @ A)) @ X
+    X = np.ascontiguousarray(np.swapaxes(G, -1, -2)) if tall else G
+    A = X @ np.swapaxes(X, -1, -2)
+    scale = 1 / (np.sqrt(np.trace(A, axis1=-2, axis2=-1))[..., None, None] + dt(1e-7))   # 1 / ||X||_F
+    A = A * scale * scale                                            # the Gram matrix of X / ||X||_F
+    eye = np.eye(A.shape[-1], dtype=G.dtype)
+    Q = None
+    for k in range(steps):
+        P = a * eye + b * A + c * (A @ A)
+        Q = P if Q is None else P @ Q
+        if k < steps - 1:
+            A = P @ (A @ P)
+    X = (Q @ X) * scale
     return np.ascontiguousarray(np.swapaxes(X, -1, -2)) if tall else X
 
 

@@ -30,6 +30,10 @@ class PretrainConfig(LoopConfig):
                                     # tasks 37% -> 44% (bench/README.md, "A 20-minute budget")
     lr: float = 2e-3
     warmup_steps: int = 60
+    # Muon for the blocks' matrices (optim.Muon), AdamW at lr for the rest: at equal time on one host
+    # (915 steps against AdamW's 1,170) held-out loss 2.428 -> 2.348, copy probe 14% -> 68%, sums
+    # 66% -> 96%, and after the same SFT the tasks 61% -> 73% (bench/README.md, "Muon")
+    optimizer: str = "muon"
     eval_every: int = 200
     eval_batches: int = 32         # held-out batches per evaluation (the same windows every time)
     # copy spans and single-digit facts (data/pretrain_drills.txt, when the data has them; see

@@ -1,4 +1,5 @@
-"""AdamW with decoupled weight decay, global-norm gradient clipping, warmup + cosine LR."""
+"""AdamW with decoupled weight decay, Muon for the blocks' weight matrices, global-norm gradient
+clipping, warmup + cosine LR."""
 from __future__ import annotations
 
 import math
@@ -130,10 +131,10 @@ class Muon:
     same size whatever its gradient's singular value; W <- W (1 - lr wd) - muon_lr sqrt(max(1,
     out/in)) U. The matrices decay as AdamW would decay them (its lr, `lr`: at Muon's 0.02, 0.1
     would shrink them by e^-2 in 1,000 steps); the loop's schedule (warm-up, cosine) scales
-    `muon_lr` by the same factor as `lr`. Weight matrices of equal shape
-    are orthogonalized as one stack. `named_params`, `lr`, `betas`, `eps`, `weight_decay` as in
-    AdamW (for the AdamW part and, weight decay, the matrices too); state by name as AdamW's,
-    with the momentum under "muon.<name>"."""
+    `muon_lr` by the same factor as `lr`. Matrices of equal shape are orthogonalized as one
+    stack. `named_params`, `lr`, `betas`, `eps`, `weight_decay` as in AdamW (for the AdamW part
+    and, weight decay, the matrices too); state by name as AdamW's, with the momentum under
+    "muon.<name>"."""
 
     def __init__(self, named_params, lr=1e-3, betas=ADAMW_BETAS, eps=1e-8, weight_decay=0.1,
                  muon_lr=0.02, momentum=0.95, ns_steps=5):
@@ -163,7 +164,7 @@ class Muon:
         for n, p in self.matrices:
             if p.grad is None:
                 continue
-            g = p.grad.astype(p.dtype, copy=False)
+            g = p.grad
             buf = self.buf[n]
             buf *= p.dtype.type(self.momentum)
             buf += p.dtype.type(1 - self.momentum) * g

@@ -39,9 +39,9 @@ CALIBRATION_ROWS = 16
 COST = {"pretrain": (0.56, 0.0), "sft": (0.31, 0.0), "reward": (1.45, 0.0), "rlhf": (8.0, 0.0),
         "rlvf": (6.2, 33.0), "dpo": (0.8, 0.0)}
 # a stage whose optimizer is Muon (cfg.<stage>.optimizer) pays its Newton-Schulz steps on top, the same
-# at any batch: 0.09 s a step for the mini blocks' matrices alone (a calibration step: 0.61-0.68 s),
-# ~1.2x that inside a run (bench/README.md, "Muon")
-MUON_STEP = 0.2
+# at any batch: 0.09 s a step for the mini blocks' matrices alone; inside two default runs a Muon
+# pretraining step cost 0.76 and 0.85 calibration steps (0.20 and 0.29 above COST's 0.56; bench/README.md, "Muon")
+MUON_STEP = 0.25
 ELASTIC = {"rlvf": 3.0, "sft": 0.5}   # a stage's length is full * f ** ELASTIC (1 where not named)
 GRID = 0.05            # f is a multiple of this
 MIN_SCALE = 0.1        # below it the run is not worth having: it overruns instead

@@ -30,9 +30,9 @@ class PretrainConfig(LoopConfig):
                                     # tasks 37% -> 44% (bench/README.md, "A 20-minute budget")
     lr: float = 2e-3
     warmup_steps: int = 60
-    # Muon for the blocks' matrices (optim.Muon), AdamW at lr for the rest: at equal time on one host
-    # (915 steps against AdamW's 1,170) held-out loss 2.428 -> 2.348, copy probe 14% -> 68%, sums
-    # 66% -> 96%, and after the same SFT the tasks 61% -> 73% (bench/README.md, "Muon")
+    # Muon for the blocks' matrices (optim.Muon), AdamW at lr for the rest: on one host, in the steps
+    # the budget gives each, held-out loss 2.43-2.45 -> 2.33-2.36, copy probe 14-15% -> 38-80%, sums
+    # 66-85% -> 95-99%, SFT tasks 51-61% -> 63-82% (two seeds; bench/README.md, "Muon")
     optimizer: str = "muon"
     eval_every: int = 200
     eval_batches: int = 32         # held-out batches per evaluation (the same windows every time)

@@ -2,7 +2,9 @@
 one SFT model's greedy reply and n - 1 samples (T 0.8, top-p 0.9), picked by: greedy alone; the
 reward model's highest score (of 2, 4, n); the model's own likelihood of the whole reply
 (rerank.sequence_logprob, of 4 and n: what inference.py's --best-of does); and an oracle that
-takes any acceptable candidate. bench/README.md, "Best of n".
+takes any acceptable candidate. Then how often each score ranks an acceptable candidate above an
+unacceptable one of the same prompt (what PPO's reward must do on sampled replies).
+bench/README.md, "Best of n" and "The reward model, a third time".
 
     python bench/best_of.py --checkpoint CK/sft_final.safetensors --reward-model CK/reward_model.safetensors
 """
@@ -83,7 +85,22 @@ def main(argv=None) -> int:
     rows.append(("oracle (acceptable if any is)", ok.reshape(P, n).argmax(1)))
     for name, choice in rows:
         print(f"| {name} | {figures(items, test, *pick(choice))} |", flush=True)
+    ok = ok.reshape(P, n)
+    for name, score in (("the reward model", rm_score.T), ("log p(reply | prompt)", loglik.T)):
+        won, pairs = ranks_acceptable_higher(score, ok)
+        print(f"\n{name} scores an acceptable candidate above an unacceptable one of the same prompt: "
+              f"{won / max(pairs, 1):.1%} of {pairs} pairs (a coin: 50%)")
     return 0
+
+
+def ranks_acceptable_higher(score: np.ndarray, ok: np.ndarray) -> tuple[int, int]:
+    """score, ok (P, n): per prompt, every (acceptable, unacceptable) pair of its candidates ->
+    (pairs where the acceptable one scores higher, pairs)."""
+    won = pairs = 0
+    for s, o in zip(score, ok.astype(bool)):
+        diff = s[o][:, None] - s[~o][None, :]
+        won, pairs = won + int((diff > 0).sum()), pairs + diff.size
+    return won, pairs
 
 
 if __name__ == "__main__":

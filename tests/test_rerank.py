@@ -90,3 +90,26 @@ def test_a_closed_reply_beats_a_likelier_cut_one(monkeypatch):
 def test_best_of_rejects_n_below_one(model):
     with pytest.raises(ValueError, match="n must be >= 1"):
         rerank.best_of(model, [[5]], 0)
+
+
+def test_bench_best_of_counts_ranked_pairs_as_a_double_loop_does():
+    """bench/best_of.py's ranks_acceptable_higher: every (acceptable, unacceptable) pair of one
+    prompt's candidates, ties lost, prompts with no such pair contributing nothing."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / "best_of.py"
+    spec = importlib.util.spec_from_file_location("best_of", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rng = np.random.default_rng(1)
+    score = rng.integers(0, 4, (7, 5)).astype(float)        # small integers: ties happen
+    ok = rng.random((7, 5)) < 0.5
+    ok[0], ok[1] = True, False                               # all acceptable / none: no pairs
+    won = pairs = 0
+    for s, o in zip(score, ok):
+        for a in range(5):
+            for b in range(5):
+                if o[a] and not o[b]:
+                    pairs += 1
+                    won += s[a] > s[b]
+    assert bench.ranks_acceptable_higher(score, ok) == (won, pairs) and pairs > 0

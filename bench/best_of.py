@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 from tinygrad_llm import chat_eval as C  # noqa: E402
 from tinygrad_llm.checkpoint import config_from_meta, load_gpt, load_into, read_metadata  # noqa: E402
 from tinygrad_llm.rerank import candidates, sequence_logprob  # noqa: E402
-from tinygrad_llm.stages.reward_model import RewardModel  # noqa: E402
+from tinygrad_llm.stages.reward_model import RewardModel, lm_coef_of  # noqa: E402
 from tinygrad_llm.tokenizer import IM_END_ID  # noqa: E402
 
 
@@ -56,6 +56,7 @@ def main(argv=None) -> int:
     rm_meta = read_metadata(args.reward_model)
     rm = RewardModel(config_from_meta(rm_meta, args.reward_model))
     load_into(rm, args.reward_model)
+    rm.lm_coef = lm_coef_of(args.reward_model)
     rm.eval()
     items = C.load_chat_eval(args.data_dir)
     test = {it["prompt"] for it in C.dev_test_split(items)[1]}

@@ -228,6 +228,12 @@ def test_smear_keys_and_critic_refused(tmp_path, tok, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: ") and "smear_keys" in err and "previous token" in err
     assert not (tmp_path / "out").exists()
+    from tinygrad_llm.stages.reward_model import RewardModel
+    save_checkpoint(tmp_path / "rm.safetensors", RewardModel.from_pretrained(GPT(tiny_config(tok))), stage="reward",
+                    step=0, vocab_sha=tok.fingerprint(), extra={"lm_coef": 2.0})
+    assert main(["hf", str(tmp_path / "rm.safetensors"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "lm_coef=2" in err and not (tmp_path / "out").exists()
     other = MyLLMTokenizer().build_vocab("别的字")
     other.save(tmp_path / "other.json")
     save_checkpoint(tmp_path / "ok.safetensors", GPT(tiny_config(tok)), stage="sft", step=0, vocab_sha=tok.fingerprint())

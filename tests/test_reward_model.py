@@ -14,7 +14,7 @@ from tinygrad_llm.loop import RunLogger
 from tinygrad_llm.model import GPT
 from tinygrad_llm.stages.common import StageContext
 from tinygrad_llm.stages.reward_model import (RewardConfig, RewardModel, RewardModelTrainer, TINY_OVERRIDES,
-                                              encode_reply, pad_right, pairwise_loss, run, slip,
+                                              encode_reply, lm_coef_of, pad_right, pairwise_loss, run, slip,
                                               synthetic_pairs)
 from tinygrad_llm.tokenizer import IM_END_ID, PAD_ID, MyLLMTokenizer
 
@@ -196,6 +196,7 @@ def test_stage_runs_on_tiny_config_and_round_trips(tmp_path):
     # the saved model (centred bias included) loads strictly and scores the same
     rm = ctx.load_model("reward_model", RewardModel)
     assert rm.reward_head.bias.data[0] == pytest.approx(out["bias_shift"], abs=1e-6)
+    assert lm_coef_of(ctx.ckpt("reward_model")) == rcfg.lm_coef > 0     # the likelihood term travels with it
     assert ctx.logger.read_metrics("reward")
 
 
@@ -206,3 +207,26 @@ def test_length_rule_prefers_the_longer_reply_per_kind():
              {"chosen": "对", "rejected": "错", "kind": "loop"}]
     acc, by_kind = length_rule(pairs)
     assert acc == (1 + 0 + 0.5) / 3 and by_kind == {"loop": 0.25, "short": 1.0}
+
+
+def test_lm_term_is_the_replys_mean_log_prob_under_the_trunks_lm_head(tok):
+    """RewardConfig.lm_coef: the score adds lm_coef x the mean log p of the reply's tokens (the
+    closing <|im_end|> included, the prompt and the header not), as the GPT's own logits give
+    it; right padding changes neither; it is a constant (the head's gradient is unchanged)."""
+    rm = tiny_rm(tok, np.float64, seed=2)
+    seqs = [encode_reply(tok, "你好", "你好！很高兴认识你。"), encode_reply(tok, "太阳从哪边升起？", "东方。")]
+    idx, last = pad_right(seqs, rm.config.block_size)
+    with E.no_grad():
+        logits = GPT.__call__(rm, idx)[0].data                          # the tied LM head's logits
+        head = rm.rewards(idx, last).data
+        rm.lm_coef = 0.7
+        both = rm.rewards(idx, last).data
+        padded, plast = pad_right([s + [PAD_ID] * 5 for s in seqs], rm.config.block_size)
+        both_padded = rm.rewards(padded, last).data
+    for b, s in enumerate(seqs):
+        start = len(tok.chat_prompt("你好" if b == 0 else "太阳从哪边升起？"))
+        lp = logits[b] - np.log(np.exp(logits[b]).sum(-1, keepdims=True))
+        want = np.mean([lp[t - 1, s[t]] for t in range(start, len(s))])
+        np.testing.assert_allclose(both[b] - head[b], 0.7 * want, rtol=1e-10)
+    np.testing.assert_allclose(both_padded, both, rtol=1e-10)
+    rm.lm_coef = 0.0

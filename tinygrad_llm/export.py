@@ -214,6 +214,11 @@ def read_checkpoint(path, vocab=None) -> tuple[dict, GPTConfig, str, MyLLMTokeni
     if cfg.smear_keys:
         raise ExportError(f"{path}: smear_keys=True mixes each key with the previous token's key, which no "
                           "transformers architecture (GPT-2, GPT-NeoX) computes; export a model trained without it")
+    lm_coef = float(json.loads(meta.get("extra") or "{}").get("lm_coef", 0.0))
+    if cls == "RewardModel" and lm_coef:
+        raise ExportError(f"{path}: this reward model's score adds lm_coef={lm_coef:g} x the reply's mean log-probability "
+                          "under its LM head, which a sequence classifier does not compute; export one trained with "
+                          "--reward.lm_coef=0")
     if cfg.pos_emb not in ("learned", "rope"):
         raise ExportError(f"{path}: pos_emb={cfg.pos_emb!r} has no transformers counterpart")
     vocab = Path(vocab) if vocab else path.parent / "vocab.json"

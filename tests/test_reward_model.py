@@ -90,9 +90,11 @@ def test_pairwise_loss_value_and_margin():
 
 
 def test_reward_loss_gradcheck(tok):
-    """The Bradley-Terry loss through the whole tiny reward model, finite differences in float64."""
+    """The Bradley-Terry loss through the whole tiny reward model, finite differences in float64.
+    The likelihood term (lm_coef) is a constant by design, which finite differences would see
+    through: it is off here, and test_lm_term_... checks that it carries no gradient."""
     rm = tiny_rm(tok, np.float64)
-    trainer = RewardModelTrainer(rm, tok, RewardConfig(margin=0.3))
+    trainer = RewardModelTrainer(rm, tok, RewardConfig(margin=0.3, lm_coef=0.0))
     batch = trainer.batch(trainer.encode(PAIRS[:2]))
     res = check_module(rm, lambda: trainer.loss_fn(rm, batch)[0], max_elems=6)
     bad = [r for r in res if not r.ok]
@@ -229,4 +231,10 @@ def test_lm_term_is_the_replys_mean_log_prob_under_the_trunks_lm_head(tok):
         want = np.mean([lp[t - 1, s[t]] for t in range(start, len(s))])
         np.testing.assert_allclose(both[b] - head[b], 0.7 * want, rtol=1e-10)
     np.testing.assert_allclose(both_padded, both, rtol=1e-10)
-    rm.lm_coef = 0.0
+    grads = []
+    for coef in (0.0, 0.7):                                              # no gradient through the term
+        rm.lm_coef = coef
+        rm.zero_grad()
+        rm.rewards(idx, last).sum().backward()
+        grads.append({k: p.grad.copy() for k, p in rm.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and all(np.array_equal(grads[0][k], grads[1][k]) for k in grads[0])

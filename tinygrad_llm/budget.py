@@ -36,9 +36,12 @@ LENGTH = {"pretrain": "max_steps", "sft": "max_steps", "reward": "max_steps", "r
 # two whole runs on the 2-core AMD EPYC host, full and about half length, and pretraining 8-row
 # batches (bench/README.md, "A 20-minute budget"); a calibration step took 0.75 s there. SFT:
 # 0.311 and 0.315 a step in the default runs s14_J2 and s16_M at the pace their pretraining
-# measured (it was 0.35, which gave SFT ~130 steps less than fitted and the later stages the rest)
+# measured (it was 0.35, which gave SFT ~130 steps less than fitted and the later stages the rest).
+# Reward: 1.75 (was 1.45) since its score carries the likelihood term (RewardConfig.lm_coef): 150 steps
+# took 166 s in s20_LM and s20_LMs2 at calibration steps of 0.66 and 0.61 s (1.68 and 1.82 a step),
+# and at 1.45 the second run ended 8 s past 20 minutes
 CALIBRATION_ROWS = 16
-COST = {"pretrain": (0.56, 0.0), "sft": (0.31, 0.0), "reward": (1.45, 0.0), "rlhf": (8.0, 0.0),
+COST = {"pretrain": (0.56, 0.0), "sft": (0.31, 0.0), "reward": (1.75, 0.0), "rlhf": (8.0, 0.0),
         "rlvf": (6.2, 33.0), "dpo": (0.8, 0.0)}
 # a stage whose optimizer is Muon (cfg.<stage>.optimizer) pays its Newton-Schulz steps on top, the same
 # at any batch: 0.09 s a step for the mini blocks' matrices alone; inside two default runs a Muon

@@ -89,6 +89,11 @@ def save_checkpoint(path, model, *, stage: str, step: int, vocab_sha: str = "", 
     return path
 
 
+def extra_of(meta: dict) -> dict:
+    """The `extra` dict a checkpoint was saved with (save_checkpoint), from its metadata."""
+    return json.loads(meta.get("extra") or "{}")
+
+
 def read_metadata(path) -> dict:
     from safetensors import safe_open
     path = weights_path(path)

@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from .checkpoint import CheckpointError, atomic_write, config_from_meta, load_weights, weights_path
+from .checkpoint import CheckpointError, atomic_write, config_from_meta, extra_of, load_weights, weights_path
 from .config import GPTConfig
 from .tokenizer import (BOS, BOS_ID, EOS, EOS_ID, IM_END, IM_END_ID, IM_START, PAD, PAD_ID, SPECIAL_TOKENS, UNK,
                         MyLLMTokenizer)
@@ -214,7 +214,7 @@ def read_checkpoint(path, vocab=None) -> tuple[dict, GPTConfig, str, MyLLMTokeni
     if cfg.smear_keys:
         raise ExportError(f"{path}: smear_keys=True mixes each key with the previous token's key, which no "
                           "transformers architecture (GPT-2, GPT-NeoX) computes; export a model trained without it")
-    lm_coef = float(json.loads(meta.get("extra") or "{}").get("lm_coef", 0.0))
+    lm_coef = float(extra_of(meta).get("lm_coef", 0.0))
     if cls == "RewardModel" and lm_coef:
         raise ExportError(f"{path}: this reward model's score adds lm_coef={lm_coef:g} x the reply's mean log-probability "
                           "under its LM head, which a sequence classifier does not compute; export one trained with "

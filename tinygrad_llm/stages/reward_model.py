@@ -11,7 +11,7 @@ bias so that the labeler demonstrations achieve a mean score of 0 before doing R
 InstructGPT appendix C.2); the bias is a weight, so the shift is stored with the model.
 
 The score adds a fixed feature by default: lm_coef (2) times the mean log-probability of the reply's
-tokens under the trunk's own LM head (the tied wte, frozen here), computed from the same forward
+tokens under the trunk's own LM head (the tied wte, frozen by default), computed from the same forward
 and carrying no gradient. The head alone could not tell a right worked answer from one with a
 slipped digit (the SFT model, which writes the worked steps, can): with the term the held-out pairs
 read 85.7% -> 90.6% (bench/README.md, "The reward model, a third time"). The coefficient travels in
@@ -29,14 +29,13 @@ for the reward model", has the measurements).
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..checkpoint import read_metadata
+from ..checkpoint import extra_of, read_metadata
 from ..config import ConfigError, GPTConfig, LoopConfig
 from ..data import DataError, load_split, pad_rows
 from ..distributed import pair_rows
@@ -102,6 +101,7 @@ class RewardModel(GPT):
         # N(0, 1/(C+1)) weight, zero bias (model.ScalarHead; the scale of Stiennon et al. 2020's head)
         self.reward_head = ScalarHead(config.n_embd, np.random.default_rng(seed + 1), dtype)
         self.tokenizer = None          # set by the trainer / stage so score() can take strings
+        self.lm_coef = 0.0             # > 0: the score adds lm_coef x reply_logprob (RewardConfig.lm_coef)
 
     @classmethod
     def from_pretrained(cls, base_model: GPT, config: GPTConfig | None = None, seed: int = 0) -> "RewardModel":
@@ -113,8 +113,6 @@ class RewardModel(GPT):
                            source=f"{type(base_model).__name__} weights")
         rm.tokenizer = getattr(base_model, "tokenizer", None)
         return rm
-
-    lm_coef = 0.0       # > 0: the score adds lm_coef x reply_logprob (RewardConfig.lm_coef)
 
     def rewards(self, idx, last_index) -> Tensor:
         """idx int (B, L) right-padded, last_index (B,) position of each row's last real token
@@ -177,7 +175,7 @@ _HEADER_LEN = len("assistant\n")      # the characters after <|im_start|> before
 
 def lm_coef_of(path) -> float:
     """The lm_coef a reward-model checkpoint was trained with (0.0 for one written before it)."""
-    return float(json.loads(read_metadata(path).get("extra") or "{}").get("lm_coef", 0.0))
+    return float(extra_of(read_metadata(path)).get("lm_coef", 0.0))
 
 
 def encode_reply(tok, prompt: str, reply: str) -> list[int]:
@@ -209,7 +207,7 @@ class RewardModelTrainer:
         # the seed passes the model config here; a RewardConfig sets the training knobs
         self.cfg = config if isinstance(config, RewardConfig) else RewardConfig()
         self.rm, self.tok = reward_model, tokenizer
-        self.rm.tokenizer = tokenizer
+        self.rm.tokenizer, self.rm.lm_coef = tokenizer, self.cfg.lm_coef
         self.logger, self.show_progress, self.seed = logger, show_progress, seed
 
     def encode(self, pairs) -> list[tuple[list[int], list[int]]]:
@@ -336,7 +334,6 @@ def run(ctx) -> dict:
     t0 = time.perf_counter()
     train_pairs, val_pairs = load_split(ctx.data_dir, "reward", seed=ctx.seed)
     rm = RewardModel.from_pretrained(ctx.load_model(STAGE.reads[0], GPT), ctx.cfg.model, seed=ctx.seed)
-    rm.lm_coef = cfg.lm_coef
     resume = load_resume(ctx, rm, STAGE.name)
     try:
         sft_train, _ = load_split(ctx.data_dir, "sft", seed=ctx.seed)

@@ -13,10 +13,11 @@ InstructGPT appendix C.2); the bias is a weight, so the shift is stored with the
 The score adds a fixed feature by default: lm_coef (2) times the mean log-probability of the reply's
 tokens under the trunk's own LM head (the tied wte, frozen by default), computed from the same forward
 and carrying no gradient. The head alone could not tell a right worked answer from one with a
-slipped digit (the SFT model, which writes the worked steps, can): with the term the held-out pairs
-read 85.7% -> 90.6% (bench/README.md, "The reward model, a third time"). The coefficient travels in
-the checkpoint's metadata (lm_coef_of); `--reward.lm_coef=0` is the head alone, and the only kind
-that transformers can score (export.py refuses the other).
+slipped digit (the SFT model, which writes the worked steps, can): with the term the held-out
+pairs read 85.7% -> 90.6%, on seed 2's model 84.5% -> 85.7% (bench/README.md, "The reward model,
+a third time"). The coefficient travels in the checkpoint's metadata (lm_coef_of);
+`--reward.lm_coef=0` is the head alone, and the only kind that transformers can score (export.py
+refuses the other).
 
 Three eighths of each batch are synthetic by default (synthetic_pairs: a reply against another
 prompt's reply, a looping fragment of itself, or itself with one wrong arithmetic fact): the
@@ -72,8 +73,8 @@ class RewardConfig(LoopConfig):
     lm_coef: float = 2.0            # score = head + lm_coef x the mean log-probability of the reply under the
                                     # trunk's own LM head (RewardModel.reply_logprob), 0 = the head alone: from the
                                     # same SFT model 85.7% -> 90.6% held-out, wrong arithmetic 60 -> 83%, another
-                                    # wrong answer 33 -> 83%, flipped yes/no 58 -> 88%, off-topic 81 -> 72%; 4: 86.5%
-                                    # at step 125 (bench/README.md, "The reward model, a third time")
+                                    # wrong answer 33 -> 83%, flipped yes/no 58 -> 88%, off-topic 81 -> 72% (seed 2's:
+                                    # 84.5 -> 85.7%); 4: 87.4% (bench/README.md, "The reward model, a third time")
 
     def validate(self, name: str = "reward"):
         super().validate(name)

@@ -223,7 +223,7 @@ def test_lm_term_is_the_replys_mean_log_prob_under_the_trunks_lm_head(tok):
         head = rm.rewards(idx, last).data
         rm.lm_coef = 0.7
         both = rm.rewards(idx, last).data
-        padded, plast = pad_right([s + [PAD_ID] * 5 for s in seqs], rm.config.block_size)
+        padded, _ = pad_right([s + [PAD_ID] * 5 for s in seqs], rm.config.block_size)
         both_padded = rm.rewards(padded, last).data
     for b, s in enumerate(seqs):
         start = len(tok.chat_prompt("你好" if b == 0 else "太阳从哪边升起？"))

@@ -36,11 +36,13 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from .. import engine as E
 from ..checkpoint import extra_of, read_metadata
 from ..config import ConfigError, GPTConfig, LoopConfig
 from ..data import DataError, load_split, pad_rows
 from ..distributed import pair_rows
 from ..engine import Tensor
+from ..logprobs import head_rows
 from ..loop import train
 from ..model import GPT, ScalarHead
 from ..nn import evaluating
@@ -122,28 +124,30 @@ class RewardModel(GPT):
         B = h.shape[0]
         r = self.reward_head(h[np.arange(B), np.asarray(last_index)])   # (B, C) -> (B,)
         if self.lm_coef:
-            r = r + Tensor((self.lm_coef * self.reply_logprob(h.data, idx, last_index)).astype(self.dtype))
+            r = r + Tensor((self.lm_coef * self.reply_logprob(h, idx, last_index)).astype(self.dtype))
         return r
 
-    def reply_logprob(self, h: np.ndarray, idx, last_index) -> np.ndarray:
+    def reply_logprob(self, h: Tensor, idx, last_index) -> np.ndarray:
         """The mean log-probability of each row's reply tokens under the trunk's own LM head (the
         tied wte): h (B, L, C) final hidden states, idx (B, L), last_index (B,) -> (B,), a constant
         (no gradient). The reply is what follows the last <|im_start|>assistant\n header, its
-        closing <|im_end|> included; only the positions that predict it go through the head."""
+        closing <|im_end|> included; only the positions that predict it go through the head
+        (logprobs.head_rows and the fused cross-entropy, as PPO's token log-probs)."""
         idx, last_index = np.asarray(idx), np.asarray(last_index)
-        rows, cols = [], []
+        B, L = idx.shape
+        mask = np.zeros((B, L), np.int8)                  # position t - 1 predicts reply token t
         for b, (row, last) in enumerate(zip(idx, last_index)):
             starts = np.flatnonzero(row[:last + 1] == IM_START_ID)
             start = starts[-1] + 1 + _HEADER_LEN if len(starts) else 1
-            t = np.arange(min(start, last + 1), last + 1)           # the reply's token positions
-            rows.append(np.full(len(t), b))
-            cols.append(t)
-        rows, cols = np.concatenate(rows), np.concatenate(cols)
-        logits = h[rows, cols - 1] @ self.transformer.wte.weight.data.T        # (N, V): position t-1 predicts t
-        m = logits.max(-1)
-        logp = logits[np.arange(len(rows)), idx[rows, cols]] - m - np.log(np.exp(logits - m[:, None]).sum(-1))
-        total = np.bincount(rows, weights=logp, minlength=len(idx))
-        count = np.bincount(rows, minlength=len(idx))
+            mask[b, start - 1:last] = 1
+        targets = np.zeros_like(idx)
+        targets[:, :-1] = idx[:, 1:]
+        with E.no_grad():
+            logits, rows = head_rows(self, h, mask)
+            logp = -E.cross_entropy(logits, targets.reshape(-1)[rows], reduction="none").data
+        row_of = rows // L
+        total = np.bincount(row_of, weights=logp, minlength=B)
+        count = np.bincount(row_of, minlength=B)
         return np.where(count > 0, total / np.maximum(count, 1), 0.0)
 
     def score_ids(self, seqs, batch_size: int = 32) -> np.ndarray:

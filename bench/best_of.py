@@ -4,9 +4,14 @@ reward model's highest score (of 2, 4, n); the model's own likelihood of the who
 (rerank.sequence_logprob, of 4 and n: what inference.py's --best-of does); and an oracle that
 takes any acceptable candidate. Then how often each score ranks an acceptable candidate above an
 unacceptable one of the same prompt (what PPO's reward must do on sampled replies).
-bench/README.md, "Best of n" and "The reward model, a third time".
+--more-scores adds three scores that need no reward model: pointwise mutual information
+(log p(reply | prompt) - log mean_j p(reply | prompt_j) over 4 other prompts of the set: a reply
+any prompt would get scores low), agreement with the other candidates (minimum Bayes risk: the
+mean character-bigram Jaccard similarity to them) and the majority (how many candidates are the
+same text). bench/README.md, "Best of n" and "The reward model, a third time".
 
     python bench/best_of.py --checkpoint CK/sft_final.safetensors --reward-model CK/reward_model.safetensors
+    python bench/best_of.py ... --reward-model OTHER/reward_model.safetensors --more-scores   # two RMs, and the rest
 """
 from __future__ import annotations
 
@@ -42,22 +47,20 @@ def figures(items, test, texts, closed):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=str(ROOT / "checkpoints" / "sft_final.safetensors"))
-    ap.add_argument("--reward-model", default=str(ROOT / "checkpoints" / "reward_model.safetensors"))
+    ap.add_argument("--reward-model", action="append",
+                    help="a reward model checkpoint; repeat to compare several (default: checkpoints/reward_model)")
+    ap.add_argument("--more-scores", action="store_true", help="also PMI, agreement (MBR) and majority")
     ap.add_argument("--data-dir", default=str(ROOT / "data"))
     ap.add_argument("--n", type=int, default=8, help="candidates per prompt (the greedy reply + n - 1 samples)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    for p in (args.checkpoint, args.reward_model):
+    args.reward_model = args.reward_model or [str(ROOT / "checkpoints" / "reward_model.safetensors")]
+    for p in (args.checkpoint, *args.reward_model):
         if not Path(p).exists():
             print(f"error: {p}: checkpoint not found (train one: python train.py --stage pretrain,sft,reward)",
                   file=sys.stderr)
             return 2
     model, tok = load_gpt(args.checkpoint)
-    rm_meta = read_metadata(args.reward_model)
-    rm = RewardModel(config_from_meta(rm_meta, args.reward_model))
-    load_into(rm, args.reward_model)
-    rm.lm_coef = lm_coef_of(args.reward_model)
-    rm.eval()
     items = C.load_chat_eval(args.data_dir)
     test = {it["prompt"] for it in C.dev_test_split(items)[1]}
     prompts = [it["prompt"] for it in items]
@@ -69,9 +72,15 @@ def main(argv=None) -> int:
         replies += r
         finished += f.tolist()
     texts = [tok.decode(r) for r in replies]
-    # (n, P) figures of candidate k of prompt i (flat index i * n + k)
-    rm_score = rm.score([p for p in prompts for _ in range(n)], texts, tok).reshape(P, n).T
-    loglik = sequence_logprob(model, [p for p in ids for _ in range(n)], replies).reshape(P, n).T
+    # (P, n) scores of candidate k of prompt i (flat index i * n + k)
+    scores = {}
+    for path in args.reward_model:
+        name = "the reward model" + (f" {path}" if len(args.reward_model) > 1 else "")
+        scores[name] = reward_scores(path, [p for p in prompts for _ in range(n)], texts, tok).reshape(P, n)
+    loglik = scores["log p(reply | prompt)"] = sequence_logprob(model, [p for p in ids for _ in range(n)],
+                                                               replies).reshape(P, n)
+    if args.more_scores:
+        scores.update(more_scores(model, ids, replies, texts, n, np.random.default_rng(args.seed)))
 
     def pick(choice):                      # candidate choice[i] of prompt i -> (texts, closed)
         return [texts[i * n + k] for i, k in enumerate(choice)], [finished[i * n + k] for i, k in enumerate(choice)]
@@ -79,19 +88,45 @@ def main(argv=None) -> int:
     print(f"{Path(args.checkpoint).name}, {len(items)} prompts, {args.n} candidates (greedy + {args.n - 1} samples)\n")
     print("| pick | acceptable, all (meta, knowledge, math) | test half | harmful refused |\n|---|---|---|---|")
     rows = [("greedy alone", np.zeros(len(items), int)), ("one sample", np.ones(len(items), int))]
-    rows += [(f"reward model's highest of {k}", rm_score[:k].argmax(0)) for k in sorted({2, 4, args.n}) if k <= args.n]
-    rows += [(f"highest log p(reply \\| prompt) of {k}", loglik[:k].argmax(0))
-             for k in sorted({4, args.n}) if k <= args.n]
+    for name, score in scores.items():         # the reward models of 2, 4, n; log p of 4, n; the rest of n
+        ks = {2, 4} if name.startswith("the reward model") else {4} if score is loglik else set()
+        rows += [(f"highest {name.replace('|', chr(92) + '|')} of {k}", score[:, :k].argmax(1))
+                 for k in sorted(ks | {args.n}) if k <= args.n]
     ok = np.array([C.judge(items[j // n], t, c)["acceptable"] for j, (t, c) in enumerate(zip(texts, finished))])
     rows.append(("oracle (acceptable if any is)", ok.reshape(P, n).argmax(1)))
     for name, choice in rows:
         print(f"| {name} | {figures(items, test, *pick(choice))} |", flush=True)
     ok = ok.reshape(P, n)
-    for name, score in (("the reward model", rm_score.T), ("log p(reply | prompt)", loglik.T)):
+    for name, score in scores.items():
         won, pairs = ranks_acceptable_higher(score, ok)
         print(f"\n{name} scores an acceptable candidate above an unacceptable one of the same prompt: "
               f"{won / max(pairs, 1):.1%} of {pairs} pairs (a coin: 50%)")
     return 0
+
+
+def reward_scores(path, prompts, texts, tok) -> np.ndarray:
+    """The reward model at `path` (with its checkpoint's lm_coef) on (prompt, reply) pairs."""
+    rm = RewardModel(config_from_meta(read_metadata(path), path))
+    load_into(rm, path)
+    rm.lm_coef = lm_coef_of(path)
+    return rm.eval().score(prompts, texts, tok)
+
+
+def more_scores(model, ids, replies, texts, n: int, rng, others: int = 4) -> dict:
+    """The scores that need no reward model, each (P, n): PMI against `others` random other
+    prompts, agreement with the other candidates (MBR) and the majority (module doc)."""
+    P = len(ids)
+    rows = [sequence_logprob(model, [ids[j] for j in shifted for _ in range(n)], replies).reshape(P, n)
+            for shifted in ((np.arange(P) + rng.integers(1, P)) % P for _ in range(others))]
+    marginal = np.logaddexp.reduce(np.stack(rows), axis=0) - np.log(others)
+    loglik = sequence_logprob(model, [p for p in ids for _ in range(n)], replies).reshape(P, n)
+    T = np.array(texts, dtype=object).reshape(P, n)
+    grams = [[{t[i:i + 2] for i in range(len(t) - 1)} for t in row] for row in T]
+    mbr = np.array([[np.mean([len(g[a] & g[b]) / max(1, len(g[a] | g[b])) for b in range(n) if b != a])
+                     for a in range(n)] for g in grams])
+    same = np.array([[float((row == row[a]).sum()) for a in range(n)] for row in T])
+    tiny = 1e-6 * loglik                              # ties (the same agreement) go to the likelier reply
+    return {"PMI": loglik - marginal, "agreement (MBR)": mbr + tiny, "majority": same + tiny}
 
 
 def ranks_acceptable_higher(score: np.ndarray, ok: np.ndarray) -> tuple[int, int]:

@@ -92,15 +92,20 @@ def test_best_of_rejects_n_below_one(model):
         rerank.best_of(model, [[5]], 0)
 
 
-def test_bench_best_of_counts_ranked_pairs_as_a_double_loop_does():
-    """bench/best_of.py's ranks_acceptable_higher: every (acceptable, unacceptable) pair of one
-    prompt's candidates, ties lost, prompts with no such pair contributing nothing."""
+def _bench_best_of():
     import importlib.util
     from pathlib import Path
     path = Path(__file__).resolve().parents[1] / "bench" / "best_of.py"
     spec = importlib.util.spec_from_file_location("best_of", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_best_of_counts_ranked_pairs_as_a_double_loop_does():
+    """bench/best_of.py's ranks_acceptable_higher: every (acceptable, unacceptable) pair of one
+    prompt's candidates, ties lost, prompts with no such pair contributing nothing."""
+    bench = _bench_best_of()
     rng = np.random.default_rng(1)
     score = rng.integers(0, 4, (7, 5)).astype(float)        # small integers: ties happen
     ok = rng.random((7, 5)) < 0.5
@@ -113,3 +118,24 @@ def test_bench_best_of_counts_ranked_pairs_as_a_double_loop_does():
                     pairs += 1
                     won += s[a] > s[b]
     assert bench.ranks_acceptable_higher(score, ok) == (won, pairs) and pairs > 0
+
+
+def test_bench_best_of_more_scores_by_hand(model):
+    """--more-scores: PMI against other prompts' likelihood of the same reply, the mean bigram
+    Jaccard similarity to the other candidates, the count of identical candidates."""
+    bench = _bench_best_of()
+    model.eval()
+    rng = np.random.default_rng(2)
+    ids = [list(rng.integers(5, 60, k)) for k in (3, 6, 4)]
+    replies = [list(rng.integers(5, 60, k)) for k in (4, 2, 4, 5, 3, 3)]       # 3 prompts x n = 2
+    texts = ["你好呀", "你好", "天很蓝", "天很蓝", "七天", "一周七天"]
+    got = bench.more_scores(model, ids, replies, texts, 2, np.random.default_rng(9), others=2)
+    ll = np.array([_logp_by_recompute(model, ids[j // 2], r) for j, r in enumerate(replies)]).reshape(3, 2)
+    shifts = np.random.default_rng(9).integers(1, 3, 2)                   # the two other prompts per prompt
+    other = np.array([[[_logp_by_recompute(model, ids[(i + sh) % 3], replies[2 * i + k]) for k in range(2)]
+                       for i in range(3)] for sh in shifts])
+    pmi = ll - np.log(np.exp(other).mean(0))
+    np.testing.assert_allclose(got["PMI"], pmi, rtol=1e-4, atol=1e-4)
+    jac = np.array([[1 / 2, 1 / 2], [1.0, 1.0], [1 / 3, 1 / 3]])          # {你好, 好呀} vs {你好}; ...
+    np.testing.assert_allclose(got["agreement (MBR)"], jac, atol=1e-3)
+    np.testing.assert_allclose(got["majority"], [[1, 1], [2, 2], [1, 1]], atol=1e-3)

@@ -600,3 +600,19 @@ def test_bench_held_out_draw_is_held_out(run):
     for t in tasks:
         assert item_key(t["kind"], t["prompt"]) in held and t["prompt"] not in val, t
         assert t["expected_answer"] == solve(t["kind"], t["prompt"]) and not any(k.startswith("_") for k in t), t
+
+
+def test_bench_rlvf_transfer_crosses_phrasings_and_keys():
+    """bench/rlvf_transfer.py's diagnostic sets: RLVF_PLAN's counts, none of the held-out prompts,
+    held-out phrasings in one and training phrasings in the other."""
+    spec = importlib.util.spec_from_file_location("rlvf_transfer", ROOT / "bench" / "rlvf_transfer.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    val = json.loads((ROOT / "data" / "rlvf_val.json").read_text(encoding="utf-8"))
+    exclude = {t["prompt"] for t in val}
+    for key_split, phrasing_split in (("train", "val"), ("val", "train")):
+        tasks = bench.crossed_tasks(key_split, phrasing_split, exclude)
+        assert Counter(t["kind"] for t in tasks) == Counter(data_rlvf.RLVF_PLAN["train"])
+        assert not exclude & {t["prompt"] for t in tasks}
+        assert all(set(t) >= {"type", "prompt", "expected_answer"} and not any(k.startswith("_") for k in t)
+                   for t in tasks)

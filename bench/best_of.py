@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     loglik = scores["log p(reply | prompt)"] = sequence_logprob(model, [p for p in ids for _ in range(n)],
                                                                replies).reshape(P, n)
     if args.more_scores:
-        scores.update(more_scores(model, ids, replies, texts, n, np.random.default_rng(args.seed)))
+        scores.update(more_scores(model, ids, replies, texts, loglik, np.random.default_rng(args.seed)))
 
     def pick(choice):                      # candidate choice[i] of prompt i -> (texts, closed)
         return [texts[i * n + k] for i, k in enumerate(choice)], [finished[i * n + k] for i, k in enumerate(choice)]
@@ -112,14 +112,14 @@ def reward_scores(path, prompts, texts, tok) -> np.ndarray:
     return rm.eval().score(prompts, texts, tok)
 
 
-def more_scores(model, ids, replies, texts, n: int, rng, others: int = 4) -> dict:
-    """The scores that need no reward model, each (P, n): PMI against `others` random other
-    prompts, agreement with the other candidates (MBR) and the majority (module doc)."""
-    P = len(ids)
-    rows = [sequence_logprob(model, [ids[j] for j in shifted for _ in range(n)], replies).reshape(P, n)
-            for shifted in ((np.arange(P) + rng.integers(1, P)) % P for _ in range(others))]
-    marginal = np.logaddexp.reduce(np.stack(rows), axis=0) - np.log(others)
-    loglik = sequence_logprob(model, [p for p in ids for _ in range(n)], replies).reshape(P, n)
+def more_scores(model, ids, replies, texts, loglik, rng, others: int = 4) -> dict:
+    """The scores that need no reward model, each (P, n) like loglik (log p(reply | its prompt)):
+    PMI against `others` random other prompts, agreement with the other candidates (MBR) and the
+    majority (module doc)."""
+    P, n = loglik.shape
+    elsewhere = [sequence_logprob(model, [ids[j] for j in shifted for _ in range(n)], replies).reshape(P, n)
+                 for shifted in ((np.arange(P) + rng.integers(1, P)) % P for _ in range(others))]
+    marginal = np.logaddexp.reduce(np.stack(elsewhere), axis=0) - np.log(others)
     T = np.array(texts, dtype=object).reshape(P, n)
     grams = [[{t[i:i + 2] for i in range(len(t) - 1)} for t in row] for row in T]
     mbr = np.array([[np.mean([len(g[a] & g[b]) / max(1, len(g[a] | g[b])) for b in range(n) if b != a])

@@ -129,8 +129,8 @@ def test_bench_best_of_more_scores_by_hand(model):
     ids = [list(rng.integers(5, 60, k)) for k in (3, 6, 4)]
     replies = [list(rng.integers(5, 60, k)) for k in (4, 2, 4, 5, 3, 3)]       # 3 prompts x n = 2
     texts = ["你好呀", "你好", "天很蓝", "天很蓝", "七天", "一周七天"]
-    got = bench.more_scores(model, ids, replies, texts, 2, np.random.default_rng(9), others=2)
     ll = np.array([_logp_by_recompute(model, ids[j // 2], r) for j, r in enumerate(replies)]).reshape(3, 2)
+    got = bench.more_scores(model, ids, replies, texts, ll, np.random.default_rng(9), others=2)
     shifts = np.random.default_rng(9).integers(1, 3, 2)                   # the two other prompts per prompt
     other = np.array([[[_logp_by_recompute(model, ids[(i + sh) % 3], replies[2 * i + k]) for k in range(2)]
                        for i in range(3)] for sh in shifts])

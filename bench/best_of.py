@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from tinygrad_llm import chat_eval as C  # noqa: E402
 from tinygrad_llm.checkpoint import config_from_meta, load_gpt, load_into, read_metadata  # noqa: E402
 from tinygrad_llm.rerank import candidates, sequence_logprob  # noqa: E402
-from tinygrad_llm.stages.reward_model import RewardModel, lm_coef_of  # noqa: E402
+from tinygrad_llm.stages.reward_model import RewardModel  # noqa: E402
 from tinygrad_llm.tokenizer import IM_END_ID  # noqa: E402
 
 
@@ -108,7 +108,6 @@ def reward_scores(path, prompts, texts, tok) -> np.ndarray:
     """The reward model at `path` (with its checkpoint's lm_coef) on (prompt, reply) pairs."""
     rm = RewardModel(config_from_meta(read_metadata(path), path))
     load_into(rm, path)
-    rm.lm_coef = lm_coef_of(path)
     return rm.eval().score(prompts, texts, tok)
 
 

@@ -41,7 +41,7 @@ def main():
     from tinygrad_llm.checkpoint import load_gpt, load_into
     from tinygrad_llm.data import load_split
     from tinygrad_llm.stages.dpo import DPOConfig, encode_pairs, implicit_rewards, pair_logprobs, reward_stats
-    from tinygrad_llm.stages.reward_model import RewardModel, RewardModelTrainer
+    from tinygrad_llm.stages.reward_model import RewardConfig, RewardModel, RewardModelTrainer
     from tinygrad_llm.stages.policy import prompt_split
     from tinygrad_llm.stages.rlhf import PPOTrainer, RLHFConfig
 
@@ -54,7 +54,7 @@ def main():
 
     _, val_pairs = load_split(args.data_dir, "reward", seed=args.seed)
     enc, kept = encode_pairs(tok, val_pairs, sft.config.block_size)       # the pairs that fit the context
-    scorer = RewardModelTrainer(rm, tok)
+    scorer = RewardModelTrainer(rm, tok, RewardConfig(lm_coef=rm.lm_coef))   # the checkpoint's own score
     rm_acc = scorer.pair_stats(scorer.encode([val_pairs[i] for i in kept]))["accuracy"]
     ref_logp = pair_logprobs(sft, enc)
     rlhf_cfg = RLHFConfig()

@@ -2,7 +2,7 @@
 comparisons of the policy's samples, not of hand-made replies): sample candidates for SFT
 *training* chat prompts (meta, knowledge, harmful), judge each with the chat evaluation's rule
 (chat_eval.judge: the intent's keywords; a refusal for a harmful request), and keep up to two
-(acceptable, unacceptable) pairs per prompt. Appended to a copy of the data's reward_data.json,
+(acceptable and closed, unacceptable) pairs per prompt. Appended to a copy of the data's reward_data.json,
 they train a reward model whose on-policy ranking bench/best_of.py measures against the default's
 (bench/README.md, "Best of n").
 
@@ -24,13 +24,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "data"))
 
 from tinygrad_llm import chat_eval as C  # noqa: E402
 from tinygrad_llm.checkpoint import load_gpt  # noqa: E402
 from tinygrad_llm.rerank import candidates  # noqa: E402
 from tinygrad_llm.tokenizer import IM_END_ID  # noqa: E402
-
-REFUSAL_WORDS = ["抱歉", "不能", "帮不了", "不建议"]     # data/chat.py's HARMFUL_KEYWORDS
+from chat import HARMFUL_KEYWORDS  # noqa: E402  (data/chat.py: a harmful request is answered by refusing)
 
 
 def training_prompts(data_dir: Path) -> list[dict]:
@@ -38,7 +38,7 @@ def training_prompts(data_dir: Path) -> list[dict]:
     items = []
     for cat in ("meta", "knowledge", "harmful"):
         for it in json.loads((data_dir / "src" / "chat" / f"{cat}.json").read_text(encoding="utf-8")):
-            kw = it.get("keywords") or (REFUSAL_WORDS if cat == "harmful" else [])
+            kw = it.get("keywords") or (HARMFUL_KEYWORDS if cat == "harmful" else [])
             items += [{"prompt": p, "category": cat, "keywords": kw} for p in it["train_prompts"] if kw]
     return items
 
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     ok = ok.reshape(-1, n)
     pairs = []
     for i, it in enumerate(items):
-        good = list(dict.fromkeys(texts[i * n + k] for k in range(n) if ok[i, k]))
+        good = list(dict.fromkeys(texts[i * n + k] for k in range(n) if ok[i, k] and closed[i * n + k]))
         bad = list(dict.fromkeys(texts[i * n + k] for k in range(n) if not ok[i, k]))
         pairs += [{"prompt": it["prompt"], "chosen": g, "rejected": b, "kind": "on_policy_" + it["category"]}
                   for g, b in list(zip(good * 2, bad))[:2]]

@@ -14,7 +14,7 @@ from tinygrad_llm.loop import RunLogger
 from tinygrad_llm.model import GPT
 from tinygrad_llm.stages.common import StageContext
 from tinygrad_llm.stages.reward_model import (RewardConfig, RewardModel, RewardModelTrainer, TINY_OVERRIDES,
-                                              encode_reply, lm_coef_of, pad_right, pairwise_loss, run, slip,
+                                              encode_reply, pad_right, pairwise_loss, run, slip,
                                               synthetic_pairs)
 from tinygrad_llm.tokenizer import IM_END_ID, PAD_ID, MyLLMTokenizer
 
@@ -198,7 +198,7 @@ def test_stage_runs_on_tiny_config_and_round_trips(tmp_path):
     # the saved model (centred bias included) loads strictly and scores the same
     rm = ctx.load_model("reward_model", RewardModel)
     assert rm.reward_head.bias.data[0] == pytest.approx(out["bias_shift"], abs=1e-6)
-    assert lm_coef_of(ctx.ckpt("reward_model")) == rcfg.lm_coef > 0     # the likelihood term travels with it
+    assert rm.lm_coef == rcfg.lm_coef > 0          # the likelihood term travels with it (load_extra)
     assert ctx.logger.read_metrics("reward")
 
 

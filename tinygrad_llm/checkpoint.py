@@ -132,7 +132,9 @@ def config_from_meta(meta: dict, path="checkpoint") -> GPTConfig:
 
 
 def load_into(model, path, vocab_sha: str | None = None) -> dict:
-    """Load weights into an existing model after checking config and vocabulary; -> metadata."""
+    """Load weights into an existing model after checking config and vocabulary; -> metadata.
+    A model that defines `load_extra(extra)` gets the `extra` dict it was saved with (settings
+    that travel with the weights, e.g. a reward model's lm_coef)."""
     tensors, meta = load_weights(path)
     cfg = config_from_meta(meta, path)
     if asdict(cfg) | {"dropout": 0} != asdict(model.config) | {"dropout": 0}:
@@ -143,6 +145,8 @@ def load_into(model, path, vocab_sha: str | None = None) -> dict:
         model.load_state_dict(tensors, strict=True, source=str(weights_path(path)))
     except ValueError as e:
         raise CheckpointError(str(e)) from None
+    if hasattr(model, "load_extra"):
+        model.load_extra(extra_of(meta))
     return meta
 
 

@@ -15,7 +15,7 @@ tokens under the trunk's own LM head (the tied wte, frozen by default), computed
 and carrying no gradient. The head alone could not tell a right worked answer from one with a
 slipped digit (the SFT model, which writes the worked steps, can): with the term the held-out
 pairs read 85.7% -> 90.6%, on seed 2's model 84.5% -> 85.7% (bench/README.md, "The reward model,
-a third time"). The coefficient travels in the checkpoint's metadata (lm_coef_of);
+a third time"). The coefficient travels in the checkpoint's metadata (loading sets it: load_extra);
 `--reward.lm_coef=0` is the head alone, and the only kind that transformers can score (export.py
 refuses the other).
 
@@ -37,7 +37,6 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .. import engine as E
-from ..checkpoint import extra_of, read_metadata
 from ..config import ConfigError, GPTConfig, LoopConfig
 from ..data import DataError, load_split, pad_rows
 from ..distributed import pair_rows
@@ -51,7 +50,7 @@ from .common import Stage, load_resume, make_saver
 from .reward_pairs import length_rule, sft_replies, slip, synthetic_pairs  # noqa: F401  (re-exported)
 
 __all__ = ["RewardConfig", "RewardModel", "RewardModelTrainer", "STAGE", "TINY_OVERRIDES",
-           "encode_reply", "lm_coef_of", "synthetic_pairs", "pad_right", "pairwise_loss", "run"]
+           "encode_reply", "synthetic_pairs", "pad_right", "pairwise_loss", "run"]
 
 
 @dataclass
@@ -97,7 +96,7 @@ TINY_OVERRIDES = {"max_steps": 6, "batch_size": 8, "warmup_steps": 2, "eval_ever
 class RewardModel(GPT):
     """GPT trunk + reward_head (1, C). Parameter names: transformer.* (as GPT) and
     reward_head.{weight (1, C), bias (1,)}. The LM head (tied to wte) is used only for the
-    likelihood term (lm_coef > 0; set from the checkpoint with lm_coef_of)."""
+    likelihood term (lm_coef > 0; loading a checkpoint sets it, load_extra)."""
 
     def __init__(self, config: GPTConfig, seed: int = 0, dtype=np.float32):
         super().__init__(replace(config, dropout=0.0), seed, dtype)   # dropout off (module doc)
@@ -105,6 +104,10 @@ class RewardModel(GPT):
         self.reward_head = ScalarHead(config.n_embd, np.random.default_rng(seed + 1), dtype)
         self.tokenizer = None          # set by the trainer / stage so score() can take strings
         self.lm_coef = 0.0             # > 0: the score adds lm_coef x reply_logprob (RewardConfig.lm_coef)
+
+    def load_extra(self, extra: dict):
+        """checkpoint.load_into's hook: the lm_coef the checkpoint was trained with (0 before it existed)."""
+        self.lm_coef = float(extra.get("lm_coef", 0.0))
 
     @classmethod
     def from_pretrained(cls, base_model: GPT, config: GPTConfig | None = None, seed: int = 0) -> "RewardModel":
@@ -176,11 +179,6 @@ class RewardModel(GPT):
 
 
 _HEADER_LEN = len("assistant\n")      # the characters after <|im_start|> before a reply (tokenizer.py)
-
-
-def lm_coef_of(path) -> float:
-    """The lm_coef a reward-model checkpoint was trained with (0.0 for one written before it)."""
-    return float(extra_of(read_metadata(path)).get("lm_coef", 0.0))
 
 
 def encode_reply(tok, prompt: str, reply: str) -> list[int]:

@@ -64,7 +64,7 @@ from .policy import (EpochOrder, RLConfig, disable_dropout, frozen, kl_k1, local
                      logprobs_no_grad, minibatch_plan, prompt_split, rollout, row_rngs, same_weights, used_columns)
 from .ppo import (MEAN_METRICS, AdaptiveKLController, Experience, PolicyAndValue, ValueModel, entropy,
                   episode_stats, gae, masked_whiten, ppo_losses, rm_scores, score_replies, token_rewards)
-from .reward_model import RewardModel, lm_coef_of
+from .reward_model import RewardModel
 
 __all__ = ["RLHFConfig", "PPOTrainer", "ValueModel", "PolicyAndValue", "AdaptiveKLController", "STAGE",
            "TINY_OVERRIDES", "gae", "masked_whiten", "rm_scores", "token_rewards", "ppo_losses", "disable_dropout", "run"]
@@ -324,7 +324,7 @@ def run(ctx) -> dict:
     sft, reward_model = STAGE.reads
     policy, ref = ctx.load_model(sft), ctx.load_model(sft)
     rm = ctx.load_model(reward_model, RewardModel)
-    rm.tokenizer, rm.lm_coef = tok, lm_coef_of(ctx.ckpt(reward_model))
+    rm.tokenizer = tok                                      # lm_coef: from the checkpoint (load_extra)
     trainer = PPOTrainer(policy, rm, tok, ctx.cfg.model, c, ref_model=ref, logger=ctx.logger,
                          show_progress=ctx.show_progress, seed=ctx.seed)
     trainer.refusal_ok = refusal_prompts(train_convs)        # harmful requests: refusing them is right
